@@ -1,0 +1,30 @@
+"""The I-MedSAM network and its parts."""
+
+from .checkpoint import CheckpointError, load_sam_checkpoint, read_state_dict, resize_sam_state_dict
+from .frequency_adapter import FrequencyAdapter, frequency_image
+from .image_encoder import AdaptedImageEncoder
+from .implicit_decoder import ImplicitDecoderOutput, ImplicitSegmentationDecoder
+from .imedsam import IMedSAM, IMedSAMOutput, ImageEncoding
+from .lora import LoRAQKV
+from .presets import ENCODER_PRESETS, OFFICIAL_SAM_CHECKPOINTS, build_sam_parts
+from .prompt_path import BoxPromptPath
+
+__all__ = [
+    "AdaptedImageEncoder",
+    "BoxPromptPath",
+    "CheckpointError",
+    "ENCODER_PRESETS",
+    "FrequencyAdapter",
+    "IMedSAM",
+    "IMedSAMOutput",
+    "ImageEncoding",
+    "ImplicitDecoderOutput",
+    "ImplicitSegmentationDecoder",
+    "LoRAQKV",
+    "OFFICIAL_SAM_CHECKPOINTS",
+    "build_sam_parts",
+    "frequency_image",
+    "load_sam_checkpoint",
+    "read_state_dict",
+    "resize_sam_state_dict",
+]

@@ -1,0 +1,82 @@
+"""SAM's ViT image encoder with LoRA and the Frequency Adapter."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from segment_anything.modeling import ImageEncoderViT
+
+from .frequency_adapter import FA_MODES, FrequencyAdapter, frequency_image
+from .lora import add_lora_to_attention
+
+__all__ = ["AdaptedImageEncoder"]
+
+# SAM's normalisation constants, for RGB in [0, 255].
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class AdaptedImageEncoder(nn.Module):
+    """A frozen SAM ``ImageEncoderViT`` with LoRA on q/v and a Frequency Adapter in every block.
+
+    Args:
+        vit: SAM's image encoder, already holding its (possibly pretrained) weights. It is frozen here.
+        lora_rank: rank of the q/v updates; 0 disables LoRA.
+        lora_alpha: LoRA scaling numerator (defaults to the rank).
+        fa_mode: ``"amplitude"``, ``"phase"`` or ``"none"``.
+        fa_hidden_dim: bottleneck width of each frequency adapter.
+
+    Shapes: input ``[B, 3, S, S]`` RGB in [0, 1] with ``S = vit.img_size``; output the image embedding
+    ``[B, 256, S / 16, S / 16]``.
+
+    Example::
+
+        >>> from imedsam.networks.presets import build_sam_parts
+        >>> vit, _, _ = build_sam_parts("vit_tiny", 64)
+        >>> AdaptedImageEncoder(vit)(torch.rand(2, 3, 64, 64)).shape
+        torch.Size([2, 256, 4, 4])
+    """
+
+    def __init__(
+        self,
+        vit: ImageEncoderViT,
+        lora_rank: int = 4,
+        lora_alpha: float | None = None,
+        fa_mode: str = "amplitude",
+        fa_hidden_dim: int = 4,
+    ) -> None:
+        super().__init__()
+        if fa_mode not in FA_MODES:
+            raise ValueError(f"fa_mode must be one of {FA_MODES}, got {fa_mode!r}")
+        self.vit = vit
+        self.vit.requires_grad_(False)
+        self.image_size = vit.img_size
+        self.fa_mode = fa_mode
+        if lora_rank > 0:
+            add_lora_to_attention(vit.blocks, rank=lora_rank, alpha=lora_alpha)
+        embed_dim = vit.patch_embed.proj.out_channels
+        self.frequency_adapters = nn.ModuleList(
+            [FrequencyAdapter(embed_dim, fa_hidden_dim) for _ in vit.blocks] if fa_mode != "none" else []
+        )
+        self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1) / 255.0, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1) / 255.0, persistent=False)
+
+    def _tokens(self, image: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit.patch_embed(image)
+        if self.vit.pos_embed is not None:
+            tokens = tokens + self.vit.pos_embed
+        return tokens
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self._tokens((image - self.pixel_mean) / self.pixel_std)
+        if self.fa_mode == "none":
+            for block in self.vit.blocks:
+                x = block(x)
+        else:
+            # The frequency map is already in [0, 1]; like the official code it skips SAM's normalisation.
+            freq = self._tokens(frequency_image(image, self.fa_mode))
+            for block, adapter in zip(self.vit.blocks, self.frequency_adapters):
+                delta = adapter(freq)
+                x = block(x) + delta
+                freq = freq + delta
+        return self.vit.neck(x.permute(0, 3, 1, 2))

@@ -1,0 +1,219 @@
+"""I-MedSAM: SAM with LoRA, a Frequency Adapter and an implicit segmentation decoder."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import load_sam_checkpoint, load_state_dict_checked, read_state_dict
+from .image_encoder import AdaptedImageEncoder
+from .implicit_decoder import ImplicitSegmentationDecoder
+from .presets import build_sam_parts
+from .prompt_path import BoxPromptPath
+from .validation import check_boxes, check_image, check_output_size
+
+__all__ = ["IMedSAM", "ImageEncoding", "IMedSAMOutput"]
+
+logger = logging.getLogger(__name__)
+
+
+class ImageEncoding(NamedTuple):
+    """What the encoder computed for a batch of images; the boxes are not needed to compute it."""
+
+    embedding: torch.Tensor  #: ``[B, 256, g, g]``
+    height: int  #: height of the image the boxes refer to
+    width: int  #: width of the image the boxes refer to
+
+
+class IMedSAMOutput(NamedTuple):
+    """Full decoder output, ``[B, N, H, W]`` each (``K`` refined points per box)."""
+
+    logits: torch.Tensor
+    coarse_logits: torch.Tensor
+    uncertainty: torch.Tensor | None  #: MC-dropout logit variance; None for ``use_inr=False``
+    refined_index: torch.Tensor | None  #: ``[B, N, K]`` raster indices refined by the fine INR
+
+
+class IMedSAM(nn.Module):
+    """I-MedSAM (Wei et al., ECCV 2024): box-prompted segmentation at any output resolution.
+
+    A frozen SAM ViT adapted with LoRA (q, v) and a Frequency Adapter encodes the image once; each box goes
+    through SAM's prompt encoder and mask-decoder transformer; an implicit decoder with uncertainty-guided
+    sampling predicts a logit at every pixel of the requested output grid.
+
+    Args:
+        encoder: ``"vit_b"``, ``"vit_l"``, ``"vit_h"`` or ``"vit_tiny"`` (small, random init; tests and demos).
+        image_size: side of the square encoder input; images of any size are resized to it.
+        sam_checkpoint: an official-format SAM checkpoint, loaded with its position tables resized.
+        lora_rank, lora_alpha: LoRA on q and v of every block (rank 0 disables it).
+        fa_mode: Frequency Adapter input, ``"amplitude"``, ``"phase"`` or ``"none"``.
+        fa_hidden_dim: bottleneck width of the frequency adapters.
+        use_inr: False gives SAM's own mask-decoder output, bilinearly upsampled (the ablation).
+        ugs_top_k: fraction of points per box refined by the fine INR (0 disables UGS).
+        mc_samples, mc_samples_train: MC-dropout passes at inference and in training.
+        mc_dropout: dropout probability of the MC passes.
+        num_classes: per-class decoder heads; box ``n`` is class ``n`` unless ``class_ids`` says otherwise.
+        num_frequencies: L of the coordinate encoding.
+        chunk_size: query points decoded at once at inference.
+
+    Shapes: ``image [B, 3, h, w]`` RGB in [0, 1]; ``boxes [B, N, 4]`` x0, y0, x1, y1 in pixels of ``image``;
+    output logits ``[B, N, H, W]`` with ``(H, W) = output_size`` (default ``(h, w)``).
+
+    Example::
+
+        >>> model = IMedSAM(encoder="vit_tiny", image_size=64).eval()
+        >>> with torch.no_grad():
+        ...     logits = model(torch.rand(1, 3, 80, 100), torch.tensor([[[10.0, 20, 60, 70]]]))
+        >>> logits.shape
+        torch.Size([1, 1, 80, 100])
+    """
+
+    def __init__(
+        self,
+        encoder: str = "vit_b",
+        image_size: int = 384,
+        sam_checkpoint: str | os.PathLike | None = None,
+        lora_rank: int = 4,
+        lora_alpha: float | None = None,
+        fa_mode: str = "amplitude",
+        fa_hidden_dim: int = 4,
+        use_inr: bool = True,
+        ugs_top_k: float = 0.125,
+        mc_samples: int = 8,
+        mc_samples_train: int = 2,
+        mc_dropout: float = 0.5,
+        num_classes: int = 1,
+        num_frequencies: int = 10,
+        chunk_size: int = 2048,
+    ) -> None:
+        super().__init__()
+        self.encoder_name = encoder
+        self.image_size = image_size
+        self.num_classes = num_classes
+        vit, prompt_encoder, mask_decoder = build_sam_parts(encoder, image_size)
+        if sam_checkpoint:
+            load_sam_checkpoint(
+                sam_checkpoint,
+                {"image_encoder": vit, "prompt_encoder": prompt_encoder, "mask_decoder": mask_decoder},
+                encoder,
+            )
+            logger.info("loaded SAM weights from %s at image_size %d", sam_checkpoint, image_size)
+        elif encoder != "vit_tiny":
+            logger.warning(
+                "IMedSAM(%r) has a random-init SAM encoder: pass sam_checkpoint=<path to %s> for pretrained "
+                "SAM weights (see bundle/large_files.yml for the official files)",
+                encoder,
+                f"sam_{encoder}_*.pth",
+            )
+        self.image_encoder = AdaptedImageEncoder(vit, lora_rank, lora_alpha, fa_mode, fa_hidden_dim)
+        self.prompt_path = BoxPromptPath(prompt_encoder, mask_decoder, sam_mask=not use_inr)
+        self.decoder = (
+            ImplicitSegmentationDecoder(
+                box_channels=self.prompt_path.out_channels,
+                image_channels=mask_decoder.transformer_dim,
+                num_frequencies=num_frequencies,
+                dropout=mc_dropout,
+                ugs_top_k=ugs_top_k,
+                mc_samples=mc_samples,
+                mc_samples_train=mc_samples_train,
+                num_classes=num_classes,
+                chunk_size=chunk_size,
+            )
+            if use_inr
+            else None
+        )
+        if not use_inr and num_classes != 1:
+            raise ValueError("use_inr=False (SAM's mask decoder) predicts one mask per box: set num_classes=1")
+
+    @property
+    def use_inr(self) -> bool:
+        return self.decoder is not None
+
+    def load_checkpoint(self, path: str | os.PathLike) -> IMedSAM:
+        """Load a plain state dict of this whole model (as ``torch.save(model.state_dict(), path)`` writes)."""
+        state = read_state_dict(path)
+        hint = f" (this model: encoder={self.encoder_name!r}, image_size={self.image_size}, num_classes={self.num_classes})"
+        load_state_dict_checked(self, state, os.fspath(path), hint)
+        return self
+
+    # -- encoder ------------------------------------------------------------------------------------------
+    def encode(self, image: torch.Tensor) -> ImageEncoding:
+        """Encode ``image [B, 3, h, w]`` (RGB in [0, 1], any size); the result serves any number of boxes."""
+        if not torch.jit.is_tracing():
+            check_image(image)
+        height, width = image.shape[-2:]
+        size = self.image_size
+        if (height, width) != (size, size):
+            image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+        return ImageEncoding(self.image_encoder(image), int(height), int(width))
+
+    # -- decoder ------------------------------------------------------------------------------------------
+    def _class_ids(self, boxes: torch.Tensor, class_ids: torch.Tensor | None) -> torch.Tensor:
+        batch, num_boxes = boxes.shape[:2]
+        if class_ids is None:
+            if self.num_classes == 1:
+                return torch.zeros(batch * num_boxes, dtype=torch.long, device=boxes.device)
+            if num_boxes > self.num_classes:
+                raise ValueError(f"{num_boxes} boxes per image but only {self.num_classes} classes: pass class_ids")
+            return torch.arange(num_boxes, device=boxes.device).repeat(batch)
+        class_ids = torch.as_tensor(class_ids, device=boxes.device).long()
+        if class_ids.shape != (batch, num_boxes):
+            raise ValueError(f"class_ids must have shape {(batch, num_boxes)}, got {tuple(class_ids.shape)}")
+        if class_ids.min() < 0 or class_ids.max() >= self.num_classes:
+            raise ValueError(f"class_ids must be in [0, {self.num_classes - 1}], got {class_ids.unique().tolist()}")
+        return class_ids.reshape(-1)
+
+    def decode_all(
+        self,
+        encoding: ImageEncoding,
+        boxes: torch.Tensor,
+        output_size: tuple[int, int] | None = None,
+        class_ids: torch.Tensor | None = None,
+    ) -> IMedSAMOutput:
+        """Decode every box of every image: final and coarse logits, uncertainty and refined points."""
+        embedding, height, width = encoding
+        batch = embedding.shape[0]
+        if output_size is None:
+            output_size = (height, width)
+        if not torch.jit.is_tracing():
+            check_boxes(boxes, batch, height, width)
+            output_size = check_output_size(output_size)
+        num_boxes = boxes.shape[1]
+        ids = self._class_ids(boxes, class_ids)
+        scale = boxes.new_tensor([self.image_size / width, self.image_size / height] * 2)
+        prompt_boxes = (boxes.to(embedding.dtype) * scale).reshape(-1, 4)
+        per_prompt = embedding.repeat_interleave(num_boxes, dim=0)
+        box_features, sam_masks = self.prompt_path(per_prompt, prompt_boxes)
+        out_h, out_w = int(output_size[0]), int(output_size[1])
+        if self.decoder is None:
+            logits = F.interpolate(sam_masks, size=(out_h, out_w), mode="bilinear", align_corners=False)
+            logits = logits.view(batch, num_boxes, out_h, out_w)
+            return IMedSAMOutput(logits, logits, None, None)
+        out = self.decoder(box_features, per_prompt, (out_h, out_w), ids)
+        shape = (batch, num_boxes, out_h, out_w)
+        refined = None if out.refined_index is None else out.refined_index.view(batch, num_boxes, -1)
+        return IMedSAMOutput(out.logits.view(shape), out.coarse_logits.view(shape), out.uncertainty.view(shape), refined)
+
+    def decode(
+        self,
+        encoding: ImageEncoding,
+        boxes: torch.Tensor,
+        output_size: tuple[int, int] | None = None,
+        return_uncertainty: bool = False,
+        class_ids: torch.Tensor | None = None,
+    ):
+        """Logits ``[B, N, H, W]`` for ``boxes [B, N, 4]``, or ``(logits, uncertainty)``."""
+        if return_uncertainty and not self.use_inr:
+            raise ValueError("the uncertainty map comes from the implicit decoder; this model has use_inr=False")
+        out = self.decode_all(encoding, boxes, output_size, class_ids)
+        return (out.logits, out.uncertainty) if return_uncertainty else out.logits
+
+    def forward(
+        self, image: torch.Tensor, boxes: torch.Tensor, output_size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        return self.decode(self.encode(image), boxes, output_size)

@@ -1,0 +1,70 @@
+"""The box prompt path: SAM's prompt encoder and mask-decoder transformer give a box-conditioned map."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from segment_anything.modeling import MaskDecoder, PromptEncoder
+
+__all__ = ["BoxPromptPath"]
+
+
+class BoxPromptPath(nn.Module):
+    """Turns an image embedding and a box into SAM's upscaled, box-conditioned feature map.
+
+    SAM's prompt encoder embeds the box corners; SAM's frozen two-way transformer mixes them with the
+    image tokens; the trainable ``output_upscaling`` of the mask decoder gives a ``[32, 4g, 4g]`` map. With
+    ``sam_mask=True`` SAM's own single-mask output is also computed (the ``use_inr=False`` ablation).
+
+    Trainable: ``output_upscaling``, the two box-corner embeddings and ``no_mask_embed`` (plus the first
+    hypernetwork MLP for the SAM-mask ablation); the rest of SAM stays frozen.
+
+    Shapes: ``image_embeddings [P, 256, g, g]`` (one row per prompt), ``boxes [P, 4]`` as x0, y0, x1, y1 in
+    pixels of the encoder's ``S x S`` input. Output ``[P, 32, 4g, 4g]`` (and ``[P, 1, 4g, 4g]`` mask logits).
+
+    Example::
+
+        >>> from imedsam.networks.presets import build_sam_parts
+        >>> _, prompt_encoder, mask_decoder = build_sam_parts("vit_tiny", 64)
+        >>> path = BoxPromptPath(prompt_encoder, mask_decoder)
+        >>> path(torch.randn(2, 256, 4, 4), torch.tensor([[0.0, 0, 32, 32], [8, 8, 60, 40]]))[0].shape
+        torch.Size([2, 32, 16, 16])
+    """
+
+    def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, sam_mask: bool = False) -> None:
+        super().__init__()
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.sam_mask = sam_mask
+        self.requires_grad_(False)
+        trainable = [
+            mask_decoder.output_upscaling,
+            prompt_encoder.point_embeddings[2],
+            prompt_encoder.point_embeddings[3],
+            prompt_encoder.no_mask_embed,
+        ]
+        if sam_mask:
+            trainable.append(mask_decoder.output_hypernetworks_mlps[0])
+        for module in trainable:
+            module.requires_grad_(True)
+
+    @property
+    def out_channels(self) -> int:
+        return self.mask_decoder.transformer_dim // 8
+
+    def forward(self, image_embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
+        decoder = self.mask_decoder
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
+        src = image_embeddings + dense
+        pos = self.prompt_encoder.get_dense_pe().expand_as(src)
+        batch, channels, height, width = src.shape
+        token_out, src = decoder.transformer(src, pos, tokens)
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(batch, channels, height, width))
+        if not self.sam_mask:
+            return upscaled, None
+        # Token 0 of the mask tokens is SAM's single-mask output (multimask_output=False).
+        weights = decoder.output_hypernetworks_mlps[0](token_out[:, 1, :])
+        masks = torch.einsum("pc,pchw->phw", weights, upscaled).unsqueeze(1)
+        return upscaled, masks

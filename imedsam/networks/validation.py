@@ -1,0 +1,60 @@
+"""Checks of the network's inputs, with errors that say what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_image", "check_boxes", "check_output_size"]
+
+
+def check_image(image: torch.Tensor) -> None:
+    """``image`` must be a finite ``[B, 3, H, W]`` floating tensor of RGB values in [0, 1]."""
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"image must be a torch.Tensor, got {type(image).__name__}")
+    if image.dim() != 4:
+        raise ValueError(f"image must have shape [B, 3, H, W], got {tuple(image.shape)}")
+    if image.shape[1] != 3:
+        raise ValueError(
+            f"image must have 3 (RGB) channels, got {image.shape[1]} in shape {tuple(image.shape)}; "
+            "repeat a grey image to 3 channels and drop an alpha channel"
+        )
+    if image.shape[0] == 0 or image.shape[2] == 0 or image.shape[3] == 0:
+        raise ValueError(f"image is empty: shape {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise TypeError(f"image must be a floating tensor in [0, 1], got dtype {image.dtype}; divide uint8 images by 255")
+    if not torch.isfinite(image).all():
+        raise ValueError("image contains NaN or infinite values")
+    low, high = image.min().item(), image.max().item()
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"image values must be in [0, 1], got [{low:g}, {high:g}]; divide 8-bit images by 255")
+
+
+def check_boxes(boxes: torch.Tensor, batch_size: int, height: int, width: int) -> None:
+    """``boxes`` must be ``[B, N, 4]`` finite x0, y0, x1, y1 with ``0 <= x0 < x1 <= W`` and ``0 <= y0 < y1 <= H``."""
+    if not isinstance(boxes, torch.Tensor):
+        raise TypeError(f"boxes must be a torch.Tensor, got {type(boxes).__name__}")
+    if boxes.dim() != 3 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must have shape [B, N, 4] (x0, y0, x1, y1), got {tuple(boxes.shape)}")
+    if boxes.shape[0] != batch_size:
+        raise ValueError(f"boxes are for {boxes.shape[0]} images but the image batch has {batch_size}")
+    if boxes.shape[1] == 0:
+        raise ValueError("boxes holds no box: every image needs at least one")
+    if not torch.isfinite(boxes).all():
+        raise ValueError("boxes contain NaN or infinite values")
+    flat = boxes.reshape(-1, 4).detach().cpu()
+    for index, (x0, y0, x1, y1) in enumerate(flat.tolist()):
+        where = f"box {index // boxes.shape[1]}/{index % boxes.shape[1]} ({x0:g}, {y0:g}, {x1:g}, {y1:g})"
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"{where} has zero area or is inverted: x0 < x1 and y0 < y1 are required")
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            raise ValueError(f"{where} lies outside the {width}x{height} (WxH) image")
+
+
+def check_output_size(output_size) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in output_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"output_size must be (height, width), got {output_size!r}") from None
+    if height <= 0 or width <= 0:
+        raise ValueError(f"output_size must be positive, got {output_size!r}")
+    return height, width

@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+import torch
+
+from imedsam.networks import IMedSAM
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+def tiny_model(**kwargs) -> IMedSAM:
+    """A small random-init I-MedSAM whose decoder has had its BatchNorm statistics moved off the identity,
+    so that eval-mode tests exercise them."""
+    options = {"encoder": "vit_tiny", "image_size": 64}
+    options.update(kwargs)
+    model = IMedSAM(**options)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+@pytest.fixture
+def model() -> IMedSAM:
+    return tiny_model().eval()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    """Two different images, 72 x 88."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.rand(2, 3, 72, 88, generator=generator)
+
+
+@pytest.fixture
+def boxes() -> torch.Tensor:
+    return torch.tensor([[[10.0, 12.0, 60.0, 50.0]], [[30.0, 5.0, 80.0, 70.0]]])
