@@ -106,7 +106,7 @@ class IMedSAM(nn.Module):
         elif encoder != "vit_tiny":
             logger.warning(
                 "IMedSAM(%r) has a random-init SAM encoder: pass sam_checkpoint=<path to %s> for pretrained "
-                "SAM weights (see bundle/large_files.yml for the official files)",
+                "SAM weights (the README's 'SAM checkpoints' section lists the official files and their MD5)",
                 encoder,
                 f"sam_{encoder}_*.pth",
             )

@@ -215,17 +215,16 @@ class ImplicitSegmentationDecoder(nn.Module):
 
         # BatchNorm in training normalises with batch statistics: all points must go through at once.
         step = num_points if self.training else max(1, self.chunk_size // prompts)
-        logits, variances, trunks = [], [], []
+        logits, variances = [], []
         for start in range(0, num_points, step):
             coords = grid[start : start + step].unsqueeze(0).expand(prompts, -1, -1)
             trunk = trunk_at(coords)
             logits.append(self._coarse_logit(trunk, class_ids))
             variances.append(self._logit_variance(trunk, class_ids))
-            trunks.append(trunk)
         coarse = torch.cat(logits, dim=1)
         variance = torch.cat(variances, dim=1)
-        kept_trunk = trunks[0] if len(trunks) == 1 else None
-        del trunks
+        # One chunk: its trunk serves the refined points. Several: recompute there rather than keep them all.
+        kept_trunk = trunk if step >= num_points else None
 
         k = self.num_refined(num_points)
         if k == 0:

@@ -1,0 +1,144 @@
+"""The ``imedsam`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["main", "read_rgb_image"]
+
+logger = logging.getLogger("imedsam")
+
+
+def read_rgb_image(path: str) -> np.ndarray:
+    """Read a PNG/JPG/... file as ``H x W x 3`` uint8; a grey image is repeated to three channels."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            if mode == "L":
+                image = image.convert("RGB")
+            elif mode != "RGB":
+                raise ValueError(f"{path} is a {mode!r} image; I-MedSAM reads 8-bit RGB or grey (L) images")
+            return np.asarray(image)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"could not read image {path}: {exc}") from exc
+
+
+def _save_png(array: np.ndarray, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import torch
+
+    from .data import box_from_mask
+    from .inference import Predictor
+    from .networks import IMedSAM
+    from .visualize import heat_map, overlay
+
+    if args.checkpoint is None and args.sam_checkpoint is None:
+        logger.warning(
+            "no --checkpoint given: the model is randomly initialised and its masks are meaningless; "
+            "train one (see README) and pass --checkpoint models/model.pt"
+        )
+    model = IMedSAM(
+        encoder=args.encoder,
+        image_size=args.image_size,
+        sam_checkpoint=args.sam_checkpoint,
+        fa_mode=args.fa_mode,
+        lora_rank=args.lora_rank,
+        num_classes=args.num_classes,
+    )
+    if args.checkpoint:
+        model.load_checkpoint(args.checkpoint)
+    model.to(torch.device(args.device))
+    image = read_rgb_image(args.image)
+    if args.box_from_mask:
+        reference = read_rgb_image(args.box_from_mask)[..., 0] > 127
+        if reference.shape != image.shape[:2]:
+            raise ValueError(f"mask {args.box_from_mask} is {reference.shape}, image {args.image} is {image.shape[:2]}")
+        args.box = box_from_mask(reference).tolist()
+        logger.info("box from %s: %s", args.box_from_mask, args.box)
+    predictor = Predictor(model)
+    predictor.set_image(image)
+    probability, uncertainty = predictor.predict(args.box, output_size=args.output_size, class_id=args.class_id)
+    mask = probability > args.threshold
+    _save_png(mask.astype(np.uint8) * 255, args.output)
+    logger.info("mask %dx%d, %d foreground pixels -> %s", mask.shape[1], mask.shape[0], int(mask.sum()), args.output)
+    if args.uncertainty:
+        _save_png(heat_map(uncertainty), args.uncertainty)
+        logger.info("uncertainty (logit variance, max %.4g) -> %s", float(uncertainty.max()), args.uncertainty)
+    if args.overlay:
+        if mask.shape != image.shape[:2]:
+            # The overlay is drawn on the image: query the decoder again at the image's own size.
+            probability, uncertainty = predictor.predict(args.box, class_id=args.class_id)
+        _save_png(overlay(image, probability > args.threshold, args.box, uncertainty=uncertainty), args.overlay)
+        logger.info("overlay -> %s", args.overlay)
+
+
+def _demo_data(args: argparse.Namespace) -> None:
+    from .data import write_synthetic_dataset
+
+    split = write_synthetic_dataset(args.directory, count=args.count, size=tuple(args.size), seed=args.seed)
+    logger.info(
+        "wrote %d synthetic image/mask pairs to %s (train %d, val %d, test %d)",
+        args.count, args.directory, len(split["train"]), len(split["val"]), len(split["test"]),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imedsam", description="I-MedSAM: box-prompted segmentation at any resolution")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    predict = commands.add_parser("predict", help="segment one image from one box")
+    predict.add_argument("--image", required=True, help="PNG/JPG image")
+    prompt = predict.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"), help="box in image pixels")
+    prompt.add_argument("--box-from-mask", metavar="MASK", help="take the tight box of this mask's foreground (> 127)")
+    predict.add_argument("--output", required=True, help="mask PNG (0/255)")
+    predict.add_argument("--uncertainty", help="uncertainty heat map PNG")
+    predict.add_argument("--overlay", help="overlay PNG: image, prediction, box and uncertainty")
+    predict.add_argument("--output-size", nargs=2, type=int, metavar=("H", "W"), help="mask size (default: the image's)")
+    predict.add_argument("--checkpoint", help="trained I-MedSAM state dict (models/model.pt)")
+    predict.add_argument("--sam-checkpoint", help="official SAM checkpoint for the frozen encoder")
+    predict.add_argument("--encoder", default="vit_b", help="vit_b, vit_l, vit_h or vit_tiny (must match the checkpoint)")
+    predict.add_argument("--image-size", type=int, default=384, help="encoder input size (must match the checkpoint)")
+    predict.add_argument("--fa-mode", default="amplitude", choices=("amplitude", "phase", "none"))
+    predict.add_argument("--lora-rank", type=int, default=4)
+    predict.add_argument("--num-classes", type=int, default=1)
+    predict.add_argument("--class-id", type=int, help="class of the box for multi-class models")
+    predict.add_argument("--threshold", type=float, default=0.5)
+    predict.add_argument("--device", default="cpu")
+    predict.set_defaults(run=_predict)
+
+    demo = commands.add_parser("demo-data", help="write synthetic polyp-like images and masks")
+    demo.add_argument("directory")
+    demo.add_argument("--count", type=int, default=24)
+    demo.add_argument("--size", nargs=2, type=int, default=(256, 256), metavar=("H", "W"))
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Interactive box-prompt prediction with the image encoding cached between prompts."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from ..networks.imedsam import IMedSAM, ImageEncoding
+
+__all__ = ["Predictor", "image_to_tensor"]
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``H x W x 3`` uint8 (0..255) or float (0..1) array -> ``[1, 3, H, W]`` float32 tensor in [0, 1]."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image must be a numpy array, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(
+            f"image must be H x W x 3 (RGB), got shape {image.shape}; "
+            "stack a grey image to 3 channels and drop an alpha channel"
+        )
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image is empty: shape {image.shape}")
+    if image.dtype == np.uint8:
+        array = image.astype(np.float32) / 255.0
+    elif np.issubdtype(image.dtype, np.floating):
+        array = image.astype(np.float32)
+        if not np.isfinite(array).all():
+            raise ValueError("image contains NaN or infinite values")
+        if array.min() < 0 or array.max() > 1:
+            raise ValueError(
+                f"a float image must be in [0, 1], got [{array.min():g}, {array.max():g}]; pass uint8 for 0..255 values"
+            )
+    else:
+        raise TypeError(f"image dtype must be uint8 or floating, got {image.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).unsqueeze(0)
+
+
+class Predictor:
+    """Segment an image from box prompts; the encoder runs once per image and model state.
+
+    Encodings are kept in a small LRU cache keyed by the image's content and by the state of the encoder's
+    parameters, so re-prompting an image, or coming back to a recent one, skips the encoder, while loading
+    a checkpoint or training a step invalidates the cache.
+
+    Args:
+        model: an :class:`~imedsam.networks.IMedSAM`; it is put in eval mode.
+        cache_size: how many image encodings to keep.
+
+    Example::
+
+        >>> import numpy as np
+        >>> from imedsam.networks import IMedSAM
+        >>> predictor = Predictor(IMedSAM(encoder="vit_tiny", image_size=64))
+        >>> predictor.set_image(np.zeros((50, 70, 3), np.uint8))
+        >>> probability, uncertainty = predictor.predict([5, 5, 40, 30])
+        >>> probability.shape, uncertainty.shape
+        ((50, 70), (50, 70))
+    """
+
+    def __init__(self, model: IMedSAM, cache_size: int = 8) -> None:
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be at least 1, got {cache_size}")
+        self.model = model.eval()
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, ImageEncoding] = OrderedDict()
+        self._encoding: ImageEncoding | None = None
+        self.encoder_calls = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _model_state(self) -> tuple:
+        # Every in-place write to a parameter (optimiser step, load_state_dict) bumps its _version.
+        return tuple((id(p), p._version) for p in self.model.image_encoder.parameters())
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Encode ``image`` (``H x W x 3``, uint8 or float in [0, 1]) unless its encoding is cached."""
+        tensor = image_to_tensor(image)
+        digest = hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+        key = (digest, image.shape, str(image.dtype), self._model_state())
+        if key in self._cache:
+            self._cache.move_to_end(key)
+        else:
+            with torch.no_grad():
+                self._cache[key] = self.model.encode(tensor.to(self.device))
+            self.encoder_calls += 1
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        self._encoding = self._cache[key]
+
+    def predict(
+        self, box, output_size: tuple[int, int] | None = None, class_id: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Probability and uncertainty maps for one box ``[x0, y0, x1, y1]`` or several (``[N, 4]``).
+
+        Boxes are in pixels of the image given to :meth:`set_image`. The maps are ``H x W`` (``N x H x W`` for
+        several boxes) at the image's size or at ``output_size = (H, W)``: the implicit decoder is queried at
+        that resolution directly, nothing is resized. The uncertainty is the MC-dropout variance of the
+        logit (0 where all dropout passes agree).
+        """
+        if self._encoding is None:
+            raise RuntimeError("call set_image() before predict()")
+        boxes = torch.as_tensor(np.asarray(box, dtype=np.float32))
+        single = boxes.dim() == 1
+        if single:
+            boxes = boxes.unsqueeze(0)
+        if boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"box must be [x0, y0, x1, y1] or an N x 4 array, got shape {tuple(boxes.shape)}")
+        class_ids = None if class_id is None else torch.full((1, boxes.shape[0]), int(class_id))
+        with torch.no_grad():
+            logits, uncertainty = self.model.decode(
+                self._encoding, boxes.unsqueeze(0).to(self.device), output_size, return_uncertainty=True, class_ids=class_ids
+            )
+        probability = torch.sigmoid(logits[0]).cpu().numpy()
+        uncertainty = uncertainty[0].cpu().numpy()
+        return (probability[0], uncertainty[0]) if single else (probability, uncertainty)

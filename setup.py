@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+with open("README.md", encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="imedsam",
+    version="0.1.0",
+    description="I-MedSAM (ECCV 2024) for MONAI: SAM + LoRA + frequency adapter + implicit decoder with uncertainty-guided sampling",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["imedsam", "imedsam.*"]),
+    install_requires=[
+        # torch and torchvision come from the same index so that they import together (segment_anything
+        # imports torchvision); no upper pins, pip picks the matching pair.
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "pillow>=9.0",
+        "monai>=1.4",
+        "segment-anything>=1.0",
+        "nibabel>=5.0",
+        "pytorch-ignite>=0.4.11",
+        "tensorboard>=2.12",
+        "tqdm>=4.60",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "test": ["pytest>=7.0"],
+        "label": ["monailabel==0.8.5", "pydicom>=2.4,<3", "dicomweb-client>=0.59,<0.60"],
+        "all": ["pytest>=7.0", "monailabel==0.8.5", "pydicom>=2.4,<3", "dicomweb-client>=0.59,<0.60"],
+    },
+    entry_points={"console_scripts": ["imedsam=imedsam.cli:main"]},
+)

@@ -1,0 +1,77 @@
+"""The command line, the synthetic demo data and boxes from masks."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_model
+from imedsam.cli import main
+from imedsam.data import box_from_mask, synthetic_polyp, write_synthetic_dataset
+
+
+def test_synthetic_polyp_is_deterministic_and_has_a_plausible_polyp():
+    image, mask = synthetic_polyp((120, 160), seed=4)
+    again, _ = synthetic_polyp((120, 160), seed=4)
+    other, _ = synthetic_polyp((120, 160), seed=5)
+    assert image.shape == (120, 160, 3) and image.dtype == np.uint8
+    assert set(np.unique(mask)) == {0, 255}
+    assert np.array_equal(image, again) and not np.array_equal(image, other)
+    fraction = (mask > 0).mean()
+    assert 0.005 < fraction < 0.3
+    # the polyp is redder than the mucosa around it
+    assert image[mask > 0, 0].mean() > image[mask == 0, 0].mean()
+
+
+def test_write_synthetic_dataset_layout(tmp_path):
+    split = write_synthetic_dataset(tmp_path, count=5, size=(64, 80))
+    names = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "masks").iterdir())
+    assert len(names) == 5
+    assert json.loads((tmp_path / "split.json").read_text()) == split
+    assert sorted(split["train"] + split["val"] + split["test"]) == names
+    assert all(split[key] for key in ("train", "val", "test"))
+    with pytest.raises(ValueError, match="at least 3"):
+        write_synthetic_dataset(tmp_path / "small", count=2)
+
+
+def test_box_from_mask():
+    mask = np.zeros((10, 12), np.uint8)
+    mask[2:5, 3:9] = 1
+    assert box_from_mask(mask).tolist() == [3, 2, 9, 5]
+    with pytest.raises(ValueError, match="empty"):
+        box_from_mask(np.zeros((4, 4)))
+
+
+def test_cli_predict_writes_mask_uncertainty_and_overlay(tmp_path):
+    write_synthetic_dataset(tmp_path / "data", count=3, size=(60, 90))
+    checkpoint = tmp_path / "model.pt"
+    torch.save(tiny_model().state_dict(), checkpoint)
+    image = tmp_path / "data" / "images" / "synthetic_0000.png"
+    args = ["predict", "--encoder", "vit_tiny", "--image-size", "64", "--checkpoint", str(checkpoint), "--image", str(image)]
+    outputs = ["--output", str(tmp_path / "mask.png"), "--uncertainty", str(tmp_path / "unc.png"), "--overlay", str(tmp_path / "ov.png")]
+    assert main(args + ["--box", "10", "10", "50", "40"] + outputs) == 0
+    mask = np.asarray(Image.open(tmp_path / "mask.png"))
+    assert mask.shape == (60, 90) and set(np.unique(mask)) <= {0, 255}
+    assert np.asarray(Image.open(tmp_path / "unc.png")).shape == (60, 90, 3)
+    assert np.asarray(Image.open(tmp_path / "ov.png")).shape == (60, 180, 3)
+    sized = ["--output", str(tmp_path / "big.png"), "--output-size", "120", "180"]
+    assert main(args + ["--box-from-mask", str(tmp_path / "data" / "masks" / "synthetic_0000.png")] + sized) == 0
+    assert np.asarray(Image.open(tmp_path / "big.png")).shape == (120, 180)
+
+
+def test_cli_errors_are_reported_not_raised(tmp_path, caplog):
+    write_synthetic_dataset(tmp_path, count=3, size=(40, 40))
+    image = str(tmp_path / "images" / "synthetic_0000.png")
+    base = ["predict", "--encoder", "vit_tiny", "--image-size", "64", "--output", str(tmp_path / "m.png")]
+    assert main(base + ["--image", image, "--box", "0", "0", "50", "20"]) == 2
+    assert "outside the 40x40" in caplog.text
+    assert main(base + ["--image", str(tmp_path / "none.png"), "--box", "0", "0", "5", "5"]) == 2
+    assert "image not found" in caplog.text
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    assert main(base + ["--image", str(tmp_path / "junk.png"), "--box", "0", "0", "5", "5"]) == 2
+    assert "could not read image" in caplog.text
+    assert main(base + ["--image", image, "--box", "0", "0", "5", "5", "--checkpoint", str(tmp_path / "no.pt")]) == 2
+    assert "checkpoint not found" in caplog.text
