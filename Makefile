@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
-DEMO := demo
+DEMO_EPOCHS ?= 8
 
 .PHONY: venv demo test benchmark clean
 
@@ -15,12 +15,14 @@ $(STAMP): setup.py
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
+# The demo trains the bundle's vit_tiny model on generated polyp-like images (CPU, small sizes so it takes a
+# few minutes), evaluates it and draws overlays: image, ground truth, prediction, box, uncertainty.
 demo: venv
-	$(BIN)/imedsam demo-data $(DEMO)/data --count 6 --size 256 320
-	$(BIN)/imedsam predict --encoder vit_tiny --image $(DEMO)/data/images/synthetic_0005.png \
-		--box-from-mask $(DEMO)/data/masks/synthetic_0005.png --output $(DEMO)/mask.png \
-		--uncertainty $(DEMO)/uncertainty.png --overlay $(DEMO)/overlay.png
-	@echo "demo outputs in $(DEMO)/: mask.png, uncertainty.png, overlay.png"
+	$(BIN)/python -m monai.bundle run training --config_file bundle/configs/train.yaml \
+		--image_size 128 --label_size 128 --max_epochs $(DEMO_EPOCHS)
+	$(BIN)/python -m monai.bundle run --config_file "['bundle/configs/train.yaml','bundle/configs/evaluate.yaml']" \
+		--image_size 128 --label_size 256
+	@echo "demo: model in bundle/models/model.pt; Dice in bundle/eval/summary.json; overlays in bundle/eval/overlays/"
 
 test: venv
 	$(BIN)/python -m pytest -q tests
@@ -29,4 +31,4 @@ benchmark: venv
 	$(BIN)/python scripts/benchmark_inference.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache
+	rm -rf $(VENV) .pytest_cache bundle/models bundle/eval bundle/demo_data

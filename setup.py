@@ -27,6 +27,8 @@ setup(
         "tensorboard>=2.12",
         "tqdm>=4.60",
         "pyyaml>=6.0",
+        "fire>=0.5",  # python -m monai.bundle
+        "jsonschema>=4.0",  # monai.bundle verify_metadata
     ],
     extras_require={
         "test": ["pytest>=7.0"],

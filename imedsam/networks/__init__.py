@@ -4,7 +4,7 @@ from .checkpoint import CheckpointError, load_sam_checkpoint, read_state_dict, r
 from .frequency_adapter import FrequencyAdapter, frequency_image
 from .image_encoder import AdaptedImageEncoder
 from .implicit_decoder import ImplicitDecoderOutput, ImplicitSegmentationDecoder
-from .imedsam import IMedSAM, IMedSAMOutput, ImageEncoding
+from .imedsam import IMedSAM, IMedSAMBoxMask, IMedSAMOutput, ImageEncoding
 from .lora import LoRAQKV
 from .presets import ENCODER_PRESETS, OFFICIAL_SAM_CHECKPOINTS, build_sam_parts
 from .prompt_path import BoxPromptPath
@@ -16,6 +16,7 @@ __all__ = [
     "ENCODER_PRESETS",
     "FrequencyAdapter",
     "IMedSAM",
+    "IMedSAMBoxMask",
     "IMedSAMOutput",
     "ImageEncoding",
     "ImplicitDecoderOutput",

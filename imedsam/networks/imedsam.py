@@ -17,7 +17,7 @@ from .presets import build_sam_parts
 from .prompt_path import BoxPromptPath
 from .validation import check_boxes, check_image, check_output_size
 
-__all__ = ["IMedSAM", "ImageEncoding", "IMedSAMOutput"]
+__all__ = ["IMedSAM", "IMedSAMBoxMask", "ImageEncoding", "IMedSAMOutput"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ class IMedSAM(nn.Module):
         num_classes: per-class decoder heads; box ``n`` is class ``n`` unless ``class_ids`` says otherwise.
         num_frequencies: L of the coordinate encoding.
         chunk_size: query points decoded at once at inference.
+        freeze_sam: keep SAM's own weights frozen (the method). False trains them too, which is what a
+            random-init encoder such as ``vit_tiny`` needs: adapting frozen random features teaches little.
 
     Shapes: ``image [B, 3, h, w]`` RGB in [0, 1]; ``boxes [B, N, 4]`` x0, y0, x1, y1 in pixels of ``image``;
     output logits ``[B, N, H, W]`` with ``(H, W) = output_size`` (default ``(h, w)``).
@@ -90,6 +92,7 @@ class IMedSAM(nn.Module):
         num_classes: int = 1,
         num_frequencies: int = 10,
         chunk_size: int = 2048,
+        freeze_sam: bool = True,
     ) -> None:
         super().__init__()
         self.encoder_name = encoder
@@ -129,6 +132,8 @@ class IMedSAM(nn.Module):
         )
         if not use_inr and num_classes != 1:
             raise ValueError("use_inr=False (SAM's mask decoder) predicts one mask per box: set num_classes=1")
+        if not freeze_sam:
+            self.requires_grad_(True)
 
     @property
     def use_inr(self) -> bool:
@@ -214,6 +219,56 @@ class IMedSAM(nn.Module):
         return (out.logits, out.uncertainty) if return_uncertainty else out.logits
 
     def forward(
-        self, image: torch.Tensor, boxes: torch.Tensor, output_size: tuple[int, int] | None = None
-    ) -> torch.Tensor:
-        return self.decode(self.encode(image), boxes, output_size)
+        self,
+        image: torch.Tensor,
+        boxes: torch.Tensor,
+        output_size: tuple[int, int] | None = None,
+        return_all: bool = False,
+    ):
+        """Logits ``[B, N, H, W]``; with ``return_all`` the whole :class:`IMedSAMOutput` (what training needs,
+        through ``forward`` so that DistributedDataParallel sees the call). ``boxes`` may be a nested list."""
+        if not isinstance(boxes, torch.Tensor):
+            boxes = torch.as_tensor(boxes, dtype=torch.float32, device=image.device)
+        encoding = self.encode(image)
+        if return_all:
+            return self.decode_all(encoding, boxes, output_size)
+        return self.decode(encoding, boxes, output_size)
+
+
+class IMedSAMBoxMask(IMedSAM):
+    """I-MedSAM with the box given as a fourth input channel, for tools that pass a single tensor.
+
+    ``monai.bundle ckpt_export`` traces with one random input and MONAI Label's generic bundle task passes only
+    the image; both get the box here as a filled rectangle in channel 3 (non-zero inside the box). The box is
+    the bounding box of that channel's non-zero pixels, found with tensor ops so that it survives tracing.
+    Same parameters and state dict as :class:`IMedSAM`.
+
+    Shapes: input ``[B, 4, h, w]`` (RGB in [0, 1] + box mask), output logits ``[B, 1, h, w]``.
+
+    Example::
+
+        >>> model = IMedSAMBoxMask(encoder="vit_tiny", image_size=64).eval()
+        >>> x = torch.rand(1, 4, 48, 48); x[:, 3] = 0; x[:, 3, 10:30, 5:40] = 1
+        >>> model(x).shape
+        torch.Size([1, 1, 48, 48])
+    """
+
+    @staticmethod
+    def box_from_channel(mask: torch.Tensor) -> torch.Tensor:
+        """``[B, h, w]`` box mask -> ``[B, 1, 4]`` x0, y0, x1, y1 (pixel edges) of its non-zero pixels."""
+        height, width = mask.shape[-2:]
+        rows = (mask != 0).any(dim=-1).to(torch.int64)
+        cols = (mask != 0).any(dim=-2).to(torch.int64)
+        y0 = rows.argmax(dim=-1)
+        x0 = cols.argmax(dim=-1)
+        y1 = height - rows.flip(-1).argmax(dim=-1)
+        x1 = width - cols.flip(-1).argmax(dim=-1)
+        return torch.stack([x0, y0, x1, y1], dim=-1).unsqueeze(1).to(mask.dtype)
+
+    def forward(self, image: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        if image.dim() != 4 or image.shape[1] != 4:
+            raise ValueError(f"IMedSAMBoxMask takes [B, 4, H, W] (RGB + box mask), got {tuple(image.shape)}")
+        if not torch.jit.is_tracing() and not (image[:, 3] != 0).flatten(1).any(dim=1).all():
+            raise ValueError("the box channel (channel 3) is empty for at least one image: draw the box in it")
+        boxes = self.box_from_channel(image[:, 3])
+        return super().forward(image[:, :3].contiguous(), boxes, output_size)

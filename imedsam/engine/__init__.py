@@ -1,0 +1,7 @@
+"""Pieces for MONAI/ignite engines: the prompt inferer, handlers and optimiser groups."""
+
+from .handlers import CoarseWeightHandler, EvaluationReport, SavePredictions
+from .inferer import PromptInferer
+from .optim import parameter_groups
+
+__all__ = ["CoarseWeightHandler", "EvaluationReport", "PromptInferer", "SavePredictions", "parameter_groups"]

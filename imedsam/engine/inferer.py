@@ -1,0 +1,48 @@
+"""Inferer that hands box prompts (and an output size) to I-MedSAM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.inferers import Inferer
+
+__all__ = ["PromptInferer"]
+
+
+class PromptInferer(Inferer):
+    """Call I-MedSAM with the boxes that ``PrepareBatchExtraInput`` takes from the batch.
+
+    Args:
+        output_size: ``(H, W)`` of the decoded map; None decodes at the input image's size.
+        return_all: return the whole :class:`~imedsam.networks.IMedSAMOutput` (training: the loss needs the
+            coarse logits too).
+        with_uncertainty: return ``[B, 2N, H, W]``, the N logits followed by the N uncertainty maps.
+
+    Called as ``inferer(images, network, boxes=..., output_size=...)``; an ``output_size`` given in the call
+    (a ``[B, 2]`` tensor from the batch, all rows equal) wins over the constructor's.
+    """
+
+    def __init__(self, output_size: Sequence[int] | None = None, return_all: bool = False, with_uncertainty: bool = False) -> None:
+        super().__init__()
+        if return_all and with_uncertainty:
+            raise ValueError("return_all already includes the uncertainty; pass only one of the two")
+        self.output_size = None if output_size is None else tuple(int(v) for v in output_size)
+        self.return_all = return_all
+        self.with_uncertainty = with_uncertainty
+
+    def __call__(self, inputs: torch.Tensor, network, boxes: torch.Tensor | None = None, output_size=None, **kwargs):
+        if boxes is None:
+            raise ValueError("PromptInferer needs boxes: set prepare_batch to PrepareBatchExtraInput(extra_keys={'boxes': 'box'})")
+        size = self.output_size
+        if output_size is not None:
+            sizes = torch.as_tensor(output_size).reshape(-1, 2)
+            if not (sizes == sizes[0]).all():
+                raise ValueError(f"images of one batch must share the output size, got {sizes.tolist()}; use batch_size 1")
+            size = tuple(int(v) for v in sizes[0])
+        if self.return_all:
+            return network(inputs, boxes, size, return_all=True)
+        if not self.with_uncertainty:
+            return network(inputs, boxes, size)
+        out = network(inputs, boxes, size, return_all=True)
+        return torch.cat([out.logits, out.uncertainty], dim=1)

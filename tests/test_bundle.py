@@ -1,0 +1,183 @@
+"""The MONAI bundle, run the way users run it: python -m monai.bundle ... on generated data."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imedsam.data import polyp_datalist, write_synthetic_dataset
+from imedsam.networks import IMedSAM, IMedSAMBoxMask
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "bundle", "configs")
+TRAIN, EVALUATE = os.path.join(CONFIGS, "train.yaml"), os.path.join(CONFIGS, "evaluate.yaml")
+INFERENCE, MULTI_GPU = os.path.join(CONFIGS, "inference.yaml"), os.path.join(CONFIGS, "multi_gpu_train.yaml")
+META = os.path.join(CONFIGS, "metadata.json")
+SCHEMA = os.path.join(ROOT, "..", "shared", "reference", "bundle_meta_schema_20240725.json")
+SMALL = ["--image_size", "64", "--batch_size", "2", "--max_epochs", "1"]
+
+
+def bundle(*args, cwd=ROOT, runner=(sys.executable, "-m", "monai.bundle"), timeout=600) -> subprocess.CompletedProcess:
+    result = subprocess.run([*runner, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def folders(tmp) -> list[str]:
+    return ["--dataset_dir", str(tmp / "data"), "--ckpt_dir", str(tmp / "models"), "--output_dir", str(tmp / "eval")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One epoch of training through `run training`, on the demo data the bundle writes itself."""
+    tmp = tmp_path_factory.mktemp("bundle")
+    write_synthetic_dataset(tmp / "data", count=8, size=(64, 80))
+    log = ok(bundle("run", "training", "--config_file", TRAIN, *SMALL, "--label_size", "64", *folders(tmp)))
+    return tmp, log
+
+
+def test_run_training_form_trains_and_saves_a_plain_state_dict(trained):
+    tmp, log = trained
+    assert "val_mean_dice" in log
+    state = torch.load(tmp / "models" / "model.pt", weights_only=True)
+    model = IMedSAM(encoder="vit_tiny", image_size=64, freeze_sam=False)
+    assert set(state) == set(model.state_dict())
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp / "eval" / "tensorboard"))
+
+
+def test_run_form_trains_too_and_generates_missing_demo_data(tmp_path):
+    demo = tmp_path / "demo"
+    args = ["--demo_dataset_dir", str(demo), "--dataset_dir", str(demo), "--ckpt_dir", str(tmp_path / "m"), "--output_dir", str(tmp_path / "e")]
+    log = ok(bundle("run", "--config_file", TRAIN, *SMALL, "--label_size", "48", *args))
+    assert "writing the synthetic demo dataset" in log
+    assert (demo / "split.json").is_file() and (tmp_path / "m" / "model.pt").is_file()
+
+
+def test_evaluate_at_another_label_size_writes_csv_summary_and_overlays(trained):
+    tmp, _ = trained
+    out = tmp / "eval96"
+    log = ok(bundle("run", "--config_file", f"['{TRAIN}','{EVALUATE}']", *SMALL, "--label_size", "96",
+                    *folders(tmp)[:4], "--output_dir", str(out), "--overlays", "1"))
+    summary = json.loads((out / "summary.json").read_text())
+    test_names = json.loads((tmp / "data" / "split.json").read_text())["test"]
+    assert summary["count"] == len(test_names) and summary["label_size"] == 96
+    for metric in ("dice", "iou", "hd95", "boundary_iou"):
+        assert set(summary[metric]) == {"mean", "std"}
+    rows = (out / "per_image.csv").read_text().strip().splitlines()
+    assert rows[0] == "name,dice,iou,hd95,boundary_iou" and len(rows) == 1 + len(test_names)
+    assert rows[1].startswith(os.path.splitext(test_names[0])[0])
+    overlay = np.asarray(Image.open(next((out / "overlays").iterdir())))
+    assert overlay.shape == (96, 192, 3)  # prediction panel + uncertainty panel at the label size
+    assert "evaluated" in log
+
+
+def test_evaluate_without_a_checkpoint_names_the_file(tmp_path):
+    write_synthetic_dataset(tmp_path / "data", count=4, size=(40, 40))
+    result = bundle("run", "--config_file", f"['{TRAIN}','{EVALUATE}']", *SMALL, *folders(tmp_path))
+    assert result.returncode != 0
+    assert f"checkpoint not found: {tmp_path / 'models' / 'model.pt'}" in result.stdout + result.stderr
+
+
+def test_inference_config_saves_masks_and_uncertainty_at_each_image_size(trained, tmp_path):
+    tmp, _ = trained
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(tmp / "data" / "images" / "synthetic_0000.png", images / "a.png")
+    Image.fromarray(np.zeros((50, 70, 3), np.uint8)).save(images / "b.jpg")
+    (tmp_path / "boxes.json").write_text(json.dumps({"a.png": [5, 5, 40, 50], "b": [[1, 2, 30, 40], [10, 10, 60, 45]]}))
+    ok(bundle("run", "--config_file", INFERENCE, "--image_size", "64", "--dataset_dir", str(images),
+              "--boxes_file", str(tmp_path / "boxes.json"), "--ckpt_dir", str(tmp / "models"), "--output_dir", str(tmp_path / "out")))
+    assert np.asarray(Image.open(tmp_path / "out" / "masks" / "a.png")).shape == (64, 80)
+    assert np.asarray(Image.open(tmp_path / "out" / "masks" / "b.png")).shape == (50, 70)
+    assert np.load(tmp_path / "out" / "uncertainty" / "b.npy").shape == (2, 50, 70)
+    assert (tmp_path / "out" / "overlays" / "a.png").is_file()
+
+
+def test_verify_metadata_against_the_schema(tmp_path):
+    schema = tmp_path / "schema.json"
+    shutil.copy(SCHEMA, schema)
+    assert "metadata is verified with no error" in ok(bundle("verify_metadata", "--meta_file", META, "--filepath", str(schema)))
+
+
+def test_verify_net_in_out_with_a_box():
+    log = ok(bundle("verify_net_in_out", "network_def", "--meta_file", META, "--config_file", INFERENCE, "--image_size", "64",
+                    "--_meta_#network_data_format#inputs#image#spatial_shape", "[64,64]",
+                    "--extra_forward_args", "{'boxes': [[[4.0, 6.0, 40.0, 50.0]]]}"))
+    assert "data shape of network is verified with no error" in log
+
+
+def test_ckpt_export_torchscript_matches_the_eager_model(trained, tmp_path):
+    tmp, _ = trained
+    ts = tmp_path / "model.ts"
+    ok(bundle("ckpt_export", "export_network_def", "--filepath", str(ts), "--ckpt_file", str(tmp / "models" / "model.pt"),
+              "--meta_file", META, "--config_file", INFERENCE, "--image_size", "64", "--use_trace", "True", "--input_shape", "[1,4,64,64]"))
+    exported = torch.jit.load(str(ts))
+    eager = IMedSAMBoxMask(encoder="vit_tiny", image_size=64).load_checkpoint(tmp / "models" / "model.pt").eval()
+    # traced at batch 1 (the --input_shape), so it is called one image at a time
+    x = torch.rand(2, 4, 64, 64)
+    x[:, 3] = 0
+    x[0, 3, 5:40, 10:50] = 1
+    x[1, 3, 20:60, 2:30] = 1
+    plain = IMedSAM(encoder="vit_tiny", image_size=64).load_checkpoint(tmp / "models" / "model.pt").eval()
+    with torch.no_grad():
+        for i in range(2):
+            torch.testing.assert_close(exported(x[i : i + 1]), eager(x[i : i + 1]), atol=1e-4, rtol=1e-4)
+        # the box really comes from channel 3: the traced model follows a moved box
+        expected = plain(x[1:, :3], torch.tensor([[[2.0, 20.0, 30.0, 60.0]]]))
+        torch.testing.assert_close(exported(x[1:]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_multi_gpu_config_trains_with_two_gloo_processes(tmp_path):
+    write_synthetic_dataset(tmp_path / "data", count=8, size=(64, 64))
+    runner = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2", "-m", "monai.bundle")
+    log = ok(bundle("run", "--config_file", f"['{TRAIN}','{MULTI_GPU}']", *SMALL, "--label_size", "48", *folders(tmp_path), runner=runner))
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert "val_mean_dice" in log
+    # 5 training images over 2 processes of batch 2: each process runs ceil(3 / 2) = 2 iterations of its 3 samples
+    assert "Epoch: 1/1, Iter: 2/2" in log
+
+
+def test_bad_dataset_folders_are_clear_errors(tmp_path, caplog):
+    with pytest.raises(FileNotFoundError, match="dataset folder not found"):
+        polyp_datalist(str(tmp_path / "nowhere"))
+    (tmp_path / "a" / "images").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="must contain images/ and masks/"):
+        polyp_datalist(str(tmp_path / "a"))
+    (tmp_path / "a" / "masks").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a" / "images" / "x.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a" / "masks" / "y.png")
+    with pytest.raises(ValueError, match="no image/mask pairs .* none share a file name"):
+        polyp_datalist(str(tmp_path / "a"), "all")
+    write_synthetic_dataset(tmp_path / "b", count=5, size=(32, 32))
+    (tmp_path / "b" / "images" / "synthetic_0001.png").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="could not read image .*synthetic_0001.png"):
+        polyp_datalist(str(tmp_path / "b"), "all")
+    write_synthetic_dataset(tmp_path / "c", count=5, size=(32, 32))
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "c" / "masks" / "synthetic_0002.png")
+    with caplog.at_level(logging.WARNING):
+        names = [item["name"] for item in polyp_datalist(str(tmp_path / "c"), "all")]
+    assert "synthetic_0002" not in names and len(names) == 4
+    assert "mask" in caplog.text and "is empty" in caplog.text
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["synthetic_0000.png", "missing.png"]}))
+    with pytest.raises(ValueError, match="names 1 train images not paired"):
+        polyp_datalist(str(tmp_path / "c"), "train", str(tmp_path / "split.json"))
+    with pytest.raises(ValueError, match="has no 'test' list"):
+        polyp_datalist(str(tmp_path / "c"), "test", str(tmp_path / "split.json"))
+
+
+def test_bad_dataset_folder_through_the_cli_names_the_problem(tmp_path):
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    result = bundle("run", "training", "--config_file", TRAIN, *SMALL, *folders(tmp_path))
+    assert result.returncode != 0
+    assert "must contain images/ and masks/" in result.stdout + result.stderr
