@@ -107,7 +107,8 @@ class ImplicitSegmentationDecoder(nn.Module):
         self.mc_samples_train = mc_samples_train
         self.chunk_size = chunk_size
         self.dropout_p = dropout
-        point_dim = box_channels + image_channels + fourier_encoding_dim(num_frequencies)
+        # columns of the first layers: [box map | image embedding | gamma(p)] (+ coarse features for the fine INR)
+        self.point_dim = point_dim = box_channels + image_channels + fourier_encoding_dim(num_frequencies)
         hidden, width = coarse_widths
 
         self.coarse_input = nn.Linear(point_dim, hidden)
@@ -135,8 +136,7 @@ class ImplicitSegmentationDecoder(nn.Module):
         weight = layer.weight
         box_w = weight[:, : self.box_channels]
         image_w = weight[:, self.box_channels : self.box_channels + self.image_channels]
-        coord_end = self.box_channels + self.image_channels + fourier_encoding_dim(self.num_frequencies)
-        coord_w = weight[:, self.box_channels + self.image_channels : coord_end]
+        coord_w = weight[:, self.box_channels + self.image_channels : self.point_dim]
         box_map = F.linear(box_features.permute(0, 2, 3, 1), box_w, layer.bias)
         image_map = F.linear(image_features.permute(0, 2, 3, 1), image_w)
         return box_map, image_map, coord_w
@@ -233,7 +233,7 @@ class ImplicitSegmentationDecoder(nn.Module):
 
         refined_index = torch.topk(variance, k, dim=1).indices
         fine_proj = self._project(self.fine_input, box_features, image_features)
-        coarse_feature_w = self.fine_input.weight[:, self.box_channels + self.image_channels + fourier_encoding_dim(self.num_frequencies) :]
+        coarse_feature_w = self.fine_input.weight[:, self.point_dim :]
         fine_step = k if kept_trunk is not None else max(1, self.chunk_size // prompts)
         fine_logits = []
         for start in range(0, k, fine_step):
