@@ -128,6 +128,9 @@ class SavePredictions:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(
+            Events.COMPLETED, lambda _: logger.info("saved predictions for %d images to %s", self.saved, self.output_dir)
+        )
 
     def __call__(self, engine: Engine) -> None:
         for sub in ("masks", "uncertainty", "overlays"):
@@ -145,4 +148,3 @@ class SavePredictions:
             picture = overlay(image, union, _as_numpy(batch_item["box"]).reshape(-1, 4)[0], uncertainty=uncertainty.max(axis=0))
             Image.fromarray(picture).save(os.path.join(self.output_dir, "overlays", f"{name}.png"))
             self.saved += 1
-        logger.info("saved predictions for %d images to %s", self.saved, self.output_dir)
