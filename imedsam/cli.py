@@ -40,7 +40,7 @@ def _save_png(array: np.ndarray, path: str) -> None:
 def _predict(args: argparse.Namespace) -> None:
     import torch
 
-    from .data import box_from_mask
+    from .data import box_from_mask, read_mask
     from .inference import Predictor
     from .networks import IMedSAM
     from .visualize import heat_map, overlay
@@ -63,7 +63,7 @@ def _predict(args: argparse.Namespace) -> None:
     model.to(torch.device(args.device))
     image = read_rgb_image(args.image)
     if args.box_from_mask:
-        reference = read_rgb_image(args.box_from_mask)[..., 0] > 127
+        reference = read_mask(args.box_from_mask)
         if reference.shape != image.shape[:2]:
             raise ValueError(f"mask {args.box_from_mask} is {reference.shape}, image {args.image} is {image.shape[:2]}")
         args.box = box_from_mask(reference).tolist()

@@ -10,6 +10,7 @@ import random
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .boxes import box_from_mask
 from .synthetic import write_synthetic_dataset
 
 __all__ = ["IMAGE_EXTENSIONS", "polyp_datalist", "image_datalist", "read_mask"]
@@ -137,8 +138,6 @@ def image_datalist(image_dir: str, boxes_file: str | None = None, masks_dir: str
     Boxes come from ``boxes_file`` (JSON ``{name or stem: [x0, y0, x1, y1] or [[...], ...]}``) or from the
     masks in ``masks_dir`` (tight box of the foreground). Images without a box are an error.
     """
-    from .boxes import box_from_mask
-
     if (boxes_file is None) == (masks_dir is None):
         raise ValueError("give exactly one source of boxes: boxes_file (JSON) or masks_dir")
     if not os.path.isdir(image_dir):
