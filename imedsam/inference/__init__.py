@@ -1,5 +1,31 @@
-"""Interactive inference."""
+"""Interactive inference: the cached predictor, prompts from clients, and 2D planes of images and volumes."""
 
+from .planes import (
+    PLANAR_EXTENSIONS,
+    ImageReadError,
+    image_plane,
+    intensity_window,
+    is_planar_image,
+    label_plane,
+    load_image_array,
+    place_plane,
+)
 from .predictor import Predictor, image_to_tensor
+from .prompts import BoxPrompt, PromptError, normalize_roi, resolve_box_prompt
 
-__all__ = ["Predictor", "image_to_tensor"]
+__all__ = [
+    "Predictor",
+    "image_to_tensor",
+    "BoxPrompt",
+    "PromptError",
+    "normalize_roi",
+    "resolve_box_prompt",
+    "PLANAR_EXTENSIONS",
+    "ImageReadError",
+    "image_plane",
+    "intensity_window",
+    "is_planar_image",
+    "label_plane",
+    "load_image_array",
+    "place_plane",
+]

@@ -78,12 +78,16 @@ class Predictor:
         # Every in-place write to a parameter (optimiser step, load_state_dict) bumps its _version.
         return tuple((id(p), p._version) for p in self.model.image_encoder.parameters())
 
-    def set_image(self, image: np.ndarray) -> None:
-        """Encode ``image`` (``H x W x 3``, uint8 or float in [0, 1]) unless its encoding is cached."""
+    def set_image(self, image: np.ndarray) -> bool:
+        """Encode ``image`` (``H x W x 3``, uint8 or float in [0, 1]) unless its encoding is cached.
+
+        Returns True when the encoding came from the cache (the encoder did not run).
+        """
         tensor = image_to_tensor(image)
         digest = hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
         key = (digest, image.shape, str(image.dtype), self._model_state())
-        if key in self._cache:
+        cached = key in self._cache
+        if cached:
             self._cache.move_to_end(key)
         else:
             with torch.no_grad():
@@ -92,6 +96,7 @@ class Predictor:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         self._encoding = self._cache[key]
+        return cached
 
     def predict(
         self, box, output_size: tuple[int, int] | None = None, class_id: int | None = None

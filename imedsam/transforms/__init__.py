@@ -1,5 +1,6 @@
 """Transforms for box-prompted 2D segmentation."""
 
 from .dictionary import BinarizeMaskd, BoxFromMaskd, EnsureRGBd, KeepForegroundd, ThresholdLogitsd
+from .interactive import PromptPlaned
 
-__all__ = ["BinarizeMaskd", "BoxFromMaskd", "EnsureRGBd", "KeepForegroundd", "ThresholdLogitsd"]
+__all__ = ["BinarizeMaskd", "BoxFromMaskd", "EnsureRGBd", "KeepForegroundd", "PromptPlaned", "ThresholdLogitsd"]

@@ -1,0 +1,157 @@
+"""2D planes of images and volumes for the box-prompted 2D model, and masks placed back into them.
+
+Arrays are in MONAI's loading order: a 2D PNG/JPG loads as ``(width, height[, channels])`` and a volume as
+``(I, J, K)``. A plane handed to the model is ``H x W x 3`` RGB in [0, 1] with rows along ``J`` and columns
+along ``I``, so a box ``[x0, y0, x1, y1]`` has ``x = i`` and ``y = j``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "PLANAR_EXTENSIONS",
+    "ImageReadError",
+    "is_planar_image",
+    "load_image_array",
+    "intensity_window",
+    "image_plane",
+    "label_plane",
+    "place_plane",
+]
+
+PLANAR_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class ImageReadError(ValueError):
+    """An image or label that cannot be read, or whose shape the model cannot use."""
+
+
+def is_planar_image(path: str) -> bool:
+    """True for 2D picture formats (PNG, JPG, ...); NIfTI, NRRD and DICOM series are volumes."""
+    return os.path.splitext(str(path))[1].lower() in PLANAR_EXTENSIONS
+
+
+def load_image_array(path: str):
+    """Load ``path`` with MONAI in array order and its own dtype (so 8-bit pictures are known as such).
+
+    Returns a ``MetaTensor``; its ``.affine`` is kept for volumes.
+    """
+    from monai.transforms import LoadImage
+
+    if not path or not os.path.exists(path):
+        raise ImageReadError(f"image not found: {path!r}")
+    planar = is_planar_image(path)
+    if planar:
+        # MONAI falls back on every other reader when PIL fails; checking first keeps the message to the point.
+        try:
+            with Image.open(path) as picture:
+                picture.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise ImageReadError(f"could not read image {path}: {exc}") from exc
+    try:
+        return LoadImage(reader="PILReader" if planar else None, image_only=True, dtype=None)(path)
+    except Exception as exc:  # readers raise many types for corrupt or foreign files
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise ImageReadError(f"could not read image {path}: {type(exc).__name__}: {first_line}") from exc
+
+
+def intensity_window(volume: np.ndarray, window: Sequence[float] | None = None) -> tuple[float, float]:
+    """``(low, high)`` intensity range of a volume: ``window`` if given, else its 0.5 and 99.5 percentiles.
+
+    The percentiles come from every 4th voxel along each axis, which changes them by a negligible amount and
+    keeps a large CT fast to prompt.
+    """
+    if window is not None:
+        try:
+            low, high = (float(v) for v in window)
+        except (TypeError, ValueError):
+            raise ImageReadError(f"window must be [low, high], got {window!r}") from None
+        if not high > low:
+            raise ImageReadError(f"window must have low < high, got {window!r}")
+        return low, high
+    sample = np.asarray(volume)[::4, ::4, ::4] if np.ndim(volume) == 3 else np.asarray(volume)
+    low, high = np.percentile(sample, [0.5, 99.5])
+    if not high > low:
+        low, high = float(np.min(volume)), float(np.max(volume))
+    return float(low), (float(high) if high > low else float(low) + 1.0)
+
+
+def _volume_array(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise ImageReadError(f"expected a 3D scalar volume (I, J, K), got shape {array.shape}")
+    return array
+
+
+def _planar_channels(array: np.ndarray, what: str) -> np.ndarray:
+    if array.ndim == 2:
+        return array[..., None]
+    if array.ndim == 3 and array.shape[-1] in (1, 3, 4):
+        return array[..., :3] if array.shape[-1] == 4 else array
+    raise ImageReadError(f"{what} must be grey, RGB or RGBA (1, 3 or 4 channels); got array shape {array.shape}")
+
+
+def image_plane(
+    array, planar: bool, slice_index: int | None = None, window: Sequence[float] | None = None
+) -> np.ndarray:
+    """The ``H x W x 3`` float32 RGB plane in [0, 1] that the model sees.
+
+    Args:
+        array: the loaded image, ``(W, H[, C])`` for a 2D picture or ``(I, J, K)`` for a volume.
+        planar: whether ``array`` is a 2D picture.
+        slice_index: the ``K`` index for a volume.
+        window: ``[low, high]`` intensities mapped to [0, 1] (e.g. ``[-160, 240]``, the abdomen CT window);
+            by default 8-bit pictures use 0..255 and other data its own range (percentiles for volumes).
+    """
+    array = np.asarray(array)
+    if planar:
+        plane = _planar_channels(array, "a 2D image").transpose(1, 0, 2)
+        if window is None and array.dtype == np.uint8:
+            low, high = 0.0, 255.0
+        elif window is None:
+            low, high = float(plane.min()), float(plane.max())
+            high = high if high > low else low + 1.0
+        else:
+            low, high = intensity_window(plane, window)
+    else:
+        volume = _volume_array(array)
+        if slice_index is None or not 0 <= slice_index < volume.shape[2]:
+            raise ImageReadError(f"slice {slice_index} is not in the volume of shape {volume.shape}")
+        low, high = intensity_window(volume, window)
+        plane = volume[:, :, slice_index].T[..., None]
+    plane = np.clip((plane.astype(np.float32) - low) / (high - low), 0.0, 1.0)
+    if not np.isfinite(plane).all():
+        raise ImageReadError("the image contains NaN or infinite values")
+    if plane.shape[-1] == 1:
+        plane = np.repeat(plane, 3, axis=-1)
+    return np.ascontiguousarray(plane)
+
+
+def label_plane(array, planar: bool, slice_index: int | None = None) -> np.ndarray:
+    """The ``H x W`` boolean foreground (``> 0``) of a label loaded like its image."""
+    array = np.asarray(array)
+    if planar:
+        channels = _planar_channels(array, "a 2D label")
+        if channels.shape[-1] > 1 and not (channels == channels[..., :1]).all():
+            raise ImageReadError("a 2D label with several channels must have equal channels (a grey mask saved as RGB)")
+        return channels[..., 0].T > 0
+    volume = _volume_array(array)
+    if slice_index is None or not 0 <= slice_index < volume.shape[2]:
+        raise ImageReadError(f"slice {slice_index} is not in the label volume of shape {volume.shape}")
+    return volume[:, :, slice_index].T > 0
+
+
+def place_plane(plane: np.ndarray, spatial_shape: Sequence[int], slice_index: int | None = None) -> np.ndarray:
+    """Put an ``H x W`` result back in the image's array order: ``(W, H)``, or ``(I, J, K)`` zeros but one slice."""
+    plane = np.asarray(plane)
+    if slice_index is None:
+        return np.ascontiguousarray(plane.T)
+    volume = np.zeros(tuple(int(s) for s in spatial_shape[:3]), dtype=plane.dtype)
+    volume[:, :, slice_index] = plane.T
+    return volume

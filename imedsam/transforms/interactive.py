@@ -1,0 +1,50 @@
+"""A dictionary transform for interactive servers: load an image, read the box prompt, cut the 2D plane."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from ..inference.planes import image_plane, is_planar_image, load_image_array
+from ..inference.prompts import resolve_box_prompt
+
+__all__ = ["PromptPlaned"]
+
+
+class PromptPlaned(MapTransform):
+    """Load the image at ``data[key]`` (a path) and the plane the request's box prompt points at.
+
+    The request's ``box``, ``roi``, ``foreground`` and ``slice`` fields are read by
+    :func:`imedsam.inference.resolve_box_prompt`; an optional ``window`` field (``[low, high]``) overrides
+    the intensity window. Adds:
+
+    - ``plane``: ``H x W x 3`` float32 RGB in [0, 1] (rows along the image's second array axis);
+    - ``box``: ``[x0, y0, x1, y1]`` in pixels of ``plane``; ``box_source``: ``"box"``, ``"roi"`` or ``"clicks"``;
+    - ``slice``: the volume slice, or None for a 2D picture;
+    - ``spatial_shape``: the image's spatial shape in array order, for placing the result back;
+    - ``data[key]``: the loaded ``MetaTensor`` (its affine is kept for a volume's result).
+
+    A bad prompt raises :class:`imedsam.inference.PromptError` and an unreadable image
+    :class:`imedsam.inference.ImageReadError`, both ``ValueError`` with a message naming the problem.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", window: Sequence[float] | None = None) -> None:
+        super().__init__(keys)
+        self.window = window
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = str(d[key])
+            array = load_image_array(path)
+            planar = is_planar_image(path)
+            spatial_shape = tuple(array.shape[:2]) if planar else tuple(array.shape[:3])
+            prompt = resolve_box_prompt(d, spatial_shape)
+            window = d.get("window") or self.window
+            d["plane"] = image_plane(array.numpy() if hasattr(array, "numpy") else array, planar, prompt.slice_index, window)
+            d["box"], d["box_source"], d["slice"] = prompt.box, prompt.source, prompt.slice_index
+            d["spatial_shape"] = spatial_shape
+            d[key] = array
+        return d
