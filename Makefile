@@ -1,8 +1,9 @@
-# `make demo` and `make test` work on a fresh machine: both create .venv and install the project into it.
+# `make demo` and `make test` work on a fresh machine: both create .venv and install the project into it
+# with every extra (tests and the MONAI Label app).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-test
+STAMP := $(VENV)/.installed-all
 DEMO_EPOCHS ?= 8
 
 .PHONY: venv demo test benchmark clean
@@ -12,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[all]"
 	touch $@
 
 # The demo trains the bundle's vit_tiny model on generated polyp-like images (CPU, small sizes so it takes a

@@ -1,0 +1,115 @@
+"""I-MedSAM task config: the network from the bundle's configs, its checkpoints, and the app's tasks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser
+from monailabel.interfaces.config import TaskConfig
+
+from lib.activelearning.ugs import UGSStrategy
+from lib.infers.imedsam import IMedSAMInfer
+from lib.scoring.ugs import UGSScoring
+from lib.trainers.imedsam import IMedSAMTrainer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUNDLE = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "..", "bundle"))
+
+
+def _window(value: str | None):
+    if not value:
+        return None
+    try:
+        low, high = (float(v) for v in value.replace("[", "").replace("]", "").split(","))
+    except ValueError:
+        raise ValueError(f"--conf window must be 'low,high' (e.g. -160,240), got {value!r}") from None
+    return [low, high]
+
+
+class IMedSAMConfig(TaskConfig):
+    """``--conf`` keys (all optional):
+
+    - ``bundle``: the MONAI bundle folder whose ``configs/train.yaml`` defines the network and training
+      (default: the project's ``bundle/``);
+    - ``encoder`` (``vit_tiny``), ``image_size`` (384), ``sam_checkpoint``: the network, as in the bundle;
+    - ``model_checkpoint``: a trained I-MedSAM state dict; without it (and before the first training run) the
+      model is untrained, with a warning; once training publishes ``model/imedsam.pt``, that file is served;
+    - ``label`` (``object``): the segment name clients show; ``window`` (``low,high``): intensity window for
+      volumes (default: each volume's 0.5-99.5 percentiles);
+    - ``seed`` (0): the seed of untrained weights, so that the server and its training and scoring
+      subprocesses build the same untrained model.
+    """
+
+    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.bundle_dir = os.path.abspath(conf.get("bundle", DEFAULT_BUNDLE))
+        train_config = os.path.join(self.bundle_dir, "configs", "train.yaml")
+        if not os.path.isfile(train_config):
+            raise FileNotFoundError(f"--conf bundle {self.bundle_dir}: {train_config} not found")
+        self.labels = {conf.get("label", "object"): 1}
+        self.window = _window(conf.get("window"))
+        sam_checkpoint = conf.get("sam_checkpoint") or None
+        if sam_checkpoint and not os.path.isfile(sam_checkpoint):
+            raise FileNotFoundError(f"--conf sam_checkpoint {sam_checkpoint}: file not found")
+        self.network_overrides = {
+            "encoder": conf.get("encoder", "vit_tiny"),
+            "image_size": int(conf.get("image_size", 384)),
+            "sam_checkpoint": os.path.abspath(sam_checkpoint) if sam_checkpoint else None,
+        }
+        self.network = self._build_network(int(conf.get("seed", 0)))
+
+        self.published = os.path.join(model_dir, f"{name}.pt")
+        given = conf.get("model_checkpoint") or None
+        if given and not os.path.isfile(given):
+            raise FileNotFoundError(f"--conf model_checkpoint {given}: file not found")
+        self.path = ([os.path.abspath(given)] if given else []) + [self.published]
+        if not given and not os.path.isfile(self.published):
+            logger.warning(
+                "no I-MedSAM checkpoint (--conf model_checkpoint PATH) and none trained yet: serving an UNTRAINED %s; "
+                "its masks are meaningless until you train or pass a checkpoint",
+                self.network_overrides["encoder"],
+            )
+        self._infer = IMedSAMInfer(self.network, self.path, self.labels, self.model_version, window=self.window)
+
+    def _build_network(self, seed: int):
+        parser = ConfigParser()
+        parser.read_config(os.path.join(self.bundle_dir, "configs", "train.yaml"))
+        parser.update({"bundle_root": self.bundle_dir, **self.network_overrides})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return parser.get_parsed_content("network_def")
+
+    def serving_path(self) -> str | None:
+        """The checkpoint the infer task loads: the published one once it exists, else ``model_checkpoint``."""
+        return next((p for p in reversed(self.path) if os.path.isfile(p)), None)
+
+    def model_version(self) -> str:
+        path = self.serving_path()
+        return f"{os.path.basename(path)}@{os.stat(path).st_mtime_ns}" if path else "untrained"
+
+    def infer(self):
+        return {self.name: self._infer}
+
+    def trainer(self):
+        return IMedSAMTrainer(
+            bundle_dir=self.bundle_dir,
+            model_dir=self.model_dir,
+            publish_path=self.published,
+            network_overrides=self.network_overrides,
+            start_from=self.serving_path,
+            window=self.window,
+        )
+
+    def strategy(self):
+        return {"ugs": UGSStrategy(self.model_version)}
+
+    def scoring_method(self):
+        return {"ugs": UGSScoring(self._infer)}
+
+    def describe(self) -> str:
+        return json.dumps({"bundle": self.bundle_dir, **self.network_overrides, "checkpoints": self.path})

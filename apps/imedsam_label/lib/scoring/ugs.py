@@ -1,0 +1,83 @@
+"""UGS scoring: how unsure the model is about each unlabeled image, stored in the datastore."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+
+from imedsam.inference import ImageReadError, PromptError
+
+from lib.infers.imedsam import IMedSAMInfer, ugs_score
+
+logger = logging.getLogger(__name__)
+
+SCORE_KEY = "ugs_score"
+MODEL_KEY = "ugs_model"
+LAST_PROMPT_KEY = "imedsam_last_prompt"
+
+
+def prompt_for(info: dict, spatial_hint: str) -> tuple[dict, str]:
+    """The prompt used to score an image: its last user prompt if any, else the whole image (or slice)."""
+    last = info.get(LAST_PROMPT_KEY)
+    if last and last.get("box") is not None:
+        return {"box": last["box"], "slice": last.get("slice")}, "last_prompt"
+    return {}, spatial_hint
+
+
+class UGSScoring(ScoringMethod):
+    """Score unlabeled images by the mean UGS (MC-dropout) variance over the predicted region in the box.
+
+    The box is the last box a user prompted on the image (recorded by the app at every infer), or the
+    whole image for an image nobody has prompted (the middle slice of a volume). The score is stored in
+    the image's info as ``ugs_score`` with ``ugs_model``, the model version it was computed with; an image
+    is scored again only when the model changes or its prompt does.
+    """
+
+    def __init__(self, infer: IMedSAMInfer) -> None:
+        super().__init__("Uncertainty-guided sampling (UGS): mean MC-dropout variance of the implicit decoder")
+        self.infer = infer
+
+    def __call__(self, request, datastore: Datastore):
+        version = self.infer.model_version()
+        device = request.get("device", "cpu")
+        scored, skipped, failed = {}, 0, {}
+        start = time.time()
+        for image_id in datastore.get_unlabeled_images():
+            info = datastore.get_image_info(image_id)
+            prompt, source = prompt_for(info, "whole_image")
+            stamp = f"{version}|{prompt.get('box')}|{prompt.get('slice')}"
+            if info.get(MODEL_KEY) == stamp and SCORE_KEY in info:
+                skipped += 1
+                continue
+            try:
+                score, box, slice_index = self._score(datastore.get_image_uri(image_id), prompt, device)
+            except (PromptError, ImageReadError) as exc:
+                logger.warning("UGS: cannot score %s: %s", image_id, exc)
+                failed[image_id] = str(exc)
+                continue
+            datastore.update_image_info(
+                image_id,
+                {SCORE_KEY: score, MODEL_KEY: stamp, "ugs_box": box, "ugs_slice": slice_index, "ugs_box_source": source},
+            )
+            scored[image_id] = score
+        logger.info("UGS: scored %d images in %.1f s (%d up to date, %d failed)", len(scored), time.time() - start, skipped, len(failed))
+        return {"scored": scored, "up_to_date": skipped, "failed": failed, "model": version}
+
+    def _score(self, path: str, prompt: dict, device: str) -> tuple[float, list[float], int | None]:
+        from imedsam.inference import image_plane, is_planar_image, load_image_array, resolve_box_prompt
+
+        array = load_image_array(path)
+        planar = is_planar_image(path)
+        spatial = tuple(array.shape[:2]) if planar else tuple(array.shape[:3])
+        if not prompt:
+            prompt = {"box": [0, 0, spatial[0], spatial[1]]}
+            if not planar:
+                prompt["slice"] = spatial[2] // 2
+        resolved = resolve_box_prompt(prompt, spatial)
+        plane = image_plane(array.numpy(), planar, resolved.slice_index, self.infer.window)
+        out = self.infer.predict_plane({"plane": plane, "box": resolved.box}, device)
+        mask = out["probability"] > 0.5
+        return ugs_score(out["uncertainty"], mask, resolved.box), resolved.box.tolist(), resolved.slice_index

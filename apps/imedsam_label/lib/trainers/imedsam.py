@@ -1,0 +1,192 @@
+"""Retraining from the labels users saved as ``final``, with the bundle's own training workflow."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+from monai.bundle import ConfigWorkflow
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+from PIL import Image
+
+from imedsam.inference import ImageReadError, image_plane, is_planar_image, label_plane, load_image_array
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDataError(ValueError):
+    """The datastore's final labels cannot make a training set; the message says why."""
+
+
+def _write_pair(folder: str, name: str, plane: np.ndarray, mask: np.ndarray) -> None:
+    Image.fromarray(np.round(plane * 255).astype(np.uint8)).save(os.path.join(folder, "images", f"{name}.png"))
+    Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(folder, "masks", f"{name}.png"))
+
+
+def export_training_set(datalist: list[dict], folder: str, val_split: float, seed: int, window=None) -> dict[str, list[str]]:
+    """Write ``datalist`` (``[{"image", "label"}]``) as the bundle's dataset layout and return the split.
+
+    A picture gives one image/mask pair; a volume gives one pair per slice whose label has foreground.
+    Samples from one image stay in the same split. At least two images (or, for a single volume, two
+    labeled slices) are needed, so that validation has one.
+    """
+    for sub in ("images", "masks"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    groups: dict[str, list[str]] = {}
+    for item in datalist:
+        image_path, label_path = item["image"], item["label"]
+        image_id = os.path.basename(image_path).split(".")[0]
+        planar = is_planar_image(image_path)
+        image = load_image_array(image_path).numpy()
+        label = load_image_array(label_path).numpy()
+        spatial = image.shape[:2] if planar else image.shape[:3]
+        if tuple(label.shape[: len(spatial)]) != tuple(spatial):
+            raise TrainingDataError(
+                f"label {label_path} has shape {label.shape}, which does not match its image {image_path} {image.shape}"
+            )
+        slices = [None] if planar else [int(k) for k in np.nonzero((label.reshape(*spatial, -1) > 0).any(axis=(0, 1, 3)))[0]]
+        names = []
+        for k in slices:
+            mask = label_plane(label, planar, k)
+            if not mask.any():
+                logger.warning("skipping %s: its final label is empty", image_path if k is None else f"{image_path} slice {k}")
+                continue
+            name = image_id if k is None else f"{image_id}_slice{k:04d}"
+            _write_pair(folder, name, image_plane(image, planar, k, window), mask)
+            names.append(name)
+        if names:
+            groups[image_id] = names
+    samples = sum(len(v) for v in groups.values())
+    if samples < 2:
+        raise TrainingDataError(
+            f"training needs at least 2 labeled images (labels saved with tag 'final' and a non-empty mask); found {samples}"
+        )
+    units = [[name] for names in groups.values() for name in names] if len(groups) < 2 else list(groups.values())
+    random.Random(seed).shuffle(units)
+    n_val = min(max(1, int(round(val_split * len(units)))), len(units) - 1)
+    split = {"train": [n for unit in units[n_val:] for n in unit], "val": [n for unit in units[:n_val] for n in unit]}
+    with open(os.path.join(folder, "split.json"), "w") as f:
+        json.dump(split, f, indent=1)
+    return split
+
+
+class IMedSAMTrainer(TrainTask):
+    """Fine-tune I-MedSAM on the datastore's ``final`` labels and publish the best checkpoint.
+
+    The datastore's labels are exported to the bundle's dataset layout (``images/``, ``masks/``,
+    ``split.json``), then the bundle's ``train.yaml`` workflow runs with the app's network settings, starting
+    from the served checkpoint. The best validation checkpoint is copied atomically to ``publish_path``,
+    which the infer task reloads on its next request.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str,
+        model_dir: str,
+        publish_path: str,
+        network_overrides: dict[str, Any],
+        start_from,
+        window=None,
+        description: str = "Fine-tune I-MedSAM on the labels saved as final",
+    ) -> None:
+        super().__init__(description)
+        self.bundle_dir = bundle_dir
+        self.model_dir = model_dir
+        self.publish_path = publish_path
+        self.stats_path = os.path.join(model_dir, "train_stats.json")
+        self.network_overrides = dict(network_overrides)
+        self.start_from = start_from
+        self.window = window
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": "train_01",
+            "max_epochs": 10,
+            "val_split": 0.2,
+            "batch_size": 2,
+            "learning_rate": 0.001,
+            "train_label_size": 128,
+            "label_size": 128,
+            "seed": 0,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        if not os.path.isfile(self.stats_path):
+            return {}
+        with open(self.stats_path) as f:
+            return json.load(f)
+
+    def __call__(self, request, datastore: Datastore):
+        settings = {**self.config(), **{k: v for k, v in request.items() if k in self.config()}}
+        run_dir = os.path.join(self.model_dir, "imedsam", str(settings["name"]))
+        shutil.rmtree(os.path.join(run_dir, "data"), ignore_errors=True)
+        start = time.time()
+        datalist = datastore.datalist()
+        try:
+            split = export_training_set(
+                datalist, os.path.join(run_dir, "data"), float(settings["val_split"]), int(settings["seed"]), self.window
+            )
+        except ImageReadError as exc:
+            raise TrainingDataError(str(exc)) from exc
+        initial = self.start_from()
+        logger.info(
+            "I-MedSAM training %s: %d train / %d val samples from %d final labels, starting from %s",
+            settings["name"], len(split["train"]), len(split["val"]), len(datalist), initial or "the untrained model",
+        )
+        ckpt_dir = os.path.join(run_dir, "models")
+        best = os.path.join(ckpt_dir, "model.pt")
+        if os.path.exists(best):
+            os.remove(best)
+        workflow = ConfigWorkflow(
+            config_file=os.path.join(self.bundle_dir, "configs", "train.yaml"),
+            meta_file=os.path.join(self.bundle_dir, "configs", "metadata.json"),
+            logging_file=False,  # keep the server's logging as it is
+            workflow_type="train",
+            bundle_root=self.bundle_dir,
+            dataset_dir=os.path.join(run_dir, "data"),
+            split_file=os.path.join(run_dir, "data", "split.json"),
+            ckpt_dir=ckpt_dir,
+            output_dir=os.path.join(run_dir, "eval"),
+            initial_checkpoint=initial,
+            max_epochs=int(settings["max_epochs"]),
+            batch_size=int(settings["batch_size"]),
+            learning_rate=float(settings["learning_rate"]),
+            train_label_size=int(settings["train_label_size"]),
+            label_size=int(settings["label_size"]),
+            seed=int(settings["seed"]),
+            val_interval=1,
+            **self.network_overrides,
+        )
+        workflow.initialize()
+        workflow.run()
+        evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+        best_dice = float(evaluator.state.best_metric)
+        workflow.finalize()
+        if not os.path.isfile(best):
+            raise RuntimeError(f"training finished without writing {best}")
+        staging = f"{self.publish_path}.tmp"
+        shutil.copyfile(best, staging)
+        os.replace(staging, self.publish_path)  # atomic: the infer task never reads half a file
+        stats = {
+            "name": settings["name"],
+            "total_time": round(time.time() - start, 1),
+            "epochs": int(settings["max_epochs"]),
+            "best_val_dice": round(best_dice, 4),
+            "train_samples": len(split["train"]),
+            "val_samples": len(split["val"]),
+            "final_labels": len(datalist),
+            "started_from": initial,
+            "published": self.publish_path,
+            "published_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        with open(self.stats_path, "w") as f:
+            json.dump(stats, f, indent=1)
+        logger.info("I-MedSAM training %s done: best val Dice %.4f, published %s", settings["name"], best_dice, self.publish_path)
+        return stats

@@ -1,0 +1,263 @@
+"""The MONAI Label app through a real ``monailabel start_server`` on 127.0.0.1, over HTTP.
+
+The server runs the untrained ``vit_tiny`` at ``image_size`` 64 on a temporary copy of the app and a
+temporary studies folder of generated pictures and one NIfTI volume; it is stopped at the end.
+"""
+
+import base64
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("monailabel", reason="the MONAI Label app needs the 'label' extra: pip install -e '.[label]'")
+httpx = pytest.importorskip("httpx")
+nib = pytest.importorskip("nibabel")
+from PIL import Image  # noqa: E402
+
+from imedsam.data import synthetic_polyp  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 64
+logger = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("label")
+    app_dir = tmp / "app"
+    shutil.copytree(ROOT / "apps" / "imedsam_label", app_dir, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
+    studies, masks = tmp / "studies", tmp / "masks"
+    studies.mkdir()
+    masks.mkdir()
+    for i in range(5):
+        image, mask = synthetic_polyp((72, 96), seed=i)
+        Image.fromarray(image).save(studies / f"img_{i}.png")
+        Image.fromarray(mask.astype(np.uint8)).save(masks / f"img_{i}.png")  # labels as MONAI Label stores them: 0/1
+    volume = np.random.default_rng(0).normal(0, 100, (40, 32, 6)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 2.5, 1.0])), studies / "vol_0.nii.gz")
+
+    port = _free_port()
+    env = dict(
+        os.environ,
+        MONAILABEL_PYEXE=sys.executable,
+        MONAI_LABEL_TRACKING_ENABLED="false",
+        MONAI_LABEL_AUTO_UPDATE_SCORING="false",
+        MONAI_LABEL_SESSION_PATH=str(tmp / "sessions"),
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    command = [
+        str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app_dir), "--studies", str(studies),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--conf", "bundle", str(ROOT / "bundle"), "--conf", "image_size", str(IMAGE_SIZE), "--conf", "label", "polyp",
+    ]  # fmt: skip
+    log = open(tmp / "server.log", "w")
+    process = subprocess.Popen(command, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    try:
+        for _ in range(240):  # bounded: 120 s
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}:\n{(tmp / 'server.log').read_text()[-3000:]}")
+            try:
+                if client.get("/info/").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("server did not answer /info/ within 120 s")
+        yield {"client": client, "app_dir": app_dir, "masks": masks, "studies": studies, "volume": volume}
+    finally:
+        client.close()
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        log.close()
+
+
+def infer(client, image, params, output="json", **files):
+    return client.post(f"/infer/imedsam?image={image}&output={output}", data={"params": json.dumps(params)}, files=files or None)
+
+
+def direct_prediction(image_path: Path, box, checkpoint=None) -> np.ndarray:
+    """What the package predicts for the same picture and box, outside the server (H x W mask)."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from imedsam.inference import Predictor
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundle" / "configs" / "train.yaml"))
+    parser.update({"encoder": "vit_tiny", "image_size": IMAGE_SIZE, "sam_checkpoint": None})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the app's default seed for untrained weights
+        network = parser.get_parsed_content("network_def")
+    if checkpoint is not None:
+        network.load_checkpoint(checkpoint)
+    predictor = Predictor(network)
+    predictor.set_image(np.asarray(Image.open(image_path).convert("RGB")))
+    probability, _ = predictor.predict(box)
+    return probability > 0.5
+
+
+def test_info_lists_infer_scoring_strategy_and_trainer(server):
+    info = server["client"].get("/info/").json()
+    model = info["models"]["imedsam"]
+    assert model["type"] == "deepgrow" and model["dimension"] == 2 and model["labels"] == {"polyp": 1}
+    assert "ugs" in info["scoring"] and "ugs" in info["strategies"] and "imedsam" in info["trainers"]
+    assert info["datastore"]["total"] == 6
+
+
+def test_slicer_roi_gives_the_packages_mask_at_full_size(server):
+    client = server["client"]
+    # Slicer's per-axis pairs, unsorted: i in 20..60, j in 10..50
+    response = infer(client, "img_3", {"roi": [60, 20, 50, 10, 0, 0]}, output="image")
+    assert response.status_code == 200, response.text
+    mask = np.asarray(Image.open(io.BytesIO(response.content)))
+    assert mask.shape == (72, 96)
+    expected = direct_prediction(server["studies"] / "img_3.png", [20, 10, 61, 51])
+    np.testing.assert_array_equal(mask > 0, expected)
+
+    clicks = infer(client, "img_3", {"foreground": [[20, 10, 0], [60, 50, 0]], "uncertainty": True}).json()
+    assert clicks["box"] == [20, 10, 61, 51] and clicks["box_source"] == "clicks"
+    heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(clicks["uncertainty"]["map_png"]))))
+    assert heat.shape == (72, 96) and heat.max() == 255 and clicks["uncertainty"]["max"] > 0
+
+
+def test_second_prompt_on_an_image_skips_the_encoder(server):
+    client = server["client"]
+    first = infer(client, "img_2", {"box": [10, 10, 50, 40]}).json()
+    second = infer(client, "img_2", {"box": [30, 20, 80, 60]}).json()
+    assert first["encoder_cached"] is False and second["encoder_cached"] is True
+    logger.warning(
+        "re-prompt latency: first prompt %.3f s (encoder %.3f s), second %.3f s (encoder cached)",
+        first["latencies"]["infer"], first["encoder_s"], second["latencies"]["infer"],
+    )  # fmt: skip
+
+
+def test_volume_slice_result_is_the_full_volume_with_one_slice(server, tmp_path):
+    response = infer(server["client"], "vol_0", {"roi": [5, 30, 4, 25, 3, 3], "window": [-200, 200]}, output="image")
+    assert response.status_code == 200, response.text
+    path = tmp_path / "result.nii.gz"
+    path.write_bytes(response.content)
+    result = np.asarray(nib.load(path).dataobj)
+    assert result.shape == server["volume"].shape
+    assert result[..., [0, 1, 2, 4, 5]].sum() == 0
+
+
+@pytest.mark.parametrize(
+    "image, params, status, message",
+    [
+        ("no_such_image", {"box": [1, 1, 9, 9]}, 404, "not in the datastore"),
+        ("img_1", {"roi": [200, 260, 10, 50, 0, 0]}, 400, "outside the image"),
+        ("img_1", {"roi": [1, 2, 3]}, 400, "6 values"),
+        ("img_1", {"roi": "abc"}, 400, "list of numbers"),
+        ("img_1", {"box": [5, 5, 5, 20]}, 400, "zero area"),
+        ("img_1", {}, 400, "no box prompt"),
+        ("vol_0", {"box": [1, 1, 9, 9]}, 400, "say which"),
+    ],
+)
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, image, params, status, message):
+    response = infer(server["client"], image, params)
+    assert response.status_code == status and message in response.json()["detail"]
+    assert server["client"].get("/info/").status_code == 200
+
+
+def test_corrupt_upload_is_a_400(server):
+    response = server["client"].post(
+        "/infer/imedsam?output=json", data={"params": json.dumps({"box": [0, 0, 4, 4]})}, files={"file": ("x.png", b"garbage")}
+    )
+    assert response.status_code == 400 and "could not read image" in response.json()["detail"]
+    assert infer(server["client"], "img_1", {"box": [10, 10, 50, 40]}).status_code == 200
+
+
+def test_labels_scoring_active_learning_and_retraining(server):
+    client, masks = server["client"], server["masks"]
+    for count, image_id in enumerate(("img_0", "img_1"), start=1):
+        with open(masks / f"{image_id}.png", "rb") as f:
+            saved = client.put(f"/datastore/label?image={image_id}&tag=final", files={"label": (f"{image_id}.png", f)})
+        assert saved.status_code == 200, saved.text
+        if count == 1:  # one label cannot make a train and a validation set
+            refused = client.post("/train/imedsam?run_sync=true", json={"max_epochs": 1})
+            assert refused.status_code == 400 and "at least 2 labeled images" in refused.json()["detail"]
+    assert client.get("/datastore/?output=stats").json()["label_tags"] == {"final": 2}
+
+    scores = client.post("/scoring/ugs?run_sync=true").json()
+    assert set(scores["scored"]) == {"img_2", "img_3", "img_4", "vol_0"} and scores["model"] == "untrained"
+    assert all(value > 0 for value in scores["scored"].values())
+    info = client.get("/datastore/image/info?image=img_3").json()
+    assert info["ugs_box_source"] == "last_prompt" and info["ugs_box"] == [20, 10, 61, 51]
+    assert client.get("/datastore/image/info?image=img_4").json()["ugs_box"] == [0, 0, 96, 72]
+    again = client.post("/scoring/ugs?run_sync=true").json()
+    assert again["scored"] == {} and again["up_to_date"] == 4  # nothing changed: nothing recomputed
+
+    chosen = client.post("/activelearning/ugs", json={}).json()
+    assert chosen["id"] == max(scores["scored"], key=scores["scored"].get) and chosen["stale"] is False
+
+    stats = client.post("/train/imedsam?run_sync=true", json={"max_epochs": 1, "train_label_size": 32, "label_size": 32}).json()
+    assert stats["train_samples"] + stats["val_samples"] == 2 and 0 <= stats["best_val_dice"] <= 1
+    published = server["app_dir"] / "model" / "imedsam.pt"
+    assert published.is_file()
+    assert client.get("/info/").json()["train_stats"]["imedsam"]["best_val_dice"] == stats["best_val_dice"]
+
+    after = infer(client, "img_3", {"roi": [60, 20, 50, 10, 0, 0]}, output="image")
+    mask = np.asarray(Image.open(io.BytesIO(after.content)))
+    np.testing.assert_array_equal(mask > 0, direct_prediction(server["studies"] / "img_3.png", [20, 10, 61, 51], published))
+    rescored = client.post("/scoring/ugs?run_sync=true").json()
+    assert rescored["model"].startswith("imedsam.pt@") and set(rescored["scored"]) == {"img_2", "img_3", "img_4", "vol_0"}
+
+
+def _trainers_module(app_dir):
+    from importlib import import_module
+
+    sys.path.insert(0, str(app_dir))
+    try:
+        return import_module("lib.trainers.imedsam")
+    finally:
+        sys.path.remove(str(app_dir))
+
+
+def test_training_set_export_checks_labels_and_slices_volumes(server, tmp_path):
+    trainers = _trainers_module(server["app_dir"])
+    image = server["studies"] / "img_4.png"
+    empty, wrong = tmp_path / "empty.png", tmp_path / "wrong.png"
+    Image.fromarray(np.zeros((72, 96), np.uint8)).save(empty)
+    Image.fromarray(np.ones((10, 10), np.uint8)).save(wrong)
+    with pytest.raises(trainers.TrainingDataError, match="at least 2 labeled images"):
+        trainers.export_training_set([{"image": str(image), "label": str(empty)}], str(tmp_path / "a"), 0.2, 0)
+    with pytest.raises(trainers.TrainingDataError, match="does not match its image"):
+        trainers.export_training_set([{"image": str(image), "label": str(wrong)}], str(tmp_path / "b"), 0.2, 0)
+
+    # a volume gives one pair per labeled slice; a single volume is split by slices
+    label = np.zeros(server["volume"].shape, np.uint8)
+    label[5:20, 4:12, 1] = 1
+    label[8:30, 10:25, 4] = 1
+    label_path = tmp_path / "vol_0.nii.gz"
+    nib.save(nib.Nifti1Image(label, np.diag([0.8, 0.8, 2.5, 1.0])), label_path)
+    out = tmp_path / "c"
+    split = trainers.export_training_set(
+        [{"image": str(server["studies"] / "vol_0.nii.gz"), "label": str(label_path)}], str(out), 0.5, 0, [-200, 200]
+    )
+    assert sorted(split["train"] + split["val"]) == ["vol_0_slice0001", "vol_0_slice0004"] and len(split["val"]) == 1
+    mask = np.asarray(Image.open(out / "masks" / "vol_0_slice0004.png"))
+    np.testing.assert_array_equal(mask > 127, label[:, :, 4].T > 0)
+    picture = np.asarray(Image.open(out / "images" / "vol_0_slice0004.png"))
+    assert picture.shape == (32, 40, 3)
