@@ -28,7 +28,7 @@ setup(
         "tqdm>=4.60",
         "pyyaml>=6.0",
         "fire>=0.5",  # python -m monai.bundle
-        "jsonschema>=4.0",  # monai.bundle verify_metadata
+        "jsonschema>=3.2",  # monai.bundle verify_metadata; monailabel (pydicom-seg) needs <4
     ],
     extras_require={
         "test": ["pytest>=7.0"],
