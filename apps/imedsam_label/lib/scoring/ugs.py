@@ -7,6 +7,7 @@ import time
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.utils.others.generic import name_to_device
 
 from imedsam.inference import ImageReadError, PromptError
 
@@ -42,7 +43,7 @@ class UGSScoring(ScoringMethod):
 
     def __call__(self, request, datastore: Datastore):
         version = self.infer.model_version()
-        device = request.get("device", "cpu")
+        device = name_to_device(request.get("device", "cuda"))  # "cuda" falls back on the CPU without a GPU
         scored, skipped, failed = {}, 0, {}
         start = time.time()
         for image_id in datastore.get_unlabeled_images():
