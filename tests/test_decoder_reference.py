@@ -1,5 +1,6 @@
 """The optimised implicit decoder against a plain implementation of the same maths."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -78,3 +79,83 @@ def test_chunk_size_does_not_change_the_output():
         chunked = decoder(*inputs)
     torch.testing.assert_close(chunked.logits, whole.logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(chunked.refined_index.sort(1).values, whole.refined_index.sort(1).values)
+
+
+def test_training_trunk_matches_reference_with_batch_statistics():
+    torch.manual_seed(0)
+    decoder = ImplicitSegmentationDecoder(mc_samples=4, mc_samples_train=2).train()
+    box_features, image_features = torch.randn(2, 32, 8, 8), torch.randn(2, 256, 4, 4)
+    height, width = 9, 11
+    flat_grid = pixel_centre_grid(height, width)
+    sample_grid = flat_grid.view(1, 1, -1, 2).expand(2, -1, -1, -1)
+
+    def sample(features):
+        return F.grid_sample(features, sample_grid, mode="bilinear", padding_mode="border", align_corners=False)[:, :, 0].transpose(1, 2)
+
+    point_input = torch.cat([sample(box_features), sample(image_features), fourier_encoding(flat_grid).expand(2, -1, -1)], -1)
+    expected = decoder.coarse_trunk(decoder.coarse_input(point_input.reshape(-1, point_input.shape[-1])))
+    table = decoder._first_layer_table(decoder.coarse_input, box_features, image_features, height, width)
+    first = decoder._first_layer(table, dense=slice(0, height * width))
+    trunk = decoder._trunk_runner(decoder.coarse_trunk, torch.float32)(first)
+    torch.testing.assert_close(trunk.reshape(-1, trunk.shape[-1]), expected, atol=1e-4, rtol=1e-4)
+    # training dropout keeps the logit unbiased: averaged over many draws it approaches the plain logit
+    head = decoder.coarse_heads[0]
+    plain = F.linear(trunk, head.weight[:1], head.bias[:1]).squeeze(-1)
+    ids = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        mean = torch.stack([decoder._coarse_logit(trunk, ids) for _ in range(400)]).mean(0)
+    assert (mean - plain).abs().mean() < 0.1 * plain.abs().mean() + 1e-3
+
+
+def test_bfloat16_decoding_stays_close_to_float32():
+    decoder = ImplicitSegmentationDecoder(mc_samples=4).eval()
+    _randomise_batch_norm(decoder)
+    inputs = (torch.randn(2, 32, 16, 16), torch.randn(2, 256, 4, 4), (40, 36))
+    with torch.no_grad():
+        exact = decoder(*inputs)
+        decoder.precision = "bfloat16"
+        reduced = decoder(*inputs)
+    scale = exact.coarse_logits.abs().max()
+    assert (reduced.coarse_logits - exact.coarse_logits).abs().max() < 0.02 * scale
+    assert reduced.logits.dtype == torch.float32 and reduced.uncertainty.dtype == torch.float32
+    with pytest.raises(ValueError, match="precision"):
+        ImplicitSegmentationDecoder(precision="float16")
+
+
+def test_adaptive_mode_is_exact_where_it_evaluates():
+    decoder = ImplicitSegmentationDecoder(mc_samples=4, adaptive_coarse_size=8, adaptive_points=10**6).eval()
+    _randomise_batch_norm(decoder)
+    inputs = (torch.randn(2, 32, 16, 16), torch.randn(2, 256, 4, 4), (30, 27))
+    with torch.no_grad():
+        exact = decoder(*inputs, mode="exact")
+        adaptive = decoder(*inputs, mode="adaptive")
+    # every point is evaluated at the last level: the coarse logits and variance are the exact ones,
+    # and the fine INR's logits agree wherever the exact mode refined
+    torch.testing.assert_close(adaptive.coarse_logits, exact.coarse_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(adaptive.uncertainty, exact.uncertainty, atol=1e-5, rtol=1e-4)
+    refined = exact.refined_index
+    torch.testing.assert_close(
+        adaptive.logits.flatten(1).gather(1, refined), exact.logits.flatten(1).gather(1, refined), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_adaptive_mode_evaluates_a_bounded_set_near_the_boundary():
+    decoder = ImplicitSegmentationDecoder(mc_samples=4, adaptive_coarse_size=16, adaptive_points=100).eval()
+    _randomise_batch_norm(decoder)
+    inputs = (torch.randn(1, 32, 16, 16), torch.randn(1, 256, 4, 4), (64, 64))
+    with torch.no_grad():
+        adaptive = decoder(*inputs, mode="adaptive")
+        exact = decoder(*inputs, mode="exact")
+        small = decoder(inputs[0], inputs[1], (16, 16), mode="adaptive")
+        small_exact = decoder(inputs[0], inputs[1], (16, 16), mode="exact")
+    index = adaptive.refined_index
+    assert index.shape == (1, 100) and index.unique().numel() == 100
+    # where the last level evaluates, the coarse logit is the exact one; elsewhere it is interpolated
+    torch.testing.assert_close(
+        adaptive.coarse_logits.flatten(1).gather(1, index), exact.coarse_logits.flatten(1).gather(1, index), atol=1e-5, rtol=1e-5
+    )
+    assert not torch.allclose(adaptive.coarse_logits, exact.coarse_logits)
+    # at or below the coarse size the adaptive mode is the exact one
+    torch.testing.assert_close(small.logits, small_exact.logits)
+    with pytest.raises(ValueError, match="mode"):
+        decoder(*inputs, mode="fast")

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pixel_centre_grid", "fourier_encoding", "fourier_encoding_dim", "bilinear_sample"]
+__all__ = ["pixel_centre_grid", "grid_coordinates", "fourier_encoding", "fourier_encoding_dim", "bilinear_sample", "bilinear_taps"]
 
 
 def pixel_centre_grid(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
@@ -20,6 +20,13 @@ def pixel_centre_grid(height: int, width: int, device: torch.device | None = Non
     xs = (torch.arange(width, device=device, dtype=torch.float32) * 2 + 1) / width - 1
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2)
+
+
+def grid_coordinates(index: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Normalised (x, y) pixel centres ``[..., 2]`` of raster indices ``index`` of an ``height x width`` grid."""
+    rows = torch.div(index, width, rounding_mode="floor")
+    cols = index - rows * width
+    return torch.stack([(cols * 2 + 1).float() / width - 1, (rows * 2 + 1).float() / height - 1], dim=-1)
 
 
 def fourier_encoding_dim(num_frequencies: int, coord_dim: int = 2) -> int:
@@ -51,6 +58,21 @@ def bilinear_sample(feature_map: torch.Tensor, coords: torch.Tensor) -> torch.Te
     The weights of each point sum to one, so a linear layer commutes with this sampling.
     """
     m, h, w, c = feature_map.shape
+    rows, weights = bilinear_taps(h, w, coords)
+    rows = rows + (torch.arange(m, device=coords.device) * (h * w)).view(m, 1, 1)
+    sampled = F.embedding_bag(
+        rows.reshape(-1, 4),
+        feature_map.reshape(m * h * w, c),
+        per_sample_weights=weights.reshape(-1, 4).to(feature_map.dtype),
+        mode="sum",
+    )
+    return sampled.view(m, -1, c)
+
+
+def bilinear_taps(height: int, width: int, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The four raster rows of an ``height x width`` map that bilinear sampling at ``coords [..., 2]`` blends,
+    and their weights (``[..., 4]`` each), with ``align_corners=False`` and border clamping."""
+    h, w = height, width
     x = (((coords[..., 0] + 1) * w - 1) / 2).clamp(0, w - 1)
     y = (((coords[..., 1] + 1) * h - 1) / 2).clamp(0, h - 1)
     x0 = x.floor().clamp(max=max(w - 2, 0))
@@ -61,13 +83,6 @@ def bilinear_sample(feature_map: torch.Tensor, coords: torch.Tensor) -> torch.Te
     y0 = y0.long()
     x1 = (x0 + 1).clamp(max=w - 1)
     y1 = (y0 + 1).clamp(max=h - 1)
-    base = (torch.arange(m, device=coords.device) * (h * w)).unsqueeze(-1)
-    rows = torch.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1], dim=-1) + base.unsqueeze(-1)
+    rows = torch.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1], dim=-1)
     weights = torch.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx], dim=-1)
-    sampled = F.embedding_bag(
-        rows.reshape(-1, 4),
-        feature_map.reshape(m * h * w, c),
-        per_sample_weights=weights.reshape(-1, 4).to(feature_map.dtype),
-        mode="sum",
-    )
-    return sampled.view(m, -1, c)
+    return rows, weights

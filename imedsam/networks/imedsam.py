@@ -22,6 +22,9 @@ __all__ = ["IMedSAM", "IMedSAMBoxMask", "ImageEncoding", "IMedSAMOutput"]
 logger = logging.getLogger(__name__)
 
 
+DECODE_MODES = ("exact", "adaptive")
+
+
 class ImageEncoding(NamedTuple):
     """What the encoder computed for a batch of images; the boxes are not needed to compute it."""
 
@@ -60,6 +63,11 @@ class IMedSAM(nn.Module):
         num_classes: per-class decoder heads; box ``n`` is class ``n`` unless ``class_ids`` says otherwise.
         num_frequencies: L of the coordinate encoding.
         chunk_size: query points decoded at once at inference.
+        decode_mode: ``"exact"`` (every pixel through the coarse INR, the method) or ``"adaptive"`` (a
+            coarser grid, then full resolution only near the predicted boundary; inference only, much
+            faster at large outputs); :meth:`decode` can override it per call.
+        decoder_precision: ``"float32"`` or ``"bfloat16"`` for the implicit decoder's matmuls at inference.
+        adaptive_coarse_size, adaptive_points: the adaptive mode's first-grid side and points per level.
         freeze_sam: keep SAM's own weights frozen (the method). False trains them too, which is what a
             random-init encoder such as ``vit_tiny`` needs: adapting frozen random features teaches little.
 
@@ -91,10 +99,17 @@ class IMedSAM(nn.Module):
         mc_dropout: float = 0.5,
         num_classes: int = 1,
         num_frequencies: int = 10,
-        chunk_size: int = 2048,
+        chunk_size: int = 8192,
+        decode_mode: str = "exact",
+        decoder_precision: str = "float32",
+        adaptive_coarse_size: int = 128,
+        adaptive_points: int = 8192,
         freeze_sam: bool = True,
     ) -> None:
         super().__init__()
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
+        self.decode_mode = decode_mode
         self.encoder_name = encoder
         self.image_size = image_size
         self.num_classes = num_classes
@@ -126,6 +141,9 @@ class IMedSAM(nn.Module):
                 mc_samples_train=mc_samples_train,
                 num_classes=num_classes,
                 chunk_size=chunk_size,
+                precision=decoder_precision,
+                adaptive_coarse_size=adaptive_coarse_size,
+                adaptive_points=adaptive_points,
             )
             if use_inr
             else None
@@ -179,8 +197,16 @@ class IMedSAM(nn.Module):
         boxes: torch.Tensor,
         output_size: tuple[int, int] | None = None,
         class_ids: torch.Tensor | None = None,
+        mode: str | None = None,
     ) -> IMedSAMOutput:
-        """Decode every box of every image: final and coarse logits, uncertainty and refined points."""
+        """Decode every box of every image: final and coarse logits, uncertainty and refined points.
+
+        ``mode`` is ``"exact"`` or ``"adaptive"`` (default: the model's ``decode_mode``); training always
+        decodes exactly.
+        """
+        mode = self.decode_mode if mode is None else mode
+        if mode not in DECODE_MODES:
+            raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
         embedding, height, width = encoding
         batch = embedding.shape[0]
         if output_size is None:
@@ -199,7 +225,7 @@ class IMedSAM(nn.Module):
             logits = F.interpolate(sam_masks, size=(out_h, out_w), mode="bilinear", align_corners=False)
             logits = logits.view(batch, num_boxes, out_h, out_w)
             return IMedSAMOutput(logits, logits, None, None)
-        out = self.decoder(box_features, per_prompt, (out_h, out_w), ids)
+        out = self.decoder(box_features, per_prompt, (out_h, out_w), ids, mode=mode)
         shape = (batch, num_boxes, out_h, out_w)
         refined = None if out.refined_index is None else out.refined_index.view(batch, num_boxes, -1)
         return IMedSAMOutput(out.logits.view(shape), out.coarse_logits.view(shape), out.uncertainty.view(shape), refined)
@@ -211,11 +237,13 @@ class IMedSAM(nn.Module):
         output_size: tuple[int, int] | None = None,
         return_uncertainty: bool = False,
         class_ids: torch.Tensor | None = None,
+        mode: str | None = None,
     ):
-        """Logits ``[B, N, H, W]`` for ``boxes [B, N, 4]``, or ``(logits, uncertainty)``."""
+        """Logits ``[B, N, H, W]`` for ``boxes [B, N, 4]``, or ``(logits, uncertainty)``; ``mode`` as in
+        :meth:`decode_all`."""
         if return_uncertainty and not self.use_inr:
             raise ValueError("the uncertainty map comes from the implicit decoder; this model has use_inr=False")
-        out = self.decode_all(encoding, boxes, output_size, class_ids)
+        out = self.decode_all(encoding, boxes, output_size, class_ids, mode)
         return (out.logits, out.uncertainty) if return_uncertainty else out.logits
 
     def forward(

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .coordinates import bilinear_sample, fourier_encoding, fourier_encoding_dim, pixel_centre_grid
+from .coordinates import bilinear_taps, fourier_encoding, fourier_encoding_dim, grid_coordinates
 
 __all__ = ["ImplicitDecoderOutput", "ImplicitSegmentationDecoder"]
+
+
+class _FirstLayerTable(NamedTuple):
+    values: torch.Tensor  # [rows, C]: box-map rows of every prompt, image-map rows, grid columns, grid rows
+    box_size: tuple[int, int]
+    image_size: tuple[int, int]
+    height: int
+    width: int
+    prompts: int
 
 
 class ImplicitDecoderOutput(NamedTuple):
@@ -37,16 +47,23 @@ class ImplicitSegmentationDecoder(nn.Module):
 
     How it stays fast and bounded (the maths is that of the plain description above):
 
-    * the first linear layer of each INR is split by input; its map parts are applied to the feature maps
-      before sampling, which is exact because bilinear weights sum to one;
+    * the first linear layer of each INR is applied before sampling: to the two feature maps, and to the
+      Fourier encoding of every grid column and every grid row (gamma is separable in x and y), so a
+      point's first-layer output is one ``embedding_bag`` sum of ten table rows; bilinear weights sum to
+      one, so this is exact;
     * dropout acts on the trunk output, so the T passes share the trunk and repeat only the logit row of
       the head, and the coarse features are computed only at the refined points;
     * at inference the T dropout masks are fixed sub-networks drawn from ``mc_seed`` (shared by all
       points), so the output is deterministic, traceable and its variance is not zero; in training the
       masks are drawn afresh at every call;
-    * in eval mode query points are decoded in chunks of ``chunk_size`` (BatchNorm then uses its running
-      statistics, so chunking changes nothing), and the trunk is recomputed at the refined points instead
-      of being kept for every pixel.
+    * in eval mode the BatchNorms are folded into the layers before them, and query points are decoded in
+      chunks of ``chunk_size``; the trunk is recomputed at the refined points instead of being kept for
+      every pixel; ``precision="bfloat16"`` runs the trunks' matmuls in bfloat16 (heads and variance stay
+      float32);
+    * ``mode="adaptive"`` (eval) decodes a grid coarser by a power of two (at most ``adaptive_coarse_size``
+      on a side) and, at each finer level up to the output, only the ``adaptive_points`` points nearest
+      the predicted boundary; the fine INR re-predicts those of the last level. Its cost grows with the
+      boundary's length, not with the output's area.
 
     Args:
         box_channels: channels of the box-conditioned map (SAM: 32).
@@ -62,6 +79,9 @@ class ImplicitSegmentationDecoder(nn.Module):
         num_classes: number of per-class heads; a prompt's class picks its coarse and fine head.
         chunk_size: points decoded at once (over all prompts) in eval mode.
         mc_seed: seed of the inference dropout masks.
+        precision: ``"float32"`` or ``"bfloat16"`` for the trunks' matmuls in eval mode.
+        adaptive_coarse_size: largest side of the first grid of ``mode="adaptive"``.
+        adaptive_points: points per prompt evaluated at each finer level of ``mode="adaptive"``.
 
     Shapes: ``box_features [P, box_channels, hb, wb]``, ``image_features [P, image_channels, g, g]``,
     ``class_ids [P]``; outputs ``[P, H, W]`` (see :class:`ImplicitDecoderOutput`).
@@ -88,10 +108,17 @@ class ImplicitSegmentationDecoder(nn.Module):
         mc_samples: int = 8,
         mc_samples_train: int = 2,
         num_classes: int = 1,
-        chunk_size: int = 2048,
+        chunk_size: int = 8192,
         mc_seed: int = 0,
+        precision: str = "float32",
+        adaptive_coarse_size: int = 128,
+        adaptive_points: int = 8192,
     ) -> None:
         super().__init__()
+        if precision not in ("float32", "bfloat16"):
+            raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
+        if adaptive_coarse_size < 1 or adaptive_points < 1:
+            raise ValueError(f"adaptive_coarse_size and adaptive_points must be positive, got {adaptive_coarse_size}, {adaptive_points}")
         if not 0.0 <= ugs_top_k <= 1.0:
             raise ValueError(f"ugs_top_k is a fraction of points in [0, 1], got {ugs_top_k}")
         if min(mc_samples, mc_samples_train) < 2:
@@ -106,7 +133,11 @@ class ImplicitSegmentationDecoder(nn.Module):
         self.ugs_top_k = ugs_top_k
         self.mc_samples_train = mc_samples_train
         self.chunk_size = chunk_size
+        self.precision = precision
+        self.adaptive_coarse_size = adaptive_coarse_size
+        self.adaptive_points = adaptive_points
         self.dropout_p = dropout
+        self.train_dropout_pool = 64
         # columns of the first layers: [box map | image embedding | gamma(p)] (+ coarse features for the fine INR)
         self.point_dim = point_dim = box_channels + image_channels + fourier_encoding_dim(num_frequencies)
         hidden, width = coarse_widths
@@ -125,26 +156,94 @@ class ImplicitSegmentationDecoder(nn.Module):
         generator = torch.Generator().manual_seed(mc_seed)
         keep = (torch.rand(mc_samples, width, generator=generator) >= dropout).float() / (1.0 - dropout)
         self.register_buffer("mc_masks", keep, persistent=False)
+        self._dense_taps_cache: dict = {}
 
     @property
     def num_classes(self) -> int:
         return len(self.coarse_heads)
 
-    # -- first layers, split by input -------------------------------------------------------------------
-    def _project(self, layer: nn.Linear, box_features: torch.Tensor, image_features: torch.Tensor):
-        """Apply the map parts of a first layer to the maps (channel-last) and return the coordinate part."""
+    # -- first layers, as one embedding table ------------------------------------------------------------
+    def _first_layer_table(
+        self, layer: nn.Linear, box_features, image_features, height: int, width: int, fold=None, dtype=None
+    ):
+        """The first layer of an INR on an ``height x width`` query grid, as rows of one table.
+
+        Its map parts are applied to the maps (channel-last), its coordinate part to every grid column and
+        every grid row: gamma(p) is a concatenation of functions of x alone and of y alone, so
+        ``W gamma(x, y) = W gamma(x, 0) - W gamma(0, 0) + W gamma(0, y)``. A point's first-layer output is
+        then the sum of 4 bilinear box-map rows, 4 image-map rows, its column row and its row row, which one
+        ``embedding_bag`` call computes (see :meth:`_first_layer`). ``fold = (scale, shift)`` folds an eval
+        BatchNorm that follows the layer into the table.
+        """
         weight = layer.weight
         box_w = weight[:, : self.box_channels]
         image_w = weight[:, self.box_channels : self.box_channels + self.image_channels]
         coord_w = weight[:, self.box_channels + self.image_channels : self.point_dim]
         box_map = F.linear(box_features.permute(0, 2, 3, 1), box_w, layer.bias)
         image_map = F.linear(image_features.permute(0, 2, 3, 1), image_w)
-        return box_map, image_map, coord_w
+        device = box_features.device
+        xs = (torch.arange(width, device=device, dtype=torch.float32) * 2 + 1) / width - 1
+        ys = (torch.arange(height, device=device, dtype=torch.float32) * 2 + 1) / height - 1
+        origin = F.linear(fourier_encoding(xs.new_zeros(1, 2), self.num_frequencies), coord_w)
+        columns = F.linear(fourier_encoding(torch.stack([xs, torch.zeros_like(xs)], -1), self.num_frequencies), coord_w) - origin
+        rows = F.linear(fourier_encoding(torch.stack([torch.zeros_like(ys), ys], -1), self.num_frequencies), coord_w)
+        parts = [box_map.reshape(-1, box_map.shape[-1]), image_map.reshape(-1, image_map.shape[-1]), columns, rows]
+        if fold is not None:
+            scale, shift = fold
+            parts = [part * scale for part in parts]
+            parts[0] = parts[0] + shift  # every point takes box rows with weights summing to one
+        values = torch.cat(parts)
+        return _FirstLayerTable(
+            values if dtype is None else values.to(dtype),
+            tuple(box_features.shape[-2:]),
+            tuple(image_features.shape[-2:]),
+            height,
+            width,
+            box_features.shape[0],
+        )
 
-    def _first_layer(self, projected, coords: torch.Tensor) -> torch.Tensor:
-        box_map, image_map, coord_w = projected
-        encoded = fourier_encoding(coords, self.num_frequencies)
-        return bilinear_sample(box_map, coords) + bilinear_sample(image_map, coords) + F.linear(encoded, coord_w)
+    @staticmethod
+    def _taps(table: _FirstLayerTable, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Table rows ``[P, N, 10]`` and weights of the points at raster ``index [P, N]``."""
+        prompts = index.shape[0]
+        coords = grid_coordinates(index, table.height, table.width)
+        (bh, bw), (ih, iw) = table.box_size, table.image_size
+        box_rows, box_weights = bilinear_taps(bh, bw, coords)
+        image_rows, image_weights = bilinear_taps(ih, iw, coords)
+        prompt = torch.arange(prompts, device=index.device).view(prompts, 1, 1)
+        box_rows = box_rows + prompt * (bh * bw)
+        image_rows = image_rows + prompt * (ih * iw) + prompts * bh * bw
+        line_start = prompts * (bh * bw + ih * iw)
+        grid_row = torch.div(index, table.width, rounding_mode="floor")
+        columns = (index - grid_row * table.width + line_start).unsqueeze(-1)
+        lines = (grid_row + line_start + table.width).unsqueeze(-1)
+        taps = torch.cat([box_rows, image_rows, columns, lines], dim=-1)
+        weights = torch.cat([box_weights, image_weights, box_weights.new_ones(*index.shape, 2)], dim=-1)
+        return taps, weights.to(table.values.dtype)
+
+    def _dense_taps(self, table: _FirstLayerTable, prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_taps` of the whole grid, kept for the next call: they depend only on the sizes, so
+        re-prompting at the same output size skips computing them."""
+        key = (table.height, table.width, tuple(table.box_size), tuple(table.image_size), prompts,
+               table.values.device, table.values.dtype)  # fmt: skip
+        if key not in self._dense_taps_cache:
+            self._dense_taps_cache.clear()  # one entry: an 896 x 896 grid's taps take about 100 MB
+            index = torch.arange(table.height * table.width, device=table.values.device).expand(prompts, -1)
+            self._dense_taps_cache[key] = self._taps(table, index)
+        return self._dense_taps_cache[key]
+
+    def _first_layer(self, table: _FirstLayerTable, index: torch.Tensor | None = None, dense: slice | None = None) -> torch.Tensor:
+        """First-layer outputs ``[P, N, C]`` at raster ``index [P, N]`` of the table's grid, or at the
+        ``dense`` slice of every prompt's whole grid."""
+        if dense is not None:
+            taps, weights = self._dense_taps(table, table.prompts)
+            taps, weights = taps[:, dense], weights[:, dense]
+        else:
+            taps, weights = self._taps(table, index)
+        out = F.embedding_bag(
+            taps.reshape(-1, taps.shape[-1]), table.values, per_sample_weights=weights.reshape(-1, weights.shape[-1]), mode="sum"
+        )
+        return out.view(taps.shape[0], -1, out.shape[-1])
 
     @staticmethod
     def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -164,7 +263,17 @@ class ImplicitSegmentationDecoder(nn.Module):
     def _coarse_logit(self, trunk: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         def head(cls, h):
             layer = self.coarse_heads[cls]
-            return F.linear(self.dropout(h), layer.weight[:1], layer.bias[:1])
+            weight, bias = layer.weight[:1].to(h.dtype), layer.bias[:1].to(h.dtype)
+            if not self.training:
+                return F.linear(h, weight, bias).float()
+            # Dropout on the trunk output, every point with its own mask drawn from a pool of masks drawn
+            # afresh at each step: (mask * h) . w = h . (mask * w), so the masks act on the weight row and
+            # the [points, width] mask that elementwise dropout draws (its RNG alone costs ~0.3 s for a
+            # 384 x 384 grid) is never made.
+            masks = (torch.rand(self.train_dropout_pool, h.shape[-1], device=h.device) >= self.dropout_p).to(h.dtype)
+            per_mask = F.linear(h, masks * weight / (1.0 - self.dropout_p), bias)  # [..., pool]
+            choice = torch.randint(0, self.train_dropout_pool, (*h.shape[:-1], 1), device=h.device)
+            return per_mask.gather(-1, choice)
 
         return self._per_class(head, trunk, class_ids, 1).squeeze(-1)
 
@@ -173,27 +282,105 @@ class ImplicitSegmentationDecoder(nn.Module):
             masks = (torch.rand(self.mc_samples_train, trunk.shape[-1], device=trunk.device) >= self.dropout_p).to(trunk.dtype)
             masks = masks / (1.0 - self.dropout_p)
         else:
-            masks = self.mc_masks.to(trunk.dtype)
+            masks = self.mc_masks
 
         def head(cls, h):
             # logit of pass t = (mask_t * h) . w + b; the bias does not change the variance
-            return F.linear(h.detach(), self.coarse_heads[cls].weight[:1] * masks)
+            return F.linear(h.detach(), (self.coarse_heads[cls].weight[:1] * masks).to(h.dtype)).float()
 
         return self._per_class(head, trunk, class_ids, masks.shape[0]).var(dim=-1)
 
     def _coarse_features(self, trunk: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         def head(cls, h):
             layer = self.coarse_heads[cls]
-            return F.linear(self.dropout(h), layer.weight[1:], layer.bias[1:])
+            return F.linear(self.dropout(h), layer.weight[1:].to(h.dtype), layer.bias[1:].to(h.dtype)).float()
 
         return self._per_class(head, trunk, class_ids, self.coarse_heads[0].out_features - 1)
 
     def _fine_logit(self, hidden: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         return self._per_class(lambda cls, h: self._rows(self.fine_heads[cls], h), hidden, class_ids, 1).squeeze(-1)
 
+    # -- trunks: BatchNorm with batch statistics in training, folded into the weights in eval -------------
+    @staticmethod
+    def _batch_norm_affine(norm: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        return scale, norm.bias - norm.running_mean * scale
+
+    def _trunk_runner(self, trunk: nn.Sequential, dtype):
+        """``first-layer output -> trunk output`` for a trunk ``[BN, ReLU, Linear, BN, ReLU]``.
+
+        In eval the first BatchNorm is folded into the first-layer table (:meth:`_first_layer_table`) and
+        the second into the linear layer, so the trunk is two in-place ReLUs around one matmul, in ``dtype``.
+        """
+        if self.training:
+            return lambda first: self._rows(trunk, first)
+        linear = trunk[2]
+        scale, shift = self._batch_norm_affine(trunk[3])
+        weight = (linear.weight * scale.unsqueeze(-1)).to(dtype)
+        bias = (linear.bias * scale + shift).to(dtype)
+        return lambda first: F.relu_(F.linear(F.relu_(first), weight, bias))
+
+    def _fold(self, trunk: nn.Sequential):
+        return None if self.training else self._batch_norm_affine(trunk[0])
+
+    def _compute_dtype(self, reference: torch.Tensor) -> torch.dtype:
+        return torch.bfloat16 if (self.precision == "bfloat16" and not self.training) else reference.dtype
+
     # -- forward ----------------------------------------------------------------------------------------
     def num_refined(self, num_points: int) -> int:
         return 0 if self.ugs_top_k == 0 else max(1, int(round(self.ugs_top_k * num_points)))
+
+    def _coarse_at(self, table, index, class_ids, run_trunk, keep_trunk: bool):
+        """Coarse logits and MC variance ``[P, N]`` at raster ``index [P, N]`` (None: the whole grid), in
+        chunks in eval mode."""
+        prompts = table.prompts
+        num = table.height * table.width if index is None else index.shape[1]
+        # BatchNorm in training normalises with batch statistics: all points must go through at once.
+        step = num if self.training else max(1, self.chunk_size // prompts)
+        logits, variances = [], []
+        for start in range(0, num, step):
+            if index is None:
+                first = self._first_layer(table, dense=slice(start, start + step))
+            else:
+                first = self._first_layer(table, index[:, start : start + step])
+            trunk = run_trunk(first)
+            logits.append(self._coarse_logit(trunk, class_ids))
+            variances.append(self._logit_variance(trunk, class_ids))
+        # One chunk: its trunk serves the refined points. Several: they are recomputed rather than all kept.
+        kept = trunk if (keep_trunk and step >= num) else None
+        return torch.cat(logits, dim=1), torch.cat(variances, dim=1), kept
+
+    def _refine(
+        self, box_features, image_features, size, index, class_ids, coarse_table, run_coarse, kept_trunk, dtype, kept_positions=None
+    ):
+        """Fine logits ``[P, K]`` at raster ``index [P, K]`` of a grid of ``size``.
+
+        The coarse trunk there is taken from ``kept_trunk`` (rows at ``kept_positions``, by default the
+        raster indices themselves) or recomputed when nothing was kept.
+        """
+        if kept_positions is None:
+            kept_positions = index
+        prompts = index.shape[0]
+        fold = self._fold(self.fine_trunk)
+        fine_table = self._first_layer_table(self.fine_input, box_features, image_features, *size, fold=fold, dtype=dtype)
+        feature_w = self.fine_input.weight[:, self.point_dim :]
+        if fold is not None:
+            feature_w = feature_w * fold[0].unsqueeze(-1)
+        run_fine = self._trunk_runner(self.fine_trunk, dtype)
+        step = index.shape[1] if kept_trunk is not None else max(1, self.chunk_size // prompts)
+        fine_logits = []
+        for start in range(0, index.shape[1], step):
+            part = index[:, start : start + step]
+            if kept_trunk is not None:
+                rows = kept_positions[:, start : start + step]
+                trunk = kept_trunk.gather(1, rows.unsqueeze(-1).expand(-1, -1, kept_trunk.shape[-1]))
+            else:
+                trunk = run_coarse(self._first_layer(coarse_table, part))
+            features = self._coarse_features(trunk, class_ids)
+            hidden = self._first_layer(fine_table, part) + F.linear(features, feature_w).to(fine_table.values.dtype)
+            hidden = run_fine(hidden).float()
+            fine_logits.append(self._fine_logit(hidden, class_ids))
+        return torch.cat(fine_logits, dim=1)
 
     def forward(
         self,
@@ -201,52 +388,73 @@ class ImplicitSegmentationDecoder(nn.Module):
         image_features: torch.Tensor,
         output_size: tuple[int, int],
         class_ids: torch.Tensor | None = None,
+        mode: str = "exact",
     ) -> ImplicitDecoderOutput:
+        """Decode every prompt on an ``output_size`` grid; ``mode`` is ``"exact"`` or ``"adaptive"`` (eval only)."""
+        if mode not in ("exact", "adaptive"):
+            raise ValueError(f"mode must be 'exact' or 'adaptive', got {mode!r}")
         prompts = box_features.shape[0]
         height, width = int(output_size[0]), int(output_size[1])
-        num_points = height * width
         if class_ids is None:
             class_ids = torch.zeros(prompts, dtype=torch.long, device=box_features.device)
-        grid = pixel_centre_grid(height, width, device=box_features.device)
-        coarse_proj = self._project(self.coarse_input, box_features, image_features)
-
-        def trunk_at(coords: torch.Tensor) -> torch.Tensor:
-            return self._rows(self.coarse_trunk, self._first_layer(coarse_proj, coords))
-
-        # BatchNorm in training normalises with batch statistics: all points must go through at once.
-        step = num_points if self.training else max(1, self.chunk_size // prompts)
-        logits, variances = [], []
-        for start in range(0, num_points, step):
-            coords = grid[start : start + step].unsqueeze(0).expand(prompts, -1, -1)
-            trunk = trunk_at(coords)
-            logits.append(self._coarse_logit(trunk, class_ids))
-            variances.append(self._logit_variance(trunk, class_ids))
-        coarse = torch.cat(logits, dim=1)
-        variance = torch.cat(variances, dim=1)
-        # One chunk: its trunk serves the refined points. Several: recompute there rather than keep them all.
-        kept_trunk = trunk if step >= num_points else None
-
+        if mode == "adaptive" and not self.training:
+            levels = max(0, math.ceil(math.log2(max(height, width) / self.adaptive_coarse_size)))
+            if levels > 0:
+                return self._forward_adaptive(box_features, image_features, (height, width), class_ids, levels)
+        dtype = self._compute_dtype(box_features)
+        table = self._first_layer_table(
+            self.coarse_input, box_features, image_features, height, width, fold=self._fold(self.coarse_trunk), dtype=dtype
+        )
+        run_coarse = self._trunk_runner(self.coarse_trunk, dtype)
+        num_points = height * width
+        coarse, variance, kept = self._coarse_at(table, None, class_ids, run_coarse, keep_trunk=True)
+        shape = (prompts, height, width)
         k = self.num_refined(num_points)
         if k == 0:
-            shape = (prompts, height, width)
             return ImplicitDecoderOutput(coarse.view(shape), coarse.view(shape), variance.view(shape), None)
-
         refined_index = torch.topk(variance, k, dim=1).indices
-        fine_proj = self._project(self.fine_input, box_features, image_features)
-        coarse_feature_w = self.fine_input.weight[:, self.point_dim :]
-        fine_step = k if kept_trunk is not None else max(1, self.chunk_size // prompts)
-        fine_logits = []
-        for start in range(0, k, fine_step):
-            index = refined_index[:, start : start + fine_step]
-            coords = grid[index]
-            if kept_trunk is not None:
-                trunk = kept_trunk.gather(1, index.unsqueeze(-1).expand(-1, -1, kept_trunk.shape[-1]))
-            else:
-                trunk = trunk_at(coords)
-            features = self._coarse_features(trunk, class_ids)
-            hidden = self._first_layer(fine_proj, coords) + F.linear(features, coarse_feature_w)
-            hidden = self._rows(self.fine_trunk, hidden)
-            fine_logits.append(self._fine_logit(hidden, class_ids))
-        final = coarse.scatter(1, refined_index, torch.cat(fine_logits, dim=1))
-        shape = (prompts, height, width)
+        fine = self._refine(
+            box_features, image_features, (height, width), refined_index, class_ids, table, run_coarse, kept, dtype
+        )
+        final = coarse.scatter(1, refined_index, fine)
         return ImplicitDecoderOutput(final.view(shape), coarse.view(shape), variance.view(shape), refined_index)
+
+    def _forward_adaptive(self, box_features, image_features, output_size, class_ids, levels: int) -> ImplicitDecoderOutput:
+        """Coarse INR on a grid ``2**levels`` times coarser, then at each finer level only at the points
+        nearest the predicted boundary (smallest ``|logit|``); the fine INR re-predicts those of the last
+        level. Everywhere else the logit and its variance are bilinear from the level below."""
+        prompts = box_features.shape[0]
+        height, width = output_size
+        dtype = self._compute_dtype(box_features)
+        run_coarse = self._trunk_runner(self.coarse_trunk, dtype)
+        fold = self._fold(self.coarse_trunk)
+
+        def level_size(level: int) -> tuple[int, int]:
+            factor = 2 ** (levels - level)
+            return math.ceil(height / factor), math.ceil(width / factor)
+
+        size = level_size(0)
+        table = self._first_layer_table(self.coarse_input, box_features, image_features, *size, fold=fold, dtype=dtype)
+        coarse, variance, _ = self._coarse_at(table, None, class_ids, run_coarse, keep_trunk=False)
+        for level in range(1, levels + 1):
+            previous, size = size, level_size(level)
+            coarse, variance = (
+                F.interpolate(x.view(prompts, 1, *previous), size=size, mode="bilinear", align_corners=False).view(prompts, -1)
+                for x in (coarse, variance)
+            )
+            table = self._first_layer_table(self.coarse_input, box_features, image_features, *size, fold=fold, dtype=dtype)
+            points = min(self.adaptive_points, size[0] * size[1])
+            index = torch.topk(-coarse.abs(), points, dim=1).indices
+            at_points, variance_at_points, kept = self._coarse_at(table, index, class_ids, run_coarse, keep_trunk=True)
+            coarse = coarse.scatter(1, index, at_points)
+            variance = variance.scatter(1, index, variance_at_points)
+        shape = (prompts, height, width)
+        if self.ugs_top_k == 0:
+            return ImplicitDecoderOutput(coarse.view(shape), coarse.view(shape), variance.view(shape), None)
+        # the kept trunk rows are in the order of ``index``
+        positions = torch.arange(index.shape[1], device=index.device).expand(prompts, -1)
+        fine = self._refine(
+            box_features, image_features, size, index, class_ids, table, run_coarse, kept, dtype, kept_positions=positions
+        )
+        final = coarse.scatter(1, index, fine)
+        return ImplicitDecoderOutput(final.view(shape), coarse.view(shape), variance.view(shape), index)

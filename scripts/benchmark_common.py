@@ -1,0 +1,35 @@
+"""Shared by the benchmark scripts: timing medians and the machine's matmul rate as a yardstick."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of a ``size x size`` matmul in ``dtype``: what this machine's cores do at best."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    seconds = median_seconds(lambda: a @ b, repeats)
+    return 2 * size**3 / seconds / 1e9
+
+
+def count_gflop(fn, inference: bool = False) -> float:
+    """GFLOP of one ``fn()`` call, as torch counts them (matmuls and convolutions)."""
+    # inference_mode: under plain no_grad, views of parameters still "require grad" and trip the counter
+    with torch.inference_mode(inference), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Training-step benchmark of I-MedSAM: time, peak memory and achieved GFLOP/s of one optimiser step.
+
+    python scripts/benchmark_training.py                                  # vit_b, 384, batch 1 and 4
+    python scripts/benchmark_training.py --encoder vit_tiny --label-sizes 128 384 --batch-sizes 1
+
+A step is what the bundle's trainer does: encode, decode every box with UGS at ``label_size`` x
+``label_size`` query points, the coarse + fine loss, backward, AdamW. SAM's weights are frozen as with an
+official checkpoint (random weights here: speed does not depend on them). Each configuration runs in its
+own process so that its peak RSS is its own. Times are medians over --repeats steps after one warm-up
+step. GFLOP/s is the step's FLOP count (torch's FlopCounterMode) over its time, beside a 2048 x 2048 fp32
+matmul measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from benchmark_common import count_gflop, matmul_gflops
+
+
+def run_one(args) -> dict:
+    from imedsam.engine import parameter_groups
+    from imedsam.losses import CoarseFineLoss
+    from imedsam.networks import IMedSAM
+
+    torch.manual_seed(0)
+    size, batch, label = args.image_size, args.batch_size, args.label_size
+    model = IMedSAM(encoder=args.encoder, image_size=size, freeze_sam=True).train()
+    optimizer = torch.optim.AdamW(parameter_groups(model, 1e-3), lr=1e-3)
+    loss_fn = CoarseFineLoss()
+    images = torch.rand(batch, 3, size, size)
+    boxes = torch.tensor([[0.2 * size, 0.25 * size, 0.7 * size, 0.8 * size]]).repeat(batch, 1).unsqueeze(1)
+    target = torch.zeros(batch, 1, label, label)
+    target[..., label // 4 : 3 * label // 4, label // 4 : 3 * label // 4] = 1
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        out = model(images, boxes, output_size=(label, label), return_all=True)
+        loss = loss_fn(out, target)
+        loss.backward()
+        optimizer.step()
+
+    step()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    gflop = count_gflop(step)
+    seconds = statistics.median(times)
+    return {
+        "encoder": args.encoder,
+        "image_size": size,
+        "batch": batch,
+        "label_size": label,
+        "step_s": seconds,
+        "gflop": gflop,
+        "gflops": gflop / seconds,
+        "matmul_gflops": matmul_gflops(),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encoder", default="vit_b")
+    parser.add_argument("--image-size", type=int, default=384)
+    parser.add_argument("--label-sizes", type=int, nargs="+", default=[384])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a single configuration, as JSON
+    parser.add_argument("--label-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args)))
+        return
+
+    print(f"I-MedSAM training-step benchmark: encoder={args.encoder} image_size={args.image_size} "
+          f"torch={torch.__version__} repeats={args.repeats} (medians; SAM frozen, LoRA + adapters + decoder train)")
+    print(f"{'batch':>5s} {'query grid':>10s} {'step s':>8s} {'s/image':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} "
+          f"{'matmul GFLOP/s':>15s} {'ratio':>6s} {'peak RSS MiB':>13s}")
+    for label in args.label_sizes:
+        for batch in args.batch_sizes:
+            command = [sys.executable, __file__, "--one", "--encoder", args.encoder, "--image-size", str(args.image_size),
+                       "--label-size", str(label), "--batch-size", str(batch), "--repeats", str(args.repeats)]
+            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            print(f"{batch:5d} {label:>6d}^2   {result['step_s']:8.2f} {result['step_s'] / batch:8.2f} {result['gflop']:8.0f} "
+                  f"{result['gflops']:8.1f} {result['matmul_gflops']:15.1f} {result['gflops'] / result['matmul_gflops']:6.2f} "
+                  f"{result['peak_rss_mib']:13.0f}")
+
+
+if __name__ == "__main__":
+    main()
