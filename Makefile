@@ -30,6 +30,7 @@ test: venv
 
 benchmark: venv
 	$(BIN)/python scripts/benchmark_inference.py
+	$(BIN)/python scripts/benchmark_training.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache bundle/models bundle/eval bundle/demo_data

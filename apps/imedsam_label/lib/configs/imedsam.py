@@ -37,6 +37,8 @@ class IMedSAMConfig(TaskConfig):
     - ``bundle``: the MONAI bundle folder whose ``configs/train.yaml`` defines the network and training
       (default: the project's ``bundle/``);
     - ``encoder`` (``vit_tiny``), ``image_size`` (384), ``sam_checkpoint``: the network, as in the bundle;
+    - ``decode_mode`` (``exact`` or ``adaptive``) and ``decoder_precision`` (``float32`` or ``bfloat16``):
+      how prompts are decoded (adaptive and bfloat16 answer several times faster on CPU);
     - ``model_checkpoint``: a trained I-MedSAM state dict; without it (and before the first training run) the
       model is untrained, with a warning; once training publishes ``model/imedsam.pt``, that file is served;
     - ``label`` (``object``): the segment name clients show; ``window`` (``low,high``): intensity window for
@@ -60,6 +62,9 @@ class IMedSAMConfig(TaskConfig):
             "encoder": conf.get("encoder", "vit_tiny"),
             "image_size": int(conf.get("image_size", 384)),
             "sam_checkpoint": os.path.abspath(sam_checkpoint) if sam_checkpoint else None,
+            # how prompts are decoded: the bundle's keys, see its train.yaml
+            "decode_mode": conf.get("decode_mode", "exact"),
+            "decoder_precision": conf.get("decoder_precision", "float32"),
         }
         self.network = self._build_network(int(conf.get("seed", 0)))
 
