@@ -124,3 +124,17 @@ def test_corrupt_and_missing_files_are_short_clear_errors(tmp_path):
         PromptPlaned()({"image": str(tmp_path / "bad.nii.gz"), "box": [0, 0, 4, 4]})
     with pytest.raises(ImageReadError, match="not found"):
         PromptPlaned()({"image": str(tmp_path / "missing.png"), "box": [0, 0, 4, 4]})
+
+
+def test_prompt_planed_can_take_the_whole_image_when_unprompted(tmp_path):
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "a.png")
+    nib.save(nib.Nifti1Image(np.zeros((32, 24, 5), np.float32), np.eye(4)), tmp_path / "v.nii.gz")
+    whole = PromptPlaned(whole_image_if_unprompted=True)
+    d = whole({"image": str(tmp_path / "a.png")})
+    np.testing.assert_array_equal(d["box"], [0, 0, 64, 48])
+    d = whole({"image": str(tmp_path / "v.nii.gz")})
+    np.testing.assert_array_equal(d["box"], [0, 0, 32, 24])
+    assert d["slice"] == 2
+    assert whole({"image": str(tmp_path / "a.png"), "box": [1, 2, 9, 9]})["box"].tolist() == [1, 2, 9, 9]
+    with pytest.raises(PromptError, match="no box prompt"):
+        PromptPlaned()({"image": str(tmp_path / "a.png")})

@@ -9,6 +9,7 @@ from .planes import (
     label_plane,
     load_image_array,
     place_plane,
+    spatial_shape,
 )
 from .predictor import Predictor, image_to_tensor
 from .prompts import BoxPrompt, PromptError, normalize_roi, resolve_box_prompt
@@ -28,4 +29,5 @@ __all__ = [
     "label_plane",
     "load_image_array",
     "place_plane",
+    "spatial_shape",
 ]

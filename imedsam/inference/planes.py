@@ -17,6 +17,7 @@ __all__ = [
     "PLANAR_EXTENSIONS",
     "ImageReadError",
     "is_planar_image",
+    "spatial_shape",
     "load_image_array",
     "intensity_window",
     "image_plane",
@@ -34,6 +35,11 @@ class ImageReadError(ValueError):
 def is_planar_image(path: str) -> bool:
     """True for 2D picture formats (PNG, JPG, ...); NIfTI, NRRD and DICOM series are volumes."""
     return os.path.splitext(str(path))[1].lower() in PLANAR_EXTENSIONS
+
+
+def spatial_shape(array, planar: bool) -> tuple[int, ...]:
+    """Spatial shape in array order: ``(W, H)`` of a picture (its channels dropped), ``(I, J, K)`` of a volume."""
+    return tuple(int(v) for v in array.shape[: 2 if planar else 3])
 
 
 def load_image_array(path: str):

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from ..inference.planes import image_plane, is_planar_image, load_image_array
+from ..inference.planes import image_plane, is_planar_image, load_image_array, spatial_shape
 from ..inference.prompts import resolve_box_prompt
 
 __all__ = ["PromptPlaned"]
@@ -26,13 +26,20 @@ class PromptPlaned(MapTransform):
     - ``spatial_shape``: the image's spatial shape in array order, for placing the result back;
     - ``data[key]``: the loaded ``MetaTensor`` (its affine is kept for a volume's result).
 
+    With ``whole_image_if_unprompted``, a request without ``box``, ``roi`` or ``foreground`` gets the whole
+    image as its box (a volume's middle slice unless ``slice`` says otherwise), as UGS scoring needs for
+    images nobody has prompted.
+
     A bad prompt raises :class:`imedsam.inference.PromptError` and an unreadable image
     :class:`imedsam.inference.ImageReadError`, both ``ValueError`` with a message naming the problem.
     """
 
-    def __init__(self, keys: KeysCollection = "image", window: Sequence[float] | None = None) -> None:
+    def __init__(
+        self, keys: KeysCollection = "image", window: Sequence[float] | None = None, whole_image_if_unprompted: bool = False
+    ) -> None:
         super().__init__(keys)
         self.window = window
+        self.whole_image_if_unprompted = whole_image_if_unprompted
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -40,11 +47,14 @@ class PromptPlaned(MapTransform):
             path = str(d[key])
             array = load_image_array(path)
             planar = is_planar_image(path)
-            spatial_shape = tuple(array.shape[:2]) if planar else tuple(array.shape[:3])
-            prompt = resolve_box_prompt(d, spatial_shape)
+            shape = spatial_shape(array, planar)
+            request = d
+            if self.whole_image_if_unprompted and all(not d.get(k) for k in ("box", "roi", "foreground")):
+                request = {"box": [0, 0, shape[0], shape[1]], "slice": d.get("slice", None if planar else shape[2] // 2)}
+            prompt = resolve_box_prompt(request, shape)
             window = d.get("window") or self.window
-            d["plane"] = image_plane(array.numpy() if hasattr(array, "numpy") else array, planar, prompt.slice_index, window)
+            d["plane"] = image_plane(array.numpy(), planar, prompt.slice_index, window)
             d["box"], d["box_source"], d["slice"] = prompt.box, prompt.source, prompt.slice_index
-            d["spatial_shape"] = spatial_shape
+            d["spatial_shape"] = shape
             d[key] = array
         return d

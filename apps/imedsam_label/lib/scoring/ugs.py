@@ -10,6 +10,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.utils.others.generic import name_to_device
 
 from imedsam.inference import ImageReadError, PromptError
+from imedsam.transforms import PromptPlaned
 
 from lib.infers.imedsam import IMedSAMInfer, ugs_score
 
@@ -20,12 +21,12 @@ MODEL_KEY = "ugs_model"
 LAST_PROMPT_KEY = "imedsam_last_prompt"
 
 
-def prompt_for(info: dict, spatial_hint: str) -> tuple[dict, str]:
+def prompt_for(info: dict) -> tuple[dict, str]:
     """The prompt used to score an image: its last user prompt if any, else the whole image (or slice)."""
     last = info.get(LAST_PROMPT_KEY)
     if last and last.get("box") is not None:
         return {"box": last["box"], "slice": last.get("slice")}, "last_prompt"
-    return {}, spatial_hint
+    return {}, "whole_image"  # PromptPlaned then takes the whole image (a volume's middle slice)
 
 
 class UGSScoring(ScoringMethod):
@@ -48,7 +49,7 @@ class UGSScoring(ScoringMethod):
         start = time.time()
         for image_id in datastore.get_unlabeled_images():
             info = datastore.get_image_info(image_id)
-            prompt, source = prompt_for(info, "whole_image")
+            prompt, source = prompt_for(info)
             stamp = f"{version}|{prompt.get('box')}|{prompt.get('slice')}"
             if info.get(MODEL_KEY) == stamp and SCORE_KEY in info:
                 skipped += 1
@@ -68,17 +69,7 @@ class UGSScoring(ScoringMethod):
         return {"scored": scored, "up_to_date": skipped, "failed": failed, "model": version}
 
     def _score(self, path: str, prompt: dict, device: str) -> tuple[float, list[float], int | None]:
-        from imedsam.inference import image_plane, is_planar_image, load_image_array, resolve_box_prompt
-
-        array = load_image_array(path)
-        planar = is_planar_image(path)
-        spatial = tuple(array.shape[:2]) if planar else tuple(array.shape[:3])
-        if not prompt:
-            prompt = {"box": [0, 0, spatial[0], spatial[1]]}
-            if not planar:
-                prompt["slice"] = spatial[2] // 2
-        resolved = resolve_box_prompt(prompt, spatial)
-        plane = image_plane(array.numpy(), planar, resolved.slice_index, self.infer.window)
-        out = self.infer.predict_plane({"plane": plane, "box": resolved.box}, device)
+        data = PromptPlaned(window=self.infer.window, whole_image_if_unprompted=True)({"image": path, **prompt})
+        out = self.infer.predict_plane(data, device)
         mask = out["probability"] > 0.5
-        return ugs_score(out["uncertainty"], mask, resolved.box), resolved.box.tolist(), resolved.slice_index
+        return ugs_score(out["uncertainty"], mask, data["box"]), data["box"].tolist(), data["slice"]

@@ -16,7 +16,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 from PIL import Image
 
-from imedsam.inference import ImageReadError, image_plane, is_planar_image, label_plane, load_image_array
+from imedsam.inference import ImageReadError, image_plane, is_planar_image, label_plane, load_image_array, spatial_shape
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def export_training_set(datalist: list[dict], folder: str, val_split: float, see
         planar = is_planar_image(image_path)
         image = load_image_array(image_path).numpy()
         label = load_image_array(label_path).numpy()
-        spatial = image.shape[:2] if planar else image.shape[:3]
+        spatial = spatial_shape(image, planar)
         if tuple(label.shape[: len(spatial)]) != tuple(spatial):
             raise TrainingDataError(
                 f"label {label_path} has shape {label.shape}, which does not match its image {image_path} {image.shape}"
