@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from .boxes import box_from_mask
 from .synthetic import write_synthetic_dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "polyp_datalist", "image_datalist", "read_mask"]
+__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "polyp_datalist", "image_datalist", "read_mask", "seeded_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ def _check_image(path: str) -> None:
         raise ValueError(f"could not read image {path}: {exc}") from exc
 
 
-def _seeded_split(names: list[str], seed: int, fractions: tuple[float, float]) -> dict[str, list[str]]:
+def seeded_split(names: list[str], seed: int, fractions: tuple[float, float]) -> dict[str, list[str]]:
+    """Shuffle ``names`` with ``seed``; the first ``fractions[0]`` are train, the next ``fractions[1]`` val, the rest test."""
     order = sorted(names)
     random.Random(seed).shuffle(order)
     n_train = int(round(fractions[0] * len(order)))
@@ -117,7 +118,7 @@ def polyp_datalist(
             if missing:
                 raise ValueError(f"split file {split_file} names {len(missing)} {split} images not paired in {dataset_dir}, e.g. {missing[:3]}")
         else:
-            chosen = _seeded_split(paired, seed, fractions)[split]
+            chosen = seeded_split(paired, seed, fractions)[split]
     datalist = []
     for stem in chosen:
         if check_files:
