@@ -1,7 +1,7 @@
 """Data helpers: datalists of image/mask folders, synthetic demo data, boxes from masks."""
 
 from .boxes import box_from_mask
-from .datalist import image_datalist, polyp_datalist, read_mask
+from .datalist import image_datalist, polyp_datalist, read_label_names, read_mask
 from .synthetic import synthetic_polyp, write_synthetic_dataset
 
-__all__ = ["box_from_mask", "image_datalist", "polyp_datalist", "read_mask", "synthetic_polyp", "write_synthetic_dataset"]
+__all__ = ["box_from_mask", "image_datalist", "polyp_datalist", "read_label_names", "read_mask", "synthetic_polyp", "write_synthetic_dataset"]

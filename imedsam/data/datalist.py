@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import re
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -13,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from .boxes import box_from_mask
 from .synthetic import write_synthetic_dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "polyp_datalist", "image_datalist", "read_mask", "seeded_split"]
+__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "polyp_datalist", "image_datalist", "read_label_names", "read_mask", "seeded_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,29 @@ def read_mask(path: str, threshold: int = 127) -> np.ndarray:
     return array > threshold
 
 
+def _read_label_values(path: str) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P", "I", "I;16"):
+                raise ValueError(f"label map {path} has image mode {image.mode}; expected one channel of organ values")
+            return np.unique(np.asarray(image))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"could not read label map {path}: {exc}") from exc
+
+
+def read_label_names(path: str) -> dict[int, str]:
+    """The ``labels.json`` of a multi-organ dataset folder: label value → organ name."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        names = {int(value): str(name) for value, name in table.items()}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{path} must be a JSON object of label values to organ names, e.g. {{\"6\": \"liver\"}}: {exc}") from exc
+    if not names or min(names) < 1:
+        raise ValueError(f"{path} must name label values from 1 up (0 is background), got {sorted(names)}")
+    return names
+
+
 def _check_image(path: str) -> None:
     try:
         with Image.open(path) as image:
@@ -70,6 +94,10 @@ def polyp_datalist(
     check_files: bool = True,
 ) -> list[dict]:
     """``[{"image": path, "label": path, "name": stem}, ...]`` for one split of a dataset folder.
+
+    A folder with a ``labels.json`` (value → organ name, as ``scripts/prepare_ct_slices.py`` writes) holds
+    label maps: each pair gives one item per organ present, ``{"image", "label", "name": "STEM_ORGAN",
+    "label_value": value, "class": organ}``, and :class:`imedsam.transforms.BinarizeMaskd` keeps that organ.
 
     Args:
         dataset_dir: a folder with ``images/`` and ``masks/``; image and mask share a file name (the extension
@@ -119,8 +147,23 @@ def polyp_datalist(
                 raise ValueError(f"split file {split_file} names {len(missing)} {split} images not paired in {dataset_dir}, e.g. {missing[:3]}")
         else:
             chosen = seeded_split(paired, seed, fractions)[split]
+    labels_file = os.path.join(dataset_dir, "labels.json")
+    organs = read_label_names(labels_file) if os.path.isfile(labels_file) else None
     datalist = []
     for stem in chosen:
+        if organs is not None:
+            if check_files:
+                _check_image(images[stem])
+            present = [int(value) for value in _read_label_values(masks[stem]) if int(value) in organs]
+            if not present:
+                logger.warning("skipping %s: its label map %s holds no organ of %s", images[stem], masks[stem], labels_file)
+            for value in present:
+                organ = organs[value]
+                datalist.append({
+                    "image": images[stem], "label": masks[stem], "name": f"{stem}_{re.sub(r'[^0-9A-Za-z]+', '_', organ)}",
+                    "label_value": value, "class": organ,
+                })
+            continue
         if check_files:
             _check_image(images[stem])
             if not read_mask(masks[stem]).any():

@@ -53,7 +53,9 @@ class EvaluationReport:
     (yellow) and, when the prediction carries it, the uncertainty heat map.
 
     Expects decollated outputs with ``pred`` (binary ``[1, H, W]``; with uncertainty ``[2, H, W]``, channel 1
-    the map) and ``label`` (``[1, H, W]``), and batch items with ``name``, ``image`` and ``box``.
+    the map) and ``label`` (``[1, H, W]``), and batch items with ``name``, ``image`` and ``box``. Items of a
+    multi-organ datalist also carry ``class``: the CSV then has a ``class`` column and the summary a
+    ``per_class`` entry (count and mean of each metric per organ).
     """
 
     def __init__(self, output_dir: str, overlays: int = 0, label_size: int | None = None) -> None:
@@ -73,7 +75,10 @@ class EvaluationReport:
             pred = _as_numpy(output["pred"])
             label = _as_numpy(output["label"])[0] > 0.5
             mask = pred[0] > 0.5
-            self.rows.append({"name": name, **binary_metrics(mask, label)})
+            row = {"name": name, **binary_metrics(mask, label)}
+            if "class" in batch_item:
+                row["class"] = batch_item["class"]
+            self.rows.append(row)
             if len(self.rows) <= self.overlays:
                 self._draw(name, batch_item, mask, label, pred[1] if pred.shape[0] > 1 else None)
 
@@ -89,17 +94,29 @@ class EvaluationReport:
         os.makedirs(folder, exist_ok=True)
         Image.fromarray(overlay(image, mask, box, target=label, uncertainty=uncertainty)).save(os.path.join(folder, f"{name}.png"))
 
-    def summary(self) -> dict:
-        out = {"count": len(self.rows), "label_size": self.label_size}
+    @staticmethod
+    def _means(rows: list[dict]) -> dict:
+        out = {}
         for metric in METRIC_NAMES:
-            values = np.array([row[metric] for row in self.rows], dtype=np.float64)
+            values = np.array([row[metric] for row in rows], dtype=np.float64)
             out[metric] = {"mean": float(values.mean()), "std": float(values.std())} if len(values) else None
+        return out
+
+    def summary(self) -> dict:
+        out = {"count": len(self.rows), "label_size": self.label_size, **self._means(self.rows)}
+        classes = sorted({row["class"] for row in self.rows if "class" in row})
+        if classes:
+            out["per_class"] = {}
+            for name in classes:
+                rows = [row for row in self.rows if row.get("class") == name]
+                out["per_class"][name] = {"count": len(rows), **self._means(rows)}
         return out
 
     def completed(self, engine: Engine) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
         with open(os.path.join(self.output_dir, "per_image.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["name", *METRIC_NAMES])
+            has_class = any("class" in row for row in self.rows)
+            writer = csv.DictWriter(f, fieldnames=["name", *(["class"] if has_class else []), *METRIC_NAMES])
             writer.writeheader()
             writer.writerows(self.rows)
         summary = self.summary()

@@ -38,22 +38,28 @@ class BinarizeMaskd(MapTransform):
     """A channel-first mask as one float channel of 0/1, foreground ``> threshold`` (127 for 8-bit masks).
 
     Masks saved as RGB with equal channels are accepted; a mask whose channels differ is an error, since
-    it is not clear which one is the label.
+    it is not clear which one is the label. An item that carries ``value_key`` (a multi-organ datalist item,
+    see :func:`imedsam.data.polyp_datalist`) has a label map instead: its foreground is ``== value``.
     """
 
-    def __init__(self, keys: KeysCollection, threshold: float = 127, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, threshold: float = 127, value_key: str = "label_value", allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.threshold = threshold
+        self.value_key = value_key
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
+        value = d.get(self.value_key)
         for key in self.key_iterator(d):
             mask = d[key]
             if mask.shape[0] not in (1, 3):
                 raise ValueError(f"mask {_source(d, key)} has {mask.shape[0]} channels; expected 1 (or 3 equal ones)")
             if mask.shape[0] == 3 and not (torch.equal(mask[0], mask[1]) and torch.equal(mask[0], mask[2])):
                 raise ValueError(f"mask {_source(d, key)} is a colour image; save the label as one grey channel")
-            d[key] = (mask[:1] > self.threshold).to(torch.float32)
+            foreground = mask[:1] > self.threshold if value is None else mask[:1] == value
+            d[key] = foreground.to(torch.float32)
         return d
 
 
