@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[all]"
+	$(BIN)/python -m pip install --quiet --no-cache-dir -e ".[all]"
 	touch $@
 
 # The demo trains the bundle's vit_tiny model on generated polyp-like images (CPU, small sizes so it takes a
