@@ -16,13 +16,13 @@ import json
 import logging
 import os
 import re
-import shutil
 
 import nibabel as nib
 import numpy as np
 from PIL import Image
 
 from .datalist import SPLITS, seeded_split
+from .staging import staged_dataset_folder
 
 __all__ = ["ABDOMEN_WINDOW", "LABEL_MAPS", "NIFTI_EXTENSIONS", "find_volume_pairs", "read_label_map", "window_hu", "prepare_ct_slices"]
 
@@ -168,19 +168,13 @@ def prepare_ct_slices(
 
     Returns the ``prepare.json`` record.
     """
-    if os.path.exists(output) and not overwrite:
-        raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
     organs = read_label_map(label_map)
     pairs = find_volume_pairs(image_dir, label_dir)
     if len(pairs) < 3:
         raise ValueError(f"a split by case needs at least 3 cases, {image_dir} has {len(pairs)}")
-    partial = output.rstrip(os.sep) + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(os.path.join(partial, "images"))
-    os.makedirs(os.path.join(partial, "masks"))
     slices: dict[str, list[str]] = {}
     boxes_per_organ = {name: 0 for name in organs.values()}
-    try:
+    with staged_dataset_folder(output, overwrite) as partial:
         for case, (image_path, label_path) in pairs.items():
             image, label = _load(image_path), _load(label_path)
             if image.shape != label.shape:
@@ -231,11 +225,5 @@ def prepare_ct_slices(
         }
         with open(os.path.join(partial, "prepare.json"), "w") as f:
             json.dump(record, f, indent=1)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if os.path.exists(output):
-        shutil.rmtree(output)
-    os.replace(partial, output)
     logger.info("prepared %d slices of %d cases in %s (%s)", written, len(slices), output, record["counts"])
     return record

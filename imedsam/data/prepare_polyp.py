@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .datalist import IMAGE_EXTENSIONS, SPLITS, seeded_split
+from .staging import staged_dataset_folder
 
 __all__ = ["SOURCE_LAYOUTS", "find_source_folders", "read_sequence_table", "sequence_split", "prepare_polyp_dataset"]
 
@@ -181,8 +182,6 @@ def prepare_polyp_dataset(
     """
     if split_file and sequence_table:
         raise ValueError("give a split_file or a sequence_table, not both")
-    if os.path.exists(output) and not overwrite:
-        raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
     image_dir, mask_dir = find_source_folders(source)
     if swapped:
         image_dir, mask_dir = mask_dir, image_dir
@@ -196,12 +195,8 @@ def prepare_polyp_dataset(
             "every picture needs a mask with the same name"
         )
 
-    partial = output.rstrip(os.sep) + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(os.path.join(partial, "images"))
-    os.makedirs(os.path.join(partial, "masks"))
     written, empty = {}, []
-    try:
+    with staged_dataset_folder(output, overwrite) as partial:
         for stem in sorted(images):
             image, mask = _read(images[stem]), _read(masks[stem])
             if not swapped and _looks_swapped(image, mask):
@@ -258,12 +253,6 @@ def prepare_polyp_dataset(
         }
         with open(os.path.join(partial, "prepare.json"), "w") as f:
             json.dump(record, f, indent=1)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if os.path.exists(output):
-        shutil.rmtree(output)
-    os.replace(partial, output)
     logger.info("prepared %d pairs in %s (%s)", len(written), output, record["counts"])
     return record
 
