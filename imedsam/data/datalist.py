@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from .boxes import box_from_mask
 from .synthetic import write_synthetic_dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "polyp_datalist", "image_datalist", "read_label_names", "read_mask", "seeded_split"]
+__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "polyp_datalist", "image_datalist", "images_by_stem", "label_names_from_table", "read_label_names", "read_mask", "seeded_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -22,14 +22,15 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
 
 
-def _images_by_stem(folder: str) -> dict[str, str]:
+def images_by_stem(folder: str) -> dict[str, str]:
+    """Stem → path of the image files in ``folder`` (hidden files skipped); two files with one stem are an error."""
     found: dict[str, str] = {}
     for name in sorted(os.listdir(folder)):
         stem, ext = os.path.splitext(name)
-        if ext.lower() not in IMAGE_EXTENSIONS:
+        if ext.lower() not in IMAGE_EXTENSIONS or name.startswith("."):
             continue
         if stem in found:
-            raise ValueError(f"{folder} holds two images named {stem!r} ({os.path.basename(found[stem])}, {name})")
+            raise ValueError(f"{folder} holds two files named {stem!r} ({os.path.basename(found[stem])}, {name})")
         found[stem] = os.path.join(folder, name)
     return found
 
@@ -54,17 +55,25 @@ def _read_label_values(path: str) -> np.ndarray:
         raise ValueError(f"could not read label map {path}: {exc}") from exc
 
 
+def label_names_from_table(table, source: str) -> dict[int, str]:
+    """Label value → organ name from a parsed JSON object; ``source`` names it in errors."""
+    try:
+        names = {int(value): str(name) for value, name in table.items()}
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{source} must be a JSON object of label values to organ names, e.g. {{\"6\": \"liver\"}}: {exc}") from exc
+    if not names or min(names) < 1:
+        raise ValueError(f"{source} must name label values from 1 up (0 is background), got {sorted(names)}")
+    return names
+
+
 def read_label_names(path: str) -> dict[int, str]:
     """The ``labels.json`` of a multi-organ dataset folder: label value → organ name."""
     try:
         with open(path) as f:
             table = json.load(f)
-        names = {int(value): str(name) for value, name in table.items()}
-    except (OSError, ValueError, AttributeError) as exc:
+    except (OSError, ValueError) as exc:
         raise ValueError(f"{path} must be a JSON object of label values to organ names, e.g. {{\"6\": \"liver\"}}: {exc}") from exc
-    if not names or min(names) < 1:
-        raise ValueError(f"{path} must name label values from 1 up (0 is background), got {sorted(names)}")
-    return names
+    return label_names_from_table(table, path)
 
 
 def _check_image(path: str) -> None:
@@ -120,7 +129,7 @@ def polyp_datalist(
     for folder in (image_dir, mask_dir):
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{dataset_dir} must contain images/ and masks/ (matching file names); {folder} is missing")
-    images, masks = _images_by_stem(image_dir), _images_by_stem(mask_dir)
+    images, masks = images_by_stem(image_dir), images_by_stem(mask_dir)
     paired = sorted(set(images) & set(masks))
     if not paired:
         raise ValueError(
@@ -186,7 +195,7 @@ def image_datalist(image_dir: str, boxes_file: str | None = None, masks_dir: str
         raise ValueError("give exactly one source of boxes: boxes_file (JSON) or masks_dir")
     if not os.path.isdir(image_dir):
         raise FileNotFoundError(f"image folder not found: {image_dir}")
-    images = _images_by_stem(image_dir)
+    images = images_by_stem(image_dir)
     if not images:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image_dir}")
     if boxes_file is not None:
@@ -199,7 +208,7 @@ def image_datalist(image_dir: str, boxes_file: str | None = None, masks_dir: str
             box = np.asarray(table[stem], dtype=np.float32).reshape(-1, 4)
             boxes[stem] = box.tolist()
     else:
-        masks = _images_by_stem(masks_dir)
+        masks = images_by_stem(masks_dir)
         missing = sorted(set(images) - set(masks))
         if missing:
             raise ValueError(f"{masks_dir} has no mask for {len(missing)} images, e.g. {missing[:3]}")

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from .datalist import SPLITS, seeded_split
+from .datalist import SPLITS, label_names_from_table, seeded_split
 from .staging import staged_dataset_folder
 
 __all__ = ["ABDOMEN_WINDOW", "LABEL_MAPS", "NIFTI_EXTENSIONS", "find_volume_pairs", "read_label_map", "window_hu", "prepare_ct_slices"]
@@ -108,12 +108,8 @@ def read_label_map(spec: str | dict) -> dict[int, str]:
                 table = json.load(f)
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"label map {spec!r} is neither a preset {sorted(LABEL_MAPS)} nor a readable JSON file: {exc}") from exc
-    try:
-        label_map = {int(value): str(name) for value, name in table.items()}
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"a label map is a JSON object of integer values to names, e.g. {{\"6\": \"liver\"}}; got {table!r}") from exc
-    bad = [value for value in label_map if not 0 < value < 256]
-    if bad or not label_map:
+    label_map = label_names_from_table(table, f"label map {spec if isinstance(spec, str) else table!r}")
+    if max(label_map) > 255:
         raise ValueError(f"label values must be 1..255 (0 is background), got {sorted(label_map)}")
     if len(set(label_map.values())) != len(label_map):
         raise ValueError(f"label map gives two values the same name: {label_map}")
@@ -181,7 +177,7 @@ def prepare_ct_slices(
                 raise ValueError(f"{image_path} has shape {image.shape} but its label {label_path} has {label.shape}")
             if not np.allclose(image.affine, label.affine, atol=1e-3):
                 raise ValueError(f"{image_path} and {label_path} have different affines: they do not cover the same space")
-            values = np.asarray(label.dataobj)
+            values = label.get_fdata(dtype=np.float32)  # already read (and cached) by _load
             if not np.array_equal(values, np.round(values)) or values.min() < 0:
                 raise ValueError(f"{label_path} is not a label volume: it holds negative or non-integer values")
             values = values.astype(np.int64)
@@ -191,8 +187,9 @@ def prepare_ct_slices(
                 plane = values[:, :, z]
                 kept = np.zeros(plane.shape, np.uint8)
                 for value in np.unique(plane):
-                    if value in organs and (plane == value).sum() >= min_pixels:
-                        kept[plane == value] = value
+                    organ = plane == value
+                    if value in organs and organ.sum() >= min_pixels:
+                        kept[organ] = value
                         boxes_per_organ[organs[value]] += 1
                 if not kept.any():
                     continue

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .datalist import IMAGE_EXTENSIONS, SPLITS, seeded_split
+from .datalist import IMAGE_EXTENSIONS, SPLITS, images_by_stem, seeded_split
 from .staging import staged_dataset_folder
 
 __all__ = ["SOURCE_LAYOUTS", "find_source_folders", "read_sequence_table", "sequence_split", "prepare_polyp_dataset"]
@@ -51,18 +51,6 @@ def find_source_folders(source: str) -> tuple[str, str]:
         listed = "; ".join(f"{i} + {m}" for i, m in found)
         raise ValueError(f"{source} holds {len(found)} datasets ({listed}); pass the folder of the one to prepare")
     return found[0]
-
-
-def _files_by_stem(folder: str) -> dict[str, str]:
-    files: dict[str, str] = {}
-    for name in sorted(os.listdir(folder)):
-        stem, ext = os.path.splitext(name)
-        if ext.lower() not in IMAGE_EXTENSIONS or name.startswith("."):
-            continue
-        if stem in files:
-            raise ValueError(f"{folder} holds two files named {stem!r} ({os.path.basename(files[stem])}, {name})")
-        files[stem] = os.path.join(folder, name)
-    return files
 
 
 def _read(path: str) -> Image.Image:
@@ -185,7 +173,7 @@ def prepare_polyp_dataset(
     image_dir, mask_dir = find_source_folders(source)
     if swapped:
         image_dir, mask_dir = mask_dir, image_dir
-    images, masks = _files_by_stem(image_dir), _files_by_stem(mask_dir)
+    images, masks = images_by_stem(image_dir), images_by_stem(mask_dir)
     if not images and not masks:
         raise ValueError(f"{image_dir} and {mask_dir} hold no images ({', '.join(IMAGE_EXTENSIONS)})")
     unpaired = sorted(set(images) ^ set(masks))

@@ -13,7 +13,7 @@ from ignite.engine import Engine, Events
 from PIL import Image
 
 from ..losses import coarse_weight_at
-from ..metrics import METRIC_NAMES, binary_metrics
+from ..metrics import METRIC_NAMES, binary_metrics, summarize_metrics
 from ..visualize import heat_map, overlay
 
 __all__ = ["CoarseWeightHandler", "EvaluationReport", "SavePredictions"]
@@ -94,22 +94,14 @@ class EvaluationReport:
         os.makedirs(folder, exist_ok=True)
         Image.fromarray(overlay(image, mask, box, target=label, uncertainty=uncertainty)).save(os.path.join(folder, f"{name}.png"))
 
-    @staticmethod
-    def _means(rows: list[dict]) -> dict:
-        out = {}
-        for metric in METRIC_NAMES:
-            values = np.array([row[metric] for row in rows], dtype=np.float64)
-            out[metric] = {"mean": float(values.mean()), "std": float(values.std())} if len(values) else None
-        return out
-
     def summary(self) -> dict:
-        out = {"count": len(self.rows), "label_size": self.label_size, **self._means(self.rows)}
+        out = {"count": len(self.rows), "label_size": self.label_size, **summarize_metrics(self.rows)}
         classes = sorted({row["class"] for row in self.rows if "class" in row})
         if classes:
             out["per_class"] = {}
             for name in classes:
                 rows = [row for row in self.rows if row.get("class") == name]
-                out["per_class"][name] = {"count": len(rows), **self._means(rows)}
+                out["per_class"][name] = {"count": len(rows), **summarize_metrics(rows)}
         return out
 
     def completed(self, engine: Engine) -> None:

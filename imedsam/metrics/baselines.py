@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from ..data import box_from_mask, read_mask
-from .binary import METRIC_NAMES, binary_metrics
+from .binary import binary_metrics, summarize_metrics
 
 __all__ = ["BASELINE_NAMES", "box_baseline_masks", "datalist_target", "score_box_baselines"]
 
@@ -46,8 +46,4 @@ def score_box_baselines(datalist: list[dict], size: int) -> dict[str, dict]:
         target = datalist_target(item, size)
         for name, prediction in box_baseline_masks(target).items():
             rows[name].append(binary_metrics(prediction, target))
-    return {
-        name: {"count": len(values)}
-        | {metric: {"mean": float(np.mean([r[metric] for r in values])), "std": float(np.std([r[metric] for r in values]))} for metric in METRIC_NAMES}
-        for name, values in rows.items()
-    }
+    return {name: {"count": len(values), **summarize_metrics(values)} for name, values in rows.items()}

@@ -9,7 +9,7 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 from scipy.ndimage import distance_transform_edt
 
-__all__ = ["METRIC_NAMES", "binary_metrics", "boundary_iou"]
+__all__ = ["METRIC_NAMES", "binary_metrics", "boundary_iou", "summarize_metrics"]
 
 METRIC_NAMES = ("dice", "iou", "hd95", "boundary_iou")
 
@@ -62,3 +62,12 @@ def binary_metrics(pred, target, dilation_ratio: float = 0.02) -> dict[str, floa
         "hd95": float(compute_hausdorff_distance(p, t, include_background=True, percentile=95)),
         "boundary_iou": boundary_iou(pred_np, target_np, dilation_ratio),
     }
+
+
+def summarize_metrics(rows: list[dict]) -> dict[str, dict | None]:
+    """``{metric: {"mean", "std"}}`` over rows of :func:`binary_metrics` (``None`` for no rows)."""
+    out: dict[str, dict | None] = {}
+    for metric in METRIC_NAMES:
+        values = np.array([row[metric] for row in rows], dtype=np.float64)
+        out[metric] = {"mean": float(values.mean()), "std": float(values.std())} if len(values) else None
+    return out
