@@ -19,6 +19,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from imedsam.inference import Predictor, place_plane
+from imedsam.metrics import ugs_score
 from imedsam.networks import IMedSAM
 from imedsam.transforms import PromptPlaned
 
@@ -154,19 +155,3 @@ def uncertainty_summary(uncertainty: np.ndarray, mask: np.ndarray, box) -> dict[
         "mean_in_prediction": float(uncertainty[region].mean()) if region.any() else None,
         "score": ugs_score(uncertainty, mask, box),
     }
-
-
-def ugs_score(uncertainty: np.ndarray, mask: np.ndarray, box) -> float:
-    """Mean UGS variance over the predicted region inside the box (the whole box if nothing is predicted).
-
-    The variance is the MC-dropout variance of the implicit decoder's logit; averaging it over the
-    prediction measures how unsure the model is about the object it segments, not about background far
-    from it.
-    """
-    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
-    inside = np.zeros(mask.shape, dtype=bool)
-    inside[y0:y1, x0:x1] = True
-    region = inside & mask.astype(bool)
-    if not region.any():
-        region = inside
-    return float(uncertainty[region].mean())

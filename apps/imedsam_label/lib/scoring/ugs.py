@@ -10,9 +10,10 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.utils.others.generic import name_to_device
 
 from imedsam.inference import ImageReadError, PromptError
+from imedsam.metrics import ugs_score
 from imedsam.transforms import PromptPlaned
 
-from lib.infers.imedsam import IMedSAMInfer, ugs_score
+from lib.infers.imedsam import IMedSAMInfer
 
 logger = logging.getLogger(__name__)
 
