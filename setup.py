@@ -32,8 +32,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7.0"],
+        "study": ["matplotlib>=3.5"],  # scripts/active_learning.py's plot
         "label": ["monailabel==0.8.5", "pydicom>=2.4,<3", "dicomweb-client>=0.59,<0.60"],
-        "all": ["pytest>=7.0", "monailabel==0.8.5", "pydicom>=2.4,<3", "dicomweb-client>=0.59,<0.60"],
+        "all": ["pytest>=7.0", "matplotlib>=3.5", "monailabel==0.8.5", "pydicom>=2.4,<3", "dicomweb-client>=0.59,<0.60"],
     },
     entry_points={"console_scripts": ["imedsam=imedsam.cli:main"]},
 )

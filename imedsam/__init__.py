@@ -4,7 +4,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBPACKAGES = ("data", "engine", "inference", "losses", "metrics", "networks", "transforms", "visualize")
+_SUBPACKAGES = ("active_learning", "data", "engine", "inference", "losses", "metrics", "networks", "transforms", "visualize")
 
 
 def __getattr__(name: str):

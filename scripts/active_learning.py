@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Simulated active learning on a labeled pool: UGS against random and MONAI Label's epistemic ranking.
+
+    python scripts/active_learning.py --dataset_dir ../shared/data/kvasir_sessile \
+        --split_file ../shared/data/splits/kvasir_sessile_split.json --work_dir runs/active_learning \
+        --output docs/results/active_learning.csv
+
+The pool is the split's ``train`` list. For each ``--seeds`` value, a seed set of ``--seed_size`` images is
+labeled; each round, each strategy picks ``--query_size`` more, the bundle's model is trained from scratch
+for ``--steps`` optimiser steps on what is labeled, and evaluated on the ``test`` list (see
+:mod:`imedsam.active_learning`). Writes ``--output`` (one row per seed, strategy and round), a PNG of mean
+test Dice against labeled count with the spread across seeds, and a Markdown summary (``.md``) with the
+per-count means and the paired UGS-minus-other differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shlex
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from imedsam.active_learning import STRATEGIES, BundleRunner, simulate_active_learning
+from imedsam.data import polyp_datalist
+from imedsam.metrics import score_box_baselines
+
+BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
+
+
+def read_rows(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{**row, "seed": int(row["seed"]), "labeled": int(row["labeled"]), "test_dice": float(row["test_dice"])} for row in csv.DictReader(f)]
+
+
+def dice_by_count(rows: list[dict]) -> dict[str, dict[int, dict[int, float]]]:
+    """``{strategy: {labeled: {seed: test Dice}}}``."""
+    table: dict[str, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for row in rows:
+        table[row["strategy"]][row["labeled"]][row["seed"]] = row["test_dice"]
+    return table
+
+
+def markdown_summary(rows: list[dict], box_dice: float | None, command: str) -> str:
+    table = dice_by_count(rows)
+    strategies = [s for s in STRATEGIES if s in table]
+    counts = sorted({row["labeled"] for row in rows})
+    seeds = sorted({row["seed"] for row in rows})
+    lines = [
+        f"Mean test Dice ± std across seeds ({', '.join(map(str, seeds))}), by labeled images; the paired differences "
+        "are per seed (same seed set, same training seed), with their standard error.",
+        "",
+        "| labeled | " + " | ".join(strategies) + " | " + " | ".join(f"ugs − {s} (paired, mean ± s.e.)" for s in strategies if s != "ugs") + " |",
+        "| --- |" + " --- |" * (len(strategies) + len([s for s in strategies if s != "ugs"])),
+    ]
+    for count in counts:
+        cells = []
+        for strategy in strategies:
+            values = list(table[strategy][count].values())
+            cells.append(f"{np.mean(values):.4f} ± {np.std(values):.4f}" if values else "")
+        for other in (s for s in strategies if s != "ugs"):
+            common = sorted(set(table["ugs"][count]) & set(table[other][count])) if "ugs" in table else []
+            diffs = [table["ugs"][count][seed] - table[other][count][seed] for seed in common]
+            if len(diffs) > 1:
+                cells.append(f"{np.mean(diffs):+.4f} ± {np.std(diffs, ddof=1) / np.sqrt(len(diffs)):.4f}")
+            else:
+                cells.append(f"{diffs[0]:+.4f} (one seed)" if diffs else "")
+        lines.append(f"| {count} | " + " | ".join(cells) + " |")
+    if box_dice is not None:
+        lines += ["", f"The tight box filled scores {box_dice:.4f} on the same test images (no model)."]
+    lines += ["", "Command:", "", "```", command, "```", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, box_dice: float | None, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = dice_by_count(rows)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for strategy in (s for s in STRATEGIES if s in table):
+        counts = sorted(table[strategy])
+        values = [list(table[strategy][c].values()) for c in counts]
+        mean = np.array([np.mean(v) for v in values])
+        std = np.array([np.std(v) for v in values])
+        (line,) = axes.plot(counts, mean, marker="o", label=strategy)
+        axes.fill_between(counts, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        for count, per_seed in zip(counts, values):
+            axes.scatter([count] * len(per_seed), per_seed, color=line.get_color(), s=8, alpha=0.5)
+    if box_dice is not None:
+        axes.axhline(box_dice, color="gray", linestyle="--", linewidth=1, label="box filled (no model)")
+    axes.set_xticks(sorted({row["labeled"] for row in rows}))
+    axes.set_xlabel("labeled images")
+    axes.set_ylabel("test Dice (mean ± std across seeds)")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_dir", required=True)
+    parser.add_argument("--split_file", required=True, help="JSON with train (the pool), val and test lists")
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seed_size", type=int, default=8)
+    parser.add_argument("--query_size", type=int, default=8, help="images labeled per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=120, help="optimiser steps per training, the same every round")
+    parser.add_argument("--mc_passes", type=int, default=10, help="stochastic passes of the epistemic score (MONAI Label's default)")
+    parser.add_argument("--encoder", default="vit_tiny")
+    parser.add_argument("--sam_checkpoint")
+    parser.add_argument("--image_size", type=int, default=128)
+    parser.add_argument("--label_size", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--encoder_lr_scale", type=float, default=1.0)
+    parser.add_argument("--bundle_dir", default=BUNDLE)
+    parser.add_argument("--work_dir", default="runs/active_learning", help="each round's split, checkpoint and evaluation")
+    parser.add_argument("--output", default="runs/active_learning/active_learning.csv")
+    args = parser.parse_args(argv)
+    for path in (args.dataset_dir, args.split_file, args.bundle_dir):
+        if not os.path.exists(path):
+            parser.exit(2, f"active_learning: error: not found: {path}\n")
+    try:
+        import matplotlib  # noqa: F401  # fail before hours of training, not after
+    except ImportError:
+        parser.exit(2, "active_learning: error: the plot needs matplotlib: pip install 'imedsam[study]'\n")
+
+    overrides = {"encoder": args.encoder, "image_size": args.image_size, "label_size": args.label_size, "batch_size": args.batch_size,
+                 "learning_rate": args.learning_rate, "encoder_lr_scale": args.encoder_lr_scale}
+    if args.sam_checkpoint:
+        overrides["sam_checkpoint"] = args.sam_checkpoint
+    runner = BundleRunner(os.path.abspath(args.bundle_dir), os.path.abspath(args.dataset_dir), overrides)
+    started = time.perf_counter()
+
+    def report(row):
+        print(f"seed {row['seed']} {row['strategy']:>9} round {row['round']} ({row['labeled']:>3} labeled): test Dice {row['test_dice']:.4f}, "
+              f"train {row['train_s']} s, score {row['score_s']} s  [{time.perf_counter() - started:.0f} s]", flush=True)
+
+    simulate_active_learning(
+        runner, os.path.abspath(args.split_file), args.work_dir, args.strategies, args.seeds, args.seed_size,
+        args.query_size, args.rounds, args.steps, args.mc_passes, on_row=report,
+    )
+    rows = read_rows(os.path.join(args.work_dir, "results.csv"))
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(os.path.join(args.work_dir, "results.csv")) as source, open(args.output, "w") as target:
+        target.write(source.read())
+    test_items = polyp_datalist(args.dataset_dir, "test", args.split_file)
+    box_dice = score_box_baselines(test_items, args.label_size)["box_filled"]["dice"]["mean"]
+    stem = os.path.splitext(args.output)[0]
+    title = (f"{args.encoder} at {args.image_size}², {args.steps} steps per training, "
+             f"{args.query_size} images per round, seeds {' '.join(map(str, args.seeds))}")
+    plot(rows, stem + ".png", box_dice, title)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown_summary(rows, box_dice, shlex.join(["python", "scripts/active_learning.py", *(argv if argv is not None else sys.argv[1:])])))
+    print(f"results: {args.output}, {stem}.png, {stem}.md ({time.perf_counter() - started:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,192 @@
+"""Active learning: the uncertainty scores, the selection rules, and scripts/active_learning.py end to end."""
+
+import csv
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_model
+from imedsam.active_learning import BundleRunner, score_images, select_images, simulate_active_learning
+from imedsam.data import polyp_datalist, write_synthetic_dataset
+from imedsam.metrics import ENTROPY_FLOOR, mc_dropout_entropy, ugs_score
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("active_learning_script", os.path.join(ROOT, "scripts", "active_learning.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- scores -----------------------------------------------------------------------------------------------
+def test_ugs_score_averages_over_the_prediction_in_the_box_else_over_the_box():
+    variance = np.arange(36, dtype=np.float32).reshape(6, 6)
+    mask = np.zeros((6, 6), dtype=bool)
+    mask[1:3, 1:3] = True
+    mask[5, 5] = True  # outside the box: ignored
+    assert ugs_score(variance, mask, [1, 1, 4, 4]) == pytest.approx(variance[1:3, 1:3].mean())
+    assert ugs_score(variance, np.zeros((6, 6)), [1, 1, 4, 4]) == pytest.approx(variance[1:4, 1:4].mean())
+    # a box reaching past the map is clipped to it; torch inputs work alike
+    assert ugs_score(torch.from_numpy(variance), torch.from_numpy(mask), [-3, -3, 3, 3]) == pytest.approx(variance[1:3, 1:3].mean())
+
+
+@pytest.mark.parametrize(
+    "uncertainty, mask, box, message",
+    [
+        (np.zeros((4, 4)), np.zeros((4, 5)), [0, 0, 2, 2], "one shape"),
+        (np.zeros((4, 4)), np.zeros((4, 4)), [5, 5, 8, 8], "no pixel inside"),
+        (np.zeros((4, 4)), np.zeros((4, 4)), [2, 2, 2, 3], "no pixel inside"),
+    ],
+)
+def test_ugs_score_rejects_bad_inputs(uncertainty, mask, box, message):
+    with pytest.raises(ValueError, match=message):
+        ugs_score(uncertainty, mask, box)
+
+
+def test_mc_dropout_entropy_is_monai_labels_epistemic_score():
+    passes = np.stack([np.full((3, 3), 0.2), np.full((3, 3), 0.6)])
+    mean = 0.4
+    assert mc_dropout_entropy(passes) == pytest.approx(-mean * np.log(mean))
+    # agreeing, certain passes score (almost) nothing; p = 0 is floored before the log
+    certain = np.stack([np.eye(3), np.eye(3)])
+    expected = (3 * 0.0 + 6 * (-ENTROPY_FLOOR * np.log(ENTROPY_FLOOR))) / 9
+    assert mc_dropout_entropy(certain) == pytest.approx(expected)
+    assert mc_dropout_entropy(passes) > mc_dropout_entropy(certain)
+    with pytest.raises(ValueError, match="T >= 2"):
+        mc_dropout_entropy(np.zeros((1, 3, 3)))
+    with pytest.raises(ValueError, match="sigmoid"):
+        mc_dropout_entropy(np.full((2, 3, 3), 2.0))
+
+
+# -- selection ----------------------------------------------------------------------------------------------
+def test_select_images_by_score_and_at_random():
+    scores = {"a": 0.1, "b": 0.9, "c": 0.5, "d": 0.5}
+    assert select_images("ugs", list(scores), 3, scores) == ["b", "c", "d"]
+    assert select_images("epistemic", ["a", "d"], 1, scores) == ["d"]
+    first = select_images("random", list(scores), 2, rng=np.random.default_rng(3))
+    assert first == select_images("random", list(scores)[::-1], 2, rng=np.random.default_rng(3))
+    assert len(set(first)) == 2 and set(first) <= set(scores)
+    draws = {tuple(select_images("random", list(scores), 2, rng=np.random.default_rng(seed))) for seed in range(20)}
+    assert len(draws) > 1
+
+
+@pytest.mark.parametrize(
+    "strategy, k, scores, rng, message",
+    [
+        ("greedy", 1, None, None, "strategy must be one of"),
+        ("ugs", 5, {"a": 1, "b": 2}, None, "cannot pick 5 of 2"),
+        ("ugs", 0, {"a": 1, "b": 2}, None, "cannot pick 0"),
+        ("ugs", 1, {"a": 1}, None, "a score for every unlabeled image"),
+        ("random", 1, None, None, "needs rng"),
+    ],
+)
+def test_select_images_rejects_bad_requests(strategy, k, scores, rng, message):
+    with pytest.raises(ValueError, match=message):
+        select_images(strategy, ["a", "b"], k, scores, rng)
+
+
+def _items(count=3, size=64):
+    generator = torch.Generator().manual_seed(5)
+    return [
+        {"image": torch.rand(3, size, size, generator=generator), "box": torch.tensor([[8.0 + i, 10.0, 40.0, 50.0 - i]]), "name": f"img{i}"}
+        for i in range(count)
+    ]
+
+
+def test_score_images_ugs_is_the_ugs_score_of_the_models_own_maps():
+    model = tiny_model()
+    items = _items()
+    scores = score_images(model, items, "ugs", label_size=32)
+    model.eval()
+    with torch.no_grad():
+        for item in items:
+            out = model(item["image"][None], item["box"][None], (32, 32), return_all=True)
+            expected = ugs_score(out.uncertainty[0, 0], out.logits[0, 0] > 0, (item["box"][0] * 0.5).tolist())
+            assert scores[item["name"]] == pytest.approx(expected)
+    assert scores == score_images(model, items, "ugs", label_size=32)  # eval mode: deterministic
+
+
+def test_score_images_epistemic_samples_dropout_and_leaves_the_model_as_it_was():
+    model = tiny_model().train()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    items = _items(2)
+    scores = score_images(model, items, "epistemic", label_size=24, mc_passes=4)
+    assert model.training  # restored
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), f"{name} changed while scoring"  # BatchNorm statistics included
+    assert all(0 < s <= np.exp(-1) for s in scores.values())  # -p log p peaks at 1/e
+    again = score_images(model, items, "epistemic", label_size=24, mc_passes=4)
+    assert again != scores  # the passes draw fresh dropout masks
+    with pytest.raises(ValueError, match="method must be one of"):
+        score_images(model, items, "random", label_size=24)
+
+
+# -- the simulation through the bundle ---------------------------------------------------------------------
+def test_active_learning_script_runs_rounds_and_ugs_picks_the_most_uncertain(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, count=12, size=(48, 48), fractions=(0.6, 0.2))
+    work, output = tmp_path / "work", tmp_path / "out" / "al.csv"
+    args = [
+        "--dataset_dir", str(data), "--split_file", str(data / "split.json"), "--seeds", "0", "1", "--seed_size", "2",
+        "--query_size", "2", "--rounds", "1", "--steps", "1", "--mc_passes", "2", "--image_size", "32", "--label_size", "16",
+        "--batch_size", "2", "--work_dir", str(work), "--output", str(output),
+    ]
+    assert _script().main(args) == 0
+
+    with open(output, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 3 * 2  # seeds x strategies x (seed round + 1 round)
+    for seed in ("0", "1"):
+        first = [r for r in rows if r["seed"] == seed and r["round"] == "0"]
+        assert len({(r["test_dice"], r["labeled"]) for r in first}) == 1  # one seed-set model serves every strategy
+        for strategy in ("ugs", "epistemic", "random"):
+            ours = [r for r in rows if r["seed"] == seed and r["strategy"] == strategy]
+            assert [int(r["labeled"]) for r in ours] == [2, 4]
+            assert all(0.0 <= float(r["test_dice"]) <= 1.0 for r in ours)
+    selections = json.loads((work / "selections.json").read_text())
+    split = json.loads((data / "split.json").read_text())
+    pool = {os.path.splitext(name)[0] for name in split["train"]}
+    for record in selections.values():
+        picked = record["seed_set"] + [name for added in record["rounds"] for name in added]
+        assert len(picked) == len(set(picked)) == 4 and set(picked) <= pool
+
+    # Round 1 of ugs took the two highest UGS scores of the seed-set model.
+    runner = BundleRunner(os.path.join(ROOT, "bundle"), str(data), {"encoder": "vit_tiny", "image_size": 32, "label_size": 16, "batch_size": 2})
+    record = selections["seed0/ugs"]
+    unlabeled = sorted(pool - set(record["seed_set"]))
+    items = runner.preprocess([i for i in polyp_datalist(str(data), "train", str(data / "split.json")) if i["name"] in unlabeled])
+    scores = score_images(runner.load_network(str(work / "seed0" / "round0" / "models" / "model.pt")), items, "ugs", 16)
+    assert record["rounds"][0] == select_images("ugs", unlabeled, 2, scores)
+
+    png = output.with_suffix(".png")
+    with Image.open(png) as image:
+        assert image.size[0] > 100 and image.size[1] > 100
+    summary = output.with_suffix(".md").read_text()
+    assert "| labeled | ugs | epistemic | random |" in summary and "| 4 |" in summary
+    assert "box filled" in summary and "scripts/active_learning.py" in summary
+    assert "round 1" in capsys.readouterr().out
+
+
+def test_simulation_refuses_a_pool_too_small_for_the_rounds(tmp_path):
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, count=6, size=(32, 32), fractions=(0.5, 0.2))
+    runner = BundleRunner(os.path.join(ROOT, "bundle"), str(data), {"image_size": 32, "label_size": 16})
+    with pytest.raises(ValueError, match="the pool has 3"):
+        simulate_active_learning(runner, str(data / "split.json"), str(tmp_path / "work"), seed_size=2, query_size=1, rounds=2)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        simulate_active_learning(runner, str(data / "split.json"), str(tmp_path / "work"), strategies=["ugs", "entropy"])
+
+
+def test_active_learning_script_names_a_missing_input(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        _script().main(["--dataset_dir", str(tmp_path / "nowhere"), "--split_file", str(tmp_path / "split.json")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "nowhere" in err
