@@ -59,6 +59,12 @@ def evaluate_command(args, row: dict, output_dir: str) -> list[str]:
     return command
 
 
+def shell_command(command: list[str]) -> str:
+    """``command`` as a shell line; the bundle's config list (``['a.yaml','b.yaml']``) goes in double quotes,
+    as the README writes it."""
+    return " ".join(f'"{part}"' if part.startswith("['") else shlex.quote(part) for part in command)
+
+
 def _cell(summary: dict, metric: str, digits: int = 4, spread: bool = False) -> str:
     value = summary[metric]["mean"]
     text = f"{value:.{digits}f}"
@@ -111,13 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
-            parser.exit(1, f"evaluate_protocols: error: the {row['protocol']} evaluation at {row['size']} failed: {shlex.join(command)}\n")
+            parser.exit(1, f"evaluate_protocols: error: the {row['protocol']} evaluation at {row['size']} failed: {shell_command(command)}\n")
         with open(os.path.join(output_dir, "summary.json")) as f:
             model = json.load(f)
         datalist = polyp_datalist(row["data"], row["split"], row["split_file"])
         baselines = score_box_baselines(datalist, row["size"])
         seconds = time.perf_counter() - started
-        results.append({**row, "model": model, "baselines": baselines, "seconds": round(seconds, 1), "command": shlex.join(["python", *command[1:]])})
+        results.append({**row, "model": model, "baselines": baselines, "seconds": round(seconds, 1), "command": shell_command(["python", *command[1:]])})
         print(f"{row['protocol']:>16} {name}: Dice {model['dice']['mean']:.4f} (box {baselines['box_filled']['dice']['mean']:.4f}, "
               f"ellipse {baselines['ellipse_in_box']['dice']['mean']:.4f}) in {seconds:.0f} s", flush=True)
 
