@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mc_passes", type=int, default=10, help="stochastic passes of the epistemic score (MONAI Label's default)")
     parser.add_argument("--encoder", default="vit_tiny")
     parser.add_argument("--sam_checkpoint")
+    parser.add_argument("--initial_checkpoint", help="an I-MedSAM state dict every training starts from (the bundle's initial_checkpoint)")
     parser.add_argument("--image_size", type=int, default=128)
     parser.add_argument("--label_size", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=4)
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work_dir", default="runs/active_learning", help="each round's split, checkpoint and evaluation")
     parser.add_argument("--output", default="runs/active_learning/active_learning.csv")
     args = parser.parse_args(argv)
-    for path in (args.dataset_dir, args.split_file, args.bundle_dir):
+    for path in (args.dataset_dir, args.split_file, args.bundle_dir, *([args.initial_checkpoint] if args.initial_checkpoint else [])):
         if not os.path.exists(path):
             parser.exit(2, f"active_learning: error: not found: {path}\n")
     try:
@@ -140,6 +141,8 @@ def main(argv=None) -> int:
                  "learning_rate": args.learning_rate, "encoder_lr_scale": args.encoder_lr_scale}
     if args.sam_checkpoint:
         overrides["sam_checkpoint"] = args.sam_checkpoint
+    if args.initial_checkpoint:
+        overrides["initial_checkpoint"] = os.path.abspath(args.initial_checkpoint)
     runner = BundleRunner(os.path.abspath(args.bundle_dir), os.path.abspath(args.dataset_dir), overrides)
     started = time.perf_counter()
 

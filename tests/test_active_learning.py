@@ -190,3 +190,11 @@ def test_active_learning_script_names_a_missing_input(tmp_path, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "not found" in err and "nowhere" in err
+    write_synthetic_dataset(tmp_path / "data", count=3, size=(32, 32))
+    with pytest.raises(SystemExit) as stop:
+        _script().main([
+            "--dataset_dir", str(tmp_path / "data"), "--split_file", str(tmp_path / "data" / "split.json"),
+            "--initial_checkpoint", str(tmp_path / "missing.pt"), "--work_dir", str(tmp_path / "work"),
+        ])
+    assert stop.value.code == 2 and "missing.pt" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()  # nothing started
