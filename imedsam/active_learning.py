@@ -224,6 +224,7 @@ def simulate_active_learning(
     model, and round ``r`` trains with the same training seed whichever strategy chose the data, so the
     strategies differ only in the images they picked. Each result row is appended to
     ``work_dir/results.csv`` as soon as it exists; ``work_dir/selections.json`` lists the picked images.
+    A ``work_dir`` that already holds a ``results.csv`` is refused rather than overwritten.
     """
     for strategy in strategies:
         if strategy not in STRATEGIES:
@@ -235,18 +236,20 @@ def simulate_active_learning(
     if seed_size + rounds * query_size > len(pool):
         raise ValueError(f"{seed_size} seed images + {rounds} rounds x {query_size} need {seed_size + rounds * query_size} images; the pool has {len(pool)}")
     label_size = int(runner.overrides.get("label_size", 384))
-    os.makedirs(work_dir, exist_ok=True)
     results_csv = os.path.join(work_dir, "results.csv")
     if os.path.exists(results_csv):
-        os.remove(results_csv)
+        raise FileExistsError(f"{results_csv} holds an earlier study's results: choose another work_dir or move it away")
+    os.makedirs(work_dir, exist_ok=True)
     preprocessed: dict[str, dict] = {}
 
     def items(names):
-        missing = [item for item in pool_items if item["name"] in set(names) and item["name"] not in preprocessed]
+        wanted = set(names)
+        missing = [item for item in pool_items if item["name"] in wanted and item["name"] not in preprocessed]
         preprocessed.update({item["name"]: item for item in runner.preprocess(missing)})
         return [preprocessed[name] for name in names]
 
-    def fixed_splits(labeled):
+    def round_split(labeled):
+        # only the labeled part changes between rounds; validation and test stay the split's own
         return {"train": sorted(labeled), "val": split["val"], "test": split["test"]}
 
     rows, selections = [], {}
@@ -254,7 +257,7 @@ def simulate_active_learning(
         seed_set = sorted(str(name) for name in np.random.default_rng(seed).choice(pool, size=seed_size, replace=False))
         start = time.perf_counter()
         run_dir = os.path.join(work_dir, f"seed{seed}", "round0")
-        checkpoint0, val0 = runner.train(fixed_splits(seed_set), run_dir, steps, seed=seed * 1000)
+        checkpoint0, val0 = runner.train(round_split(seed_set), run_dir, steps, seed=seed * 1000)
         train0 = time.perf_counter() - start
         test0 = runner.evaluate(checkpoint0, os.path.join(run_dir, "split.json"), run_dir)
         scores_by_model: dict[tuple[str, str], dict[str, float]] = {}
@@ -283,7 +286,7 @@ def simulate_active_learning(
                 picks.append(added)
                 run_dir = os.path.join(work_dir, f"seed{seed}", strategy, f"round{round_index}")
                 start = time.perf_counter()
-                checkpoint, val_dice = runner.train(fixed_splits(labeled), run_dir, steps, seed=seed * 1000 + round_index)
+                checkpoint, val_dice = runner.train(round_split(labeled), run_dir, steps, seed=seed * 1000 + round_index)
                 train_s = time.perf_counter() - start
                 test = runner.evaluate(checkpoint, os.path.join(run_dir, "split.json"), run_dir)
                 row = {"seed": seed, "strategy": strategy, "round": round_index, "labeled": len(labeled), "test_dice": test["dice"]["mean"],

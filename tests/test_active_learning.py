@@ -174,7 +174,7 @@ def test_active_learning_script_runs_rounds_and_ugs_picks_the_most_uncertain(tmp
     assert "round 1" in capsys.readouterr().out
 
 
-def test_simulation_refuses_a_pool_too_small_for_the_rounds(tmp_path):
+def test_simulation_refuses_a_small_pool_an_unknown_strategy_and_an_earlier_study(tmp_path):
     data = tmp_path / "data"
     write_synthetic_dataset(data, count=6, size=(32, 32), fractions=(0.5, 0.2))
     runner = BundleRunner(os.path.join(ROOT, "bundle"), str(data), {"image_size": 32, "label_size": 16})
@@ -182,6 +182,12 @@ def test_simulation_refuses_a_pool_too_small_for_the_rounds(tmp_path):
         simulate_active_learning(runner, str(data / "split.json"), str(tmp_path / "work"), seed_size=2, query_size=1, rounds=2)
     with pytest.raises(ValueError, match="strategy must be one of"):
         simulate_active_learning(runner, str(data / "split.json"), str(tmp_path / "work"), strategies=["ugs", "entropy"])
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "results.csv").write_text("seed,strategy\n0,ugs\n")
+    with pytest.raises(FileExistsError, match="earlier study"):
+        simulate_active_learning(runner, str(data / "split.json"), str(earlier), seed_size=1, query_size=1, rounds=1)
+    assert (earlier / "results.csv").read_text() == "seed,strategy\n0,ugs\n"  # kept as it was
 
 
 def test_active_learning_script_names_a_missing_input(tmp_path, capsys):
