@@ -147,8 +147,9 @@ class BundleRunner:
         )
 
     def train(self, split: dict[str, list[str]], run_dir: str, steps: int, seed: int) -> tuple[str, float]:
-        """Train from scratch for about ``steps`` optimiser steps on ``split["train"]``; the model is validated
-        once, at the end, on ``split["val"]``. Returns the checkpoint and that validation Dice."""
+        """Train for about ``steps`` optimiser steps on ``split["train"]``, from the bundle's initial network
+        (random init, or ``initial_checkpoint`` when the overrides name one); the model is validated once, at
+        the end, on ``split["val"]``. Returns the checkpoint and that validation Dice."""
         os.makedirs(run_dir, exist_ok=True)
         split_file = os.path.join(run_dir, "split.json")
         with open(split_file, "w") as f:
