@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import os
 import time
@@ -39,8 +38,6 @@ from imedsam.metrics import mc_dropout_entropy, ugs_score
 from imedsam.networks import IMedSAM
 
 __all__ = ["STRATEGIES", "SCORED_STRATEGIES", "BundleRunner", "score_images", "select_images", "simulate_active_learning"]
-
-logger = logging.getLogger(__name__)
 
 STRATEGIES = ("ugs", "epistemic", "random")
 SCORED_STRATEGIES = ("ugs", "epistemic")
@@ -95,18 +92,20 @@ def score_images(network: IMedSAM, items: Sequence[dict], method: str, label_siz
     if network.decoder is None:
         raise ValueError("uncertainty scores need the implicit decoder; this model has use_inr=False")
     was_training = network.training
+    size = (label_size, label_size)
     scores = {}
     try:
+        if method == "ugs":
+            network.eval()
+        else:
+            _mc_dropout_mode(network)
         for item in items:
             image, box = item["image"].unsqueeze(0).float(), item["box"].reshape(1, 1, 4).float()
-            size = (label_size, label_size)
             if method == "ugs":
-                network.eval()
                 out = network(image, box, size, return_all=True)
                 scale = label_size / image.shape[-1]
                 scores[item["name"]] = ugs_score(out.uncertainty[0, 0], out.logits[0, 0] > 0, (box[0, 0] * scale).tolist())
             else:
-                _mc_dropout_mode(network)
                 encoding = network.encode(image)
                 passes = [torch.sigmoid(network.decode(encoding, box, size)[0, 0]) for _ in range(mc_passes)]
                 scores[item["name"]] = mc_dropout_entropy(torch.stack(passes))
@@ -254,6 +253,16 @@ def simulate_active_learning(
         return {"train": sorted(labeled), "val": split["val"], "test": split["test"]}
 
     rows, selections = [], {}
+
+    def record(seed, strategy, round_index, labeled, test, val_dice, train_s, score_s, added):
+        row = {"seed": seed, "strategy": strategy, "round": round_index, "labeled": len(labeled), "test_dice": test["dice"]["mean"],
+               "test_dice_std": test["dice"]["std"], "val_dice": val_dice, "train_s": round(train_s, 1),
+               "score_s": round(score_s, 1), "added": " ".join(added)}
+        rows.append(row)
+        _write_row(results_csv, row)
+        if on_row:
+            on_row(row)
+
     for seed in seeds:
         seed_set = sorted(str(name) for name in np.random.default_rng(seed).choice(pool, size=seed_size, replace=False))
         start = time.perf_counter()
@@ -266,14 +275,10 @@ def simulate_active_learning(
             labeled, checkpoint = list(seed_set), checkpoint0
             rng = np.random.default_rng([seed, STRATEGIES.index(strategy)])
             picks: list[list[str]] = []
-            row = {"seed": seed, "strategy": strategy, "round": 0, "labeled": len(labeled), "test_dice": test0["dice"]["mean"],
-                   "test_dice_std": test0["dice"]["std"], "val_dice": val0, "train_s": round(train0, 1), "score_s": 0.0, "added": ""}
+            record(seed, strategy, 0, labeled, test0, val0, train0, 0.0, [])
             for round_index in range(1, rounds + 1):
-                rows.append(row)
-                _write_row(results_csv, row)
-                if on_row:
-                    on_row(row)
-                unlabeled = [name for name in pool if name not in set(labeled)]
+                taken = set(labeled)
+                unlabeled = [name for name in pool if name not in taken]
                 start = time.perf_counter()
                 scores = None
                 if strategy in SCORED_STRATEGIES:
@@ -290,13 +295,7 @@ def simulate_active_learning(
                 checkpoint, val_dice = runner.train(round_split(labeled), run_dir, steps, seed=seed * 1000 + round_index)
                 train_s = time.perf_counter() - start
                 test = runner.evaluate(checkpoint, os.path.join(run_dir, "split.json"), run_dir)
-                row = {"seed": seed, "strategy": strategy, "round": round_index, "labeled": len(labeled), "test_dice": test["dice"]["mean"],
-                       "test_dice_std": test["dice"]["std"], "val_dice": val_dice, "train_s": round(train_s, 1),
-                       "score_s": round(score_s, 1), "added": " ".join(added)}
-            rows.append(row)
-            _write_row(results_csv, row)
-            if on_row:
-                on_row(row)
+                record(seed, strategy, round_index, labeled, test, val_dice, train_s, score_s, added)
             selections[f"seed{seed}/{strategy}"] = {"seed_set": seed_set, "rounds": picks}
             with open(os.path.join(work_dir, "selections.json"), "w") as f:
                 json.dump(selections, f, indent=1)

@@ -16,9 +16,9 @@ per-count means and the paired UGS-minus-other differences.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shlex
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -30,11 +30,6 @@ from imedsam.data import polyp_datalist
 from imedsam.metrics import score_box_baselines
 
 BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
-
-
-def read_rows(path: str) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{**row, "seed": int(row["seed"]), "labeled": int(row["labeled"]), "test_dice": float(row["test_dice"])} for row in csv.DictReader(f)]
 
 
 def dice_by_count(rows: list[dict]) -> dict[str, dict[int, dict[int, float]]]:
@@ -150,14 +145,12 @@ def main(argv=None) -> int:
         print(f"seed {row['seed']} {row['strategy']:>9} round {row['round']} ({row['labeled']:>3} labeled): test Dice {row['test_dice']:.4f}, "
               f"train {row['train_s']} s, score {row['score_s']} s  [{time.perf_counter() - started:.0f} s]", flush=True)
 
-    simulate_active_learning(
+    rows = simulate_active_learning(
         runner, os.path.abspath(args.split_file), args.work_dir, args.strategies, args.seeds, args.seed_size,
         args.query_size, args.rounds, args.steps, args.mc_passes, on_row=report,
     )
-    rows = read_rows(os.path.join(args.work_dir, "results.csv"))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(os.path.join(args.work_dir, "results.csv")) as source, open(args.output, "w") as target:
-        target.write(source.read())
+    shutil.copyfile(os.path.join(args.work_dir, "results.csv"), args.output)
     test_items = polyp_datalist(args.dataset_dir, "test", args.split_file)
     box_dice = score_box_baselines(test_items, args.label_size)["box_filled"]["dice"]["mean"]
     stem = os.path.splitext(args.output)[0]
