@@ -4,15 +4,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imedsam.networks.coordinates import bilinear_sample, fourier_encoding, pixel_centre_grid
+from imedsam.networks.coordinates import bilinear_sample, fourier_encoding, pixel_centre_grid, pixel_centres
 from imedsam.networks.implicit_decoder import ImplicitSegmentationDecoder
 
 
-def reference_decoder(decoder: ImplicitSegmentationDecoder, box_features, image_features, output_size):
-    """Sample raw features with grid_sample, concatenate, run the full MLPs; T explicit dropout passes."""
+def reference_decoder(decoder: ImplicitSegmentationDecoder, box_features, image_features, output_size, lines=None):
+    """Sample raw features with grid_sample, concatenate, run the full MLPs; T explicit dropout passes.
+
+    ``lines = (rows, columns)``: only the points of the output grid on those rows and columns."""
     height, width = output_size
     prompts = box_features.shape[0]
     grid = pixel_centre_grid(height, width)
+    if lines is not None:
+        rows, columns = lines
+        grid = grid.view(height, width, 2)[rows][:, columns].reshape(-1, 2)
+        height, width = len(rows), len(columns)
     sample_grid = grid.view(1, 1, -1, 2).expand(prompts, -1, -1, -1)
 
     def sample(features):
@@ -68,6 +74,20 @@ def test_optimised_decoder_matches_reference():
     torch.testing.assert_close(out.logits, final, atol=1e-5, rtol=1e-5)
 
 
+def test_sub_lattice_matches_reference_at_its_points():
+    decoder = ImplicitSegmentationDecoder(mc_samples=4, chunk_size=64).eval()
+    _randomise_batch_norm(decoder)
+    box_features, image_features = torch.randn(2, 32, 16, 16), torch.randn(2, 256, 4, 4)
+    lines = (torch.tensor([0, 2, 3, 7, 11, 22]), torch.tensor([1, 4, 5, 9, 16, 20, 30]))
+    with torch.no_grad():
+        out = decoder(box_features, image_features, (23, 31), query_lines=lines)
+        final, coarse, variance = reference_decoder(decoder, box_features, image_features, (23, 31), lines)
+    assert out.logits.shape == (2, 6, 7)
+    torch.testing.assert_close(out.coarse_logits, coarse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.uncertainty, variance, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.logits, final, atol=1e-5, rtol=1e-5)
+
+
 def test_chunk_size_does_not_change_the_output():
     decoder = ImplicitSegmentationDecoder(mc_samples=3).eval()
     _randomise_batch_norm(decoder)
@@ -94,7 +114,7 @@ def test_training_trunk_matches_reference_with_batch_statistics():
 
     point_input = torch.cat([sample(box_features), sample(image_features), fourier_encoding(flat_grid).expand(2, -1, -1)], -1)
     expected = decoder.coarse_trunk(decoder.coarse_input(point_input.reshape(-1, point_input.shape[-1])))
-    table = decoder._first_layer_table(decoder.coarse_input, box_features, image_features, height, width)
+    table = decoder._first_layer_table(decoder.coarse_input, box_features, image_features, pixel_centres(height), pixel_centres(width))
     first = decoder._first_layer(table, dense=slice(0, height * width))
     trunk = decoder._trunk_runner(decoder.coarse_trunk, torch.float32)(first)
     torch.testing.assert_close(trunk.reshape(-1, trunk.shape[-1]), expected, atol=1e-4, rtol=1e-4)

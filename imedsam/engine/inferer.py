@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from monai.inferers import Inferer
 
+from imedsam.networks.coordinates import stratified_lines
+
 __all__ = ["PromptInferer"]
 
 
@@ -18,15 +20,30 @@ class PromptInferer(Inferer):
         return_all: return the whole :class:`~imedsam.networks.IMedSAMOutput` (training: the loss needs the
             coarse logits too).
         with_uncertainty: return ``[B, 2N, H, W]``, the N logits followed by the N uncertainty maps.
+        query_size: with ``return_all`` (training), decode at each call a fresh random ``query_size x
+            query_size`` sub-lattice of the output grid, one row and one column of every stratum
+            (:func:`~imedsam.networks.coordinates.stratified_lines`); the output carries its lines so that
+            :class:`~imedsam.losses.CoarseFineLoss` reads the full-resolution target there. None: every pixel.
 
     Called as ``inferer(images, network, boxes=..., output_size=...)``; an ``output_size`` given in the call
     (a ``[B, 2]`` tensor from the batch, all rows equal) wins over the constructor's.
     """
 
-    def __init__(self, output_size: Sequence[int] | None = None, return_all: bool = False, with_uncertainty: bool = False) -> None:
+    def __init__(
+        self,
+        output_size: Sequence[int] | None = None,
+        return_all: bool = False,
+        with_uncertainty: bool = False,
+        query_size: int | None = None,
+    ) -> None:
         super().__init__()
         if return_all and with_uncertainty:
             raise ValueError("return_all already includes the uncertainty; pass only one of the two")
+        if query_size is not None and not return_all:
+            raise ValueError("query_size needs return_all=True: the loss must know which rows and columns were decoded")
+        if query_size is not None and query_size < 1:
+            raise ValueError(f"query_size must be a positive number of rows and columns, got {query_size}")
+        self.query_size = query_size
         self.output_size = None if output_size is None else tuple(int(v) for v in output_size)
         self.return_all = return_all
         self.with_uncertainty = with_uncertainty
@@ -41,7 +58,13 @@ class PromptInferer(Inferer):
                 raise ValueError(f"images of one batch must share the output size, got {sizes.tolist()}; use batch_size 1")
             size = tuple(int(v) for v in sizes[0])
         if self.return_all:
-            return network(inputs, boxes, size, return_all=True)
+            if self.query_size is None:
+                return network(inputs, boxes, size, return_all=True)
+            height, width = size if size is not None else inputs.shape[-2:]
+            if self.query_size > min(height, width):
+                raise ValueError(f"query_size {self.query_size} exceeds the output grid {height} x {width}")
+            lines = tuple(stratified_lines(n, self.query_size, inputs.device) for n in (height, width))
+            return network(inputs, boxes, size, return_all=True, query_lines=lines)
         if not self.with_uncertainty:
             return network(inputs, boxes, size)
         out = network(inputs, boxes, size, return_all=True)

@@ -49,7 +49,9 @@ class CoarseFineLoss(nn.Module):
 
     ``coarse_weight`` is an attribute so that a training handler can follow :func:`coarse_weight_at`.
     The prediction is an :class:`~imedsam.networks.IMedSAMOutput` or a mapping with ``logits`` and
-    ``coarse_logits``; a plain tensor is treated as both (the ``use_inr=False`` ablation).
+    ``coarse_logits``; a plain tensor is treated as both (the ``use_inr=False`` ablation). When the
+    prediction covers only a sub-lattice of the output grid (its ``query_lines``), the full-resolution
+    target is read at those rows and columns.
     """
 
     def __init__(self, coarse_weight: float = 0.8, dice_weight: float = 0.5, bce_weight: float = 0.5) -> None:
@@ -61,10 +63,24 @@ class CoarseFineLoss(nn.Module):
         if isinstance(prediction, torch.Tensor):
             return self.loss(prediction, target)
         if isinstance(prediction, Mapping):
-            final, coarse = prediction["logits"], prediction["coarse_logits"]
+            final, coarse, lines = prediction["logits"], prediction["coarse_logits"], prediction.get("query_lines")
         else:
-            final, coarse = prediction.logits, prediction.coarse_logits
+            final, coarse, lines = prediction.logits, prediction.coarse_logits, prediction.query_lines
+        if lines is not None:
+            target = self.target_at(target, lines)
         loss = (1.0 - self.coarse_weight) * self.loss(final, target)
         if self.coarse_weight:
             loss = loss + self.coarse_weight * self.loss(coarse, target)
         return loss
+
+    @staticmethod
+    def target_at(target: torch.Tensor, query_lines) -> torch.Tensor:
+        """``target [..., H, W]`` at the rows and columns ``query_lines`` of the output grid."""
+        rows, columns = (torch.as_tensor(lines, device=target.device).long() for lines in query_lines)
+        height, width = target.shape[-2:]
+        if rows.max() >= height or columns.max() >= width:
+            raise ValueError(
+                f"the prediction was decoded at rows up to {int(rows.max())} and columns up to {int(columns.max())}, "
+                f"outside the {height} x {width} target: the target must be at the full output size"
+            )
+        return target.index_select(-2, rows).index_select(-1, columns)

@@ -7,7 +7,22 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pixel_centre_grid", "grid_coordinates", "fourier_encoding", "fourier_encoding_dim", "bilinear_sample", "bilinear_taps"]
+__all__ = [
+    "pixel_centres",
+    "pixel_centre_grid",
+    "grid_coordinates",
+    "stratified_lines",
+    "fourier_encoding",
+    "fourier_encoding_dim",
+    "bilinear_sample",
+    "bilinear_taps",
+]
+
+
+def pixel_centres(size: int, device: torch.device | None = None) -> torch.Tensor:
+    """Normalised coordinates ``[size]`` of the pixel centres along one axis of ``size`` pixels, in (-1, 1)
+    with the ``align_corners=False`` convention: pixel ``i`` is at ``(2 i + 1) / size - 1``."""
+    return (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1
 
 
 def pixel_centre_grid(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
@@ -16,9 +31,7 @@ def pixel_centre_grid(height: int, width: int, device: torch.device | None = Non
     Returns ``[height * width, 2]`` in (-1, 1), with the ``align_corners=False`` convention, so the point
     ``(i + 0.5) / width`` of any output size falls on the same place of the image.
     """
-    ys = (torch.arange(height, device=device, dtype=torch.float32) * 2 + 1) / height - 1
-    xs = (torch.arange(width, device=device, dtype=torch.float32) * 2 + 1) / width - 1
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    grid_y, grid_x = torch.meshgrid(pixel_centres(height, device), pixel_centres(width, device), indexing="ij")
     return torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2)
 
 
@@ -27,6 +40,21 @@ def grid_coordinates(index: torch.Tensor, height: int, width: int) -> torch.Tens
     rows = torch.div(index, width, rounding_mode="floor")
     cols = index - rows * width
     return torch.stack([(cols * 2 + 1).float() / width - 1, (rows * 2 + 1).float() / height - 1], dim=-1)
+
+
+def stratified_lines(size: int, count: int, device: torch.device | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``count`` of the ``size`` rows (or columns) of a grid, one drawn uniformly from each of ``count``
+    consecutive, near-equal strata: increasing indices ``[count]``.
+
+    Every line has a chance of ``count / size`` and no gap between two drawn lines exceeds two strata, so
+    a sub-lattice of such rows and columns covers the whole image at every step, at full resolution.
+    """
+    if not 1 <= count <= size:
+        raise ValueError(f"cannot draw {count} of {size} lines: the count must be between 1 and the grid size")
+    edges = torch.div(torch.arange(count + 1, device=device) * size, count, rounding_mode="floor")
+    widths = edges[1:] - edges[:-1]
+    offsets = (torch.rand(count, device=device, generator=generator) * widths).long()
+    return edges[:-1] + torch.minimum(offsets, widths - 1)  # a float product may round up to the width
 
 
 def fourier_encoding_dim(num_frequencies: int, coord_dim: int = 2) -> int:

@@ -34,12 +34,17 @@ class ImageEncoding(NamedTuple):
 
 
 class IMedSAMOutput(NamedTuple):
-    """Full decoder output, ``[B, N, H, W]`` each (``K`` refined points per box)."""
+    """Full decoder output, ``[B, N, H, W]`` each (``K`` refined points per box).
+
+    With ``query_lines`` the maps cover only those rows and columns of the output grid: ``H x W`` is then
+    the sub-lattice's size, and a loss reads its target at the same lines.
+    """
 
     logits: torch.Tensor
     coarse_logits: torch.Tensor
     uncertainty: torch.Tensor | None  #: MC-dropout logit variance; None for ``use_inr=False``
     refined_index: torch.Tensor | None  #: ``[B, N, K]`` raster indices refined by the fine INR
+    query_lines: tuple[torch.Tensor, torch.Tensor] | None = None  #: ``(rows, columns)`` decoded, None: all
 
 
 class IMedSAM(nn.Module):
@@ -198,11 +203,13 @@ class IMedSAM(nn.Module):
         output_size: tuple[int, int] | None = None,
         class_ids: torch.Tensor | None = None,
         mode: str | None = None,
+        query_lines: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> IMedSAMOutput:
         """Decode every box of every image: final and coarse logits, uncertainty and refined points.
 
         ``mode`` is ``"exact"`` or ``"adaptive"`` (default: the model's ``decode_mode``); training always
-        decodes exactly.
+        decodes exactly. ``query_lines = (rows, columns)`` decodes only that sub-lattice of the output grid
+        (see :meth:`ImplicitSegmentationDecoder.forward`); the output carries them.
         """
         mode = self.decode_mode if mode is None else mode
         if mode not in DECODE_MODES:
@@ -223,12 +230,17 @@ class IMedSAM(nn.Module):
         out_h, out_w = int(output_size[0]), int(output_size[1])
         if self.decoder is None:
             logits = F.interpolate(sam_masks, size=(out_h, out_w), mode="bilinear", align_corners=False)
-            logits = logits.view(batch, num_boxes, out_h, out_w)
-            return IMedSAMOutput(logits, logits, None, None)
-        out = self.decoder(box_features, per_prompt, (out_h, out_w), ids, mode=mode)
-        shape = (batch, num_boxes, out_h, out_w)
+            if query_lines is not None:
+                rows, columns = (torch.as_tensor(lines, device=logits.device).long() for lines in query_lines)
+                logits = logits.index_select(-2, rows).index_select(-1, columns)
+            logits = logits.view(batch, num_boxes, *logits.shape[-2:])
+            return IMedSAMOutput(logits, logits, None, None, query_lines)
+        out = self.decoder(box_features, per_prompt, (out_h, out_w), ids, mode=mode, query_lines=query_lines)
+        shape = (batch, num_boxes, *out.logits.shape[-2:])
         refined = None if out.refined_index is None else out.refined_index.view(batch, num_boxes, -1)
-        return IMedSAMOutput(out.logits.view(shape), out.coarse_logits.view(shape), out.uncertainty.view(shape), refined)
+        return IMedSAMOutput(
+            out.logits.view(shape), out.coarse_logits.view(shape), out.uncertainty.view(shape), refined, query_lines
+        )
 
     def decode(
         self,
@@ -252,14 +264,18 @@ class IMedSAM(nn.Module):
         boxes: torch.Tensor,
         output_size: tuple[int, int] | None = None,
         return_all: bool = False,
+        query_lines: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """Logits ``[B, N, H, W]``; with ``return_all`` the whole :class:`IMedSAMOutput` (what training needs,
-        through ``forward`` so that DistributedDataParallel sees the call). ``boxes`` may be a nested list."""
+        through ``forward`` so that DistributedDataParallel sees the call). ``boxes`` may be a nested list.
+        ``query_lines`` (with ``return_all``): decode only those rows and columns, see :meth:`decode_all`."""
         if not isinstance(boxes, torch.Tensor):
             boxes = torch.as_tensor(boxes, dtype=torch.float32, device=image.device)
+        if query_lines is not None and not return_all:
+            raise ValueError("query_lines need return_all=True: the output must carry the lines its maps cover")
         encoding = self.encode(image)
         if return_all:
-            return self.decode_all(encoding, boxes, output_size)
+            return self.decode_all(encoding, boxes, output_size, query_lines=query_lines)
         return self.decode(encoding, boxes, output_size)
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .coordinates import bilinear_taps, fourier_encoding, fourier_encoding_dim, grid_coordinates
+from .coordinates import bilinear_taps, fourier_encoding, fourier_encoding_dim, pixel_centres
 
 __all__ = ["ImplicitDecoderOutput", "ImplicitSegmentationDecoder"]
 
@@ -18,18 +18,39 @@ class _FirstLayerTable(NamedTuple):
     values: torch.Tensor  # [rows, C]: box-map rows of every prompt, image-map rows, grid columns, grid rows
     box_size: tuple[int, int]
     image_size: tuple[int, int]
-    height: int
-    width: int
+    ys: torch.Tensor  # [height] normalised y of the query grid's rows
+    xs: torch.Tensor  # [width] normalised x of its columns
     prompts: int
+    pixel_grid: bool  # the rows and columns are all the pixel centres of an output (its taps can be cached)
+
+    @property
+    def height(self) -> int:
+        return self.ys.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.xs.shape[0]
 
 
 class ImplicitDecoderOutput(NamedTuple):
-    """Per-prompt decoder outputs on an ``H x W`` query grid (``P`` prompts, ``K`` refined points each)."""
+    """Per-prompt decoder outputs on an ``H x W`` query grid (``P`` prompts, ``K`` refined points each).
+
+    The query grid is the output grid, or the sub-lattice of its rows and columns given as ``query_lines``.
+    """
 
     logits: torch.Tensor  #: ``[P, H, W]`` coarse logits with the refined points replaced by fine logits
     coarse_logits: torch.Tensor  #: ``[P, H, W]``
     uncertainty: torch.Tensor  #: ``[P, H, W]`` MC-dropout variance of the coarse logit
     refined_index: torch.Tensor | None  #: ``[P, K]`` raster indices refined by the fine INR, None when UGS is off
+
+
+def _checked_lines(lines: torch.Tensor, size: int, name: str) -> torch.Tensor:
+    lines = torch.as_tensor(lines)
+    if lines.dim() != 1 or lines.numel() == 0 or lines.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"query {name}s must be a non-empty 1-D integer tensor, got {lines.dtype} of shape {tuple(lines.shape)}")
+    if lines.min() < 0 or lines.max() >= size:
+        raise ValueError(f"query {name}s must be in [0, {size - 1}] for an output of {size} {name}s, got {lines.min()}..{lines.max()}")
+    return lines.long()
 
 
 def _mlp_block(width_in: int, width_out: int) -> list[nn.Module]:
@@ -63,7 +84,9 @@ class ImplicitSegmentationDecoder(nn.Module):
     * ``mode="adaptive"`` (eval) decodes a grid coarser by a power of two (at most ``adaptive_coarse_size``
       on a side) and, at each finer level up to the output, only the ``adaptive_points`` points nearest
       the predicted boundary; the fine INR re-predicts those of the last level. Its cost grows with the
-      boundary's length, not with the output's area.
+      boundary's length, not with the output's area;
+    * ``query_lines`` decodes only a sub-lattice of the output's rows and columns: training on a random one
+      each step costs what a coarser grid costs, while the loss still reads the mask at full resolution.
 
     Args:
         box_channels: channels of the box-conditioned map (SAM: 32).
@@ -164,9 +187,11 @@ class ImplicitSegmentationDecoder(nn.Module):
 
     # -- first layers, as one embedding table ------------------------------------------------------------
     def _first_layer_table(
-        self, layer: nn.Linear, box_features, image_features, height: int, width: int, fold=None, dtype=None
-    ):
-        """The first layer of an INR on an ``height x width`` query grid, as rows of one table.
+        self, layer: nn.Linear, box_features, image_features, ys: torch.Tensor, xs: torch.Tensor, fold=None, dtype=None,
+        pixel_grid: bool = True,
+    ):  # fmt: skip
+        """The first layer of an INR on the query grid of rows at ``ys`` and columns at ``xs`` (normalised
+        coordinates), as rows of one table.
 
         Its map parts are applied to the maps (channel-last), its coordinate part to every grid column and
         every grid row: gamma(p) is a concatenation of functions of x alone and of y alone, so
@@ -181,9 +206,6 @@ class ImplicitSegmentationDecoder(nn.Module):
         coord_w = weight[:, self.box_channels + self.image_channels : self.point_dim]
         box_map = F.linear(box_features.permute(0, 2, 3, 1), box_w, layer.bias)
         image_map = F.linear(image_features.permute(0, 2, 3, 1), image_w)
-        device = box_features.device
-        xs = (torch.arange(width, device=device, dtype=torch.float32) * 2 + 1) / width - 1
-        ys = (torch.arange(height, device=device, dtype=torch.float32) * 2 + 1) / height - 1
         origin = F.linear(fourier_encoding(xs.new_zeros(1, 2), self.num_frequencies), coord_w)
         columns = F.linear(fourier_encoding(torch.stack([xs, torch.zeros_like(xs)], -1), self.num_frequencies), coord_w) - origin
         rows = F.linear(fourier_encoding(torch.stack([torch.zeros_like(ys), ys], -1), self.num_frequencies), coord_w)
@@ -197,16 +219,19 @@ class ImplicitSegmentationDecoder(nn.Module):
             values if dtype is None else values.to(dtype),
             tuple(box_features.shape[-2:]),
             tuple(image_features.shape[-2:]),
-            height,
-            width,
+            ys,
+            xs,
             box_features.shape[0],
+            pixel_grid,
         )
 
     @staticmethod
     def _taps(table: _FirstLayerTable, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Table rows ``[P, N, 10]`` and weights of the points at raster ``index [P, N]``."""
         prompts = index.shape[0]
-        coords = grid_coordinates(index, table.height, table.width)
+        grid_row = torch.div(index, table.width, rounding_mode="floor")
+        grid_column = index - grid_row * table.width
+        coords = torch.stack([table.xs[grid_column], table.ys[grid_row]], dim=-1)
         (bh, bw), (ih, iw) = table.box_size, table.image_size
         box_rows, box_weights = bilinear_taps(bh, bw, coords)
         image_rows, image_weights = bilinear_taps(ih, iw, coords)
@@ -214,16 +239,18 @@ class ImplicitSegmentationDecoder(nn.Module):
         box_rows = box_rows + prompt * (bh * bw)
         image_rows = image_rows + prompt * (ih * iw) + prompts * bh * bw
         line_start = prompts * (bh * bw + ih * iw)
-        grid_row = torch.div(index, table.width, rounding_mode="floor")
-        columns = (index - grid_row * table.width + line_start).unsqueeze(-1)
+        columns = (grid_column + line_start).unsqueeze(-1)
         lines = (grid_row + line_start + table.width).unsqueeze(-1)
         taps = torch.cat([box_rows, image_rows, columns, lines], dim=-1)
         weights = torch.cat([box_weights, image_weights, box_weights.new_ones(*index.shape, 2)], dim=-1)
         return taps, weights.to(table.values.dtype)
 
     def _dense_taps(self, table: _FirstLayerTable, prompts: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`_taps` of the whole grid, kept for the next call: they depend only on the sizes, so
-        re-prompting at the same output size skips computing them."""
+        """:meth:`_taps` of the whole grid, kept for the next call when it is an output's pixel grid: they
+        depend only on the sizes, so re-prompting at the same output size skips computing them."""
+        if not table.pixel_grid:  # a training sub-lattice, drawn afresh at every step
+            index = torch.arange(table.height * table.width, device=table.values.device).expand(prompts, -1)
+            return self._taps(table, index)
         key = (table.height, table.width, tuple(table.box_size), tuple(table.image_size), prompts,
                table.values.device, table.values.dtype)  # fmt: skip
         if key not in self._dense_taps_cache:
@@ -351,9 +378,9 @@ class ImplicitSegmentationDecoder(nn.Module):
         return torch.cat(logits, dim=1), torch.cat(variances, dim=1), kept
 
     def _refine(
-        self, box_features, image_features, size, index, class_ids, coarse_table, run_coarse, kept_trunk, dtype, kept_positions=None
+        self, box_features, image_features, index, class_ids, coarse_table, run_coarse, kept_trunk, dtype, kept_positions=None
     ):
-        """Fine logits ``[P, K]`` at raster ``index [P, K]`` of a grid of ``size``.
+        """Fine logits ``[P, K]`` at raster ``index [P, K]`` of the query grid of ``coarse_table``.
 
         The coarse trunk there is taken from ``kept_trunk`` (rows at ``kept_positions``, by default the
         raster indices themselves) or recomputed when nothing was kept.
@@ -362,7 +389,9 @@ class ImplicitSegmentationDecoder(nn.Module):
             kept_positions = index
         prompts = index.shape[0]
         fold = self._fold(self.fine_trunk)
-        fine_table = self._first_layer_table(self.fine_input, box_features, image_features, *size, fold=fold, dtype=dtype)
+        fine_table = self._first_layer_table(
+            self.fine_input, box_features, image_features, coarse_table.ys, coarse_table.xs, fold, dtype, coarse_table.pixel_grid
+        )
         feature_w = self.fine_input.weight[:, self.point_dim :]
         if fold is not None:
             feature_w = feature_w * fold[0].unsqueeze(-1)
@@ -389,21 +418,37 @@ class ImplicitSegmentationDecoder(nn.Module):
         output_size: tuple[int, int],
         class_ids: torch.Tensor | None = None,
         mode: str = "exact",
+        query_lines: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> ImplicitDecoderOutput:
-        """Decode every prompt on an ``output_size`` grid; ``mode`` is ``"exact"`` or ``"adaptive"`` (eval only)."""
+        """Decode every prompt on an ``output_size`` grid; ``mode`` is ``"exact"`` or ``"adaptive"`` (eval only).
+
+        ``query_lines = (rows [h], columns [w])``, integer indices of rows and columns of the output grid,
+        decodes only the ``h x w`` sub-lattice they span (exact mode): outputs are then ``[P, h, w]``, and UGS
+        refines its fraction of those points. Training uses it to see every part of a full-resolution
+        mask at a fraction of the points (see :func:`~imedsam.networks.coordinates.stratified_lines`).
+        """
         if mode not in ("exact", "adaptive"):
             raise ValueError(f"mode must be 'exact' or 'adaptive', got {mode!r}")
         prompts = box_features.shape[0]
         height, width = int(output_size[0]), int(output_size[1])
         if class_ids is None:
             class_ids = torch.zeros(prompts, dtype=torch.long, device=box_features.device)
+        device = box_features.device
+        if query_lines is None:
+            ys, xs = pixel_centres(height, device), pixel_centres(width, device)
+        else:
+            if mode == "adaptive" and not self.training:
+                raise ValueError("query_lines decode a given sub-lattice exactly; they cannot be combined with mode='adaptive'")
+            rows, columns = (_checked_lines(lines, size, name) for lines, size, name in zip(query_lines, (height, width), ("row", "column")))
+            ys, xs = pixel_centres(height, device)[rows.to(device)], pixel_centres(width, device)[columns.to(device)]
+            height, width = rows.numel(), columns.numel()
         if mode == "adaptive" and not self.training:
             levels = max(0, math.ceil(math.log2(max(height, width) / self.adaptive_coarse_size)))
             if levels > 0:
                 return self._forward_adaptive(box_features, image_features, (height, width), class_ids, levels)
         dtype = self._compute_dtype(box_features)
         table = self._first_layer_table(
-            self.coarse_input, box_features, image_features, height, width, fold=self._fold(self.coarse_trunk), dtype=dtype
+            self.coarse_input, box_features, image_features, ys, xs, self._fold(self.coarse_trunk), dtype, query_lines is None
         )
         run_coarse = self._trunk_runner(self.coarse_trunk, dtype)
         num_points = height * width
@@ -413,9 +458,7 @@ class ImplicitSegmentationDecoder(nn.Module):
         if k == 0:
             return ImplicitDecoderOutput(coarse.view(shape), coarse.view(shape), variance.view(shape), None)
         refined_index = torch.topk(variance, k, dim=1).indices
-        fine = self._refine(
-            box_features, image_features, (height, width), refined_index, class_ids, table, run_coarse, kept, dtype
-        )
+        fine = self._refine(box_features, image_features, refined_index, class_ids, table, run_coarse, kept, dtype)
         final = coarse.scatter(1, refined_index, fine)
         return ImplicitDecoderOutput(final.view(shape), coarse.view(shape), variance.view(shape), refined_index)
 
@@ -433,8 +476,12 @@ class ImplicitSegmentationDecoder(nn.Module):
             factor = 2 ** (levels - level)
             return math.ceil(height / factor), math.ceil(width / factor)
 
+        def level_table(size: tuple[int, int]) -> _FirstLayerTable:
+            ys, xs = (pixel_centres(n, box_features.device) for n in size)
+            return self._first_layer_table(self.coarse_input, box_features, image_features, ys, xs, fold, dtype)
+
         size = level_size(0)
-        table = self._first_layer_table(self.coarse_input, box_features, image_features, *size, fold=fold, dtype=dtype)
+        table = level_table(size)
         coarse, variance, _ = self._coarse_at(table, None, class_ids, run_coarse, keep_trunk=False)
         for level in range(1, levels + 1):
             previous, size = size, level_size(level)
@@ -442,7 +489,7 @@ class ImplicitSegmentationDecoder(nn.Module):
                 F.interpolate(x.view(prompts, 1, *previous), size=size, mode="bilinear", align_corners=False).view(prompts, -1)
                 for x in (coarse, variance)
             )
-            table = self._first_layer_table(self.coarse_input, box_features, image_features, *size, fold=fold, dtype=dtype)
+            table = level_table(size)
             points = min(self.adaptive_points, size[0] * size[1])
             index = torch.topk(-coarse.abs(), points, dim=1).indices
             at_points, variance_at_points, kept = self._coarse_at(table, index, class_ids, run_coarse, keep_trunk=True)
@@ -453,8 +500,6 @@ class ImplicitSegmentationDecoder(nn.Module):
             return ImplicitDecoderOutput(coarse.view(shape), coarse.view(shape), variance.view(shape), None)
         # the kept trunk rows are in the order of ``index``
         positions = torch.arange(index.shape[1], device=index.device).expand(prompts, -1)
-        fine = self._refine(
-            box_features, image_features, size, index, class_ids, table, run_coarse, kept, dtype, kept_positions=positions
-        )
+        fine = self._refine(box_features, image_features, index, class_ids, table, run_coarse, kept, dtype, kept_positions=positions)
         final = coarse.scatter(1, index, fine)
         return ImplicitDecoderOutput(final.view(shape), coarse.view(shape), variance.view(shape), index)
