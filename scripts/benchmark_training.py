@@ -3,9 +3,11 @@
 
     python scripts/benchmark_training.py                                  # vit_b, 384, batch 1 and 4
     python scripts/benchmark_training.py --encoder vit_tiny --label-sizes 128 384 --batch-sizes 1
+    python scripts/benchmark_training.py --label-sizes 384 --query-sizes all 192   # every pixel, sub-lattice
 
 A step is what the bundle's trainer does: encode, decode every box with UGS at ``label_size`` x
-``label_size`` query points, the coarse + fine loss, backward, AdamW. SAM's weights are frozen as with an
+``label_size`` query points (or, with a query size, on a random sub-lattice of that many rows and columns
+of that grid, as the bundle's ``train_query_size`` does), the coarse + fine loss, backward, AdamW. SAM's weights are frozen as with an
 official checkpoint (random weights here: speed does not depend on them). Each configuration runs in its
 own process so that its peak RSS is its own. Times are medians over --repeats steps after one warm-up
 step. GFLOP/s is the step's FLOP count (torch's FlopCounterMode) over its time, beside a 2048 x 2048 fp32
@@ -15,6 +17,7 @@ matmul measured in the same process.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import statistics
@@ -27,7 +30,7 @@ from benchmark_common import count_gflop, matmul_gflops
 
 
 def run_one(args) -> dict:
-    from imedsam.engine import parameter_groups
+    from imedsam.engine import PromptInferer, parameter_groups
     from imedsam.losses import CoarseFineLoss
     from imedsam.networks import IMedSAM
 
@@ -36,6 +39,7 @@ def run_one(args) -> dict:
     model = IMedSAM(encoder=args.encoder, image_size=size, freeze_sam=True).train()
     optimizer = torch.optim.AdamW(parameter_groups(model, 1e-3), lr=1e-3)
     loss_fn = CoarseFineLoss()
+    inferer = PromptInferer((label, label), return_all=True, query_size=args.query_size)
     images = torch.rand(batch, 3, size, size)
     boxes = torch.tensor([[0.2 * size, 0.25 * size, 0.7 * size, 0.8 * size]]).repeat(batch, 1).unsqueeze(1)
     target = torch.zeros(batch, 1, label, label)
@@ -43,7 +47,7 @@ def run_one(args) -> dict:
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        out = model(images, boxes, output_size=(label, label), return_all=True)
+        out = inferer(images, model, boxes=boxes)
         loss = loss_fn(out, target)
         loss.backward()
         optimizer.step()
@@ -61,6 +65,7 @@ def run_one(args) -> dict:
         "image_size": size,
         "batch": batch,
         "label_size": label,
+        "query_points": (args.query_size or label) ** 2,
         "step_s": seconds,
         "gflop": gflop,
         "gflops": gflop / seconds,
@@ -76,10 +81,13 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=384)
     parser.add_argument("--label-sizes", type=int, nargs="+", default=[384])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--query-sizes", nargs="+", default=["all"],
+                        help="rows and columns of the label grid decoded per step: 'all' (every pixel) or a number")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a single configuration, as JSON
     parser.add_argument("--label-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--query-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(run_one(args)))
@@ -87,17 +95,24 @@ def main() -> None:
 
     print(f"I-MedSAM training-step benchmark: encoder={args.encoder} image_size={args.image_size} "
           f"torch={torch.__version__} repeats={args.repeats} (medians; SAM frozen, LoRA + adapters + decoder train)")
-    print(f"{'batch':>5s} {'query grid':>10s} {'step s':>8s} {'s/image':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} "
+    try:
+        queries = [None if q == "all" else int(q) for q in args.query_sizes]
+    except ValueError:
+        parser.error(f"--query-sizes takes 'all' or numbers of rows and columns, got {args.query_sizes}")
+    for query in queries:
+        if query is not None and not 1 <= query <= min(args.label_sizes):
+            parser.error(f"query size {query} must be between 1 and the smallest label grid, {min(args.label_sizes)}")
+    print(f"{'batch':>5s} {'label grid':>10s} {'queries':>9s} {'step s':>8s} {'s/image':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} "
           f"{'matmul GFLOP/s':>15s} {'ratio':>6s} {'peak RSS MiB':>13s}")
-    for label in args.label_sizes:
-        for batch in args.batch_sizes:
-            command = [sys.executable, __file__, "--one", "--encoder", args.encoder, "--image-size", str(args.image_size),
-                       "--label-size", str(label), "--batch-size", str(batch), "--repeats", str(args.repeats)]
-            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-            print(f"{batch:5d} {label:>6d}^2   {result['step_s']:8.2f} {result['step_s'] / batch:8.2f} {result['gflop']:8.0f} "
-                  f"{result['gflops']:8.1f} {result['matmul_gflops']:15.1f} {result['gflops'] / result['matmul_gflops']:6.2f} "
-                  f"{result['peak_rss_mib']:13.0f}")
-
+    for label, query, batch in itertools.product(args.label_sizes, queries, args.batch_sizes):
+        command = [sys.executable, __file__, "--one", "--encoder", args.encoder, "--image-size", str(args.image_size),
+                   "--label-size", str(label), "--batch-size", str(batch), "--repeats", str(args.repeats)]
+        if query is not None:
+            command += ["--query-size", str(query)]
+        result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        print(f"{batch:5d} {label:>6d}^2   {result['query_points']:9d} {result['step_s']:8.2f} {result['step_s'] / batch:8.2f} "
+              f"{result['gflop']:8.0f} {result['gflops']:8.1f} {result['matmul_gflops']:15.1f} "
+              f"{result['gflops'] / result['matmul_gflops']:6.2f} {result['peak_rss_mib']:13.0f}")
 
 if __name__ == "__main__":
     main()
