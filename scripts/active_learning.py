@@ -118,6 +118,8 @@ def main(argv=None) -> int:
     parser.add_argument("--image_size", type=int, default=128)
     parser.add_argument("--label_size", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--train_query_size", type=int,
+                        help="rows and columns of the label grid each training step decodes (default: every pixel, as in docs/results.md)")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--encoder_lr_scale", type=float, default=1.0)
     parser.add_argument("--bundle_dir", default=BUNDLE)
@@ -133,7 +135,8 @@ def main(argv=None) -> int:
         parser.exit(2, "active_learning: error: the plot needs matplotlib: pip install 'imedsam[study]'\n")
 
     overrides = {"encoder": args.encoder, "image_size": args.image_size, "label_size": args.label_size, "batch_size": args.batch_size,
-                 "learning_rate": args.learning_rate, "encoder_lr_scale": args.encoder_lr_scale}
+                 "learning_rate": args.learning_rate, "encoder_lr_scale": args.encoder_lr_scale,
+                 "train_query_size": args.train_query_size or args.label_size}
     if args.sam_checkpoint:
         overrides["sam_checkpoint"] = args.sam_checkpoint
     if args.initial_checkpoint:

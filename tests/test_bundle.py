@@ -65,16 +65,18 @@ def test_run_form_trains_too_and_generates_missing_demo_data(tmp_path):
     assert (demo / "split.json").is_file() and (tmp_path / "m" / "model.pt").is_file()
 
 
-def test_training_on_a_query_sub_lattice_of_the_full_resolution_mask(tmp_path):
+def test_training_decodes_a_half_size_sub_lattice_by_default_and_every_pixel_on_request(tmp_path):
     parser = ConfigParser()
     parser.read_config(TRAIN)
-    parser.update({"train_query_size": 16, "label_size": 48})
+    parser.update({"label_size": 48})
     inferer = parser.get_parsed_content("train#inferer")
-    assert inferer.query_size == 16 and inferer.output_size == (48, 48)
+    assert inferer.query_size == 24 and inferer.output_size == (48, 48)
+    # the `trained` fixture runs the default; here the command line asks for every pixel (monai.bundle drops
+    # a None override, so "every pixel" is the grid's own size)
     write_synthetic_dataset(tmp_path / "data", count=6, size=(64, 64))
-    log = ok(bundle("run", "training", "--config_file", TRAIN, *SMALL, "--label_size", "48", "--train_query_size", "16",
+    log = ok(bundle("run", "training", "--config_file", TRAIN, *SMALL, "--label_size", "48", "--train_query_size", "48",
                     *folders(tmp_path)))
-    assert "train_loss" in log and "val_mean_dice" in log and (tmp_path / "models" / "model.pt").is_file()
+    assert "train_query_size: 48" in log and "val_mean_dice" in log and (tmp_path / "models" / "model.pt").is_file()
 
 
 def test_evaluate_at_another_label_size_writes_csv_summary_and_overlays(trained):

@@ -212,7 +212,8 @@ def test_labels_scoring_active_learning_and_retraining(server):
     chosen = client.post("/activelearning/ugs", json={}).json()
     assert chosen["id"] == max(scores["scored"], key=scores["scored"].get) and chosen["stale"] is False
 
-    stats = client.post("/train/imedsam?run_sync=true", json={"max_epochs": 1, "train_label_size": 32, "label_size": 32}).json()
+    settings = {"max_epochs": 1, "train_label_size": 32, "train_query_size": 16, "label_size": 32}
+    stats = client.post("/train/imedsam?run_sync=true", json=settings).json()
     assert stats["train_samples"] + stats["val_samples"] == 2 and 0 <= stats["best_val_dice"] <= 1
     published = server["app_dir"] / "model" / "imedsam.pt"
     assert published.is_file()

@@ -83,6 +83,9 @@ def test_inferer_draws_a_fresh_sub_lattice_each_call_and_the_loss_follows_it(ima
     loss = CoarseFineLoss()(first, target)
     loss.backward()
     assert torch.isfinite(loss) and model.decoder.coarse_input.weight.grad.abs().sum() > 0
+    # a query size equal to a square output grid is every pixel: the plain full-grid decode
+    whole = PromptInferer(output_size=(40, 40), return_all=True, query_size=40)(images, model, boxes=boxes)
+    assert whole.logits.shape == (2, 1, 40, 40) and whole.query_lines is None
 
 
 def test_inferer_refuses_a_query_size_it_cannot_use(images, boxes):

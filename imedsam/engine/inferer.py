@@ -23,7 +23,8 @@ class PromptInferer(Inferer):
         query_size: with ``return_all`` (training), decode at each call a fresh random ``query_size x
             query_size`` sub-lattice of the output grid, one row and one column of every stratum
             (:func:`~imedsam.networks.coordinates.stratified_lines`); the output carries its lines so that
-            :class:`~imedsam.losses.CoarseFineLoss` reads the full-resolution target there. None: every pixel.
+            :class:`~imedsam.losses.CoarseFineLoss` reads the full-resolution target there. None, or the
+            output grid's size: every pixel.
 
     Called as ``inferer(images, network, boxes=..., output_size=...)``; an ``output_size`` given in the call
     (a ``[B, 2]`` tensor from the batch, all rows equal) wins over the constructor's.
@@ -63,6 +64,8 @@ class PromptInferer(Inferer):
             height, width = size if size is not None else inputs.shape[-2:]
             if self.query_size > min(height, width):
                 raise ValueError(f"query_size {self.query_size} exceeds the output grid {height} x {width}")
+            if self.query_size == height == width:
+                return network(inputs, boxes, size, return_all=True)
             lines = tuple(stratified_lines(n, self.query_size, inputs.device) for n in (height, width))
             return network(inputs, boxes, size, return_all=True, query_lines=lines)
         if not self.with_uncertainty:

@@ -113,6 +113,7 @@ class IMedSAMTrainer(TrainTask):
             "batch_size": 2,
             "learning_rate": 0.001,
             "train_label_size": 128,
+            "train_query_size": 64,  # rows and columns of the label grid per step (docs/speed.md); 128: every pixel
             "label_size": 128,
             "seed": 0,
         }
@@ -159,6 +160,7 @@ class IMedSAMTrainer(TrainTask):
             batch_size=int(settings["batch_size"]),
             learning_rate=float(settings["learning_rate"]),
             train_label_size=int(settings["train_label_size"]),
+            train_query_size=int(settings["train_query_size"]),
             label_size=int(settings["label_size"]),
             seed=int(settings["seed"]),
             val_interval=1,
