@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     parser.add_argument("--label_size", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--train_query_size", type=int,
-                        help="rows and columns of the label grid each training step decodes (default: every pixel, as in docs/results.md)")
+                        help="rows and columns of the label grid each training step decodes "
+                             "(default: every pixel, as in docs/results.md)")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--encoder_lr_scale", type=float, default=1.0)
     parser.add_argument("--bundle_dir", default=BUNDLE)

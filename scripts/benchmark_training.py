@@ -7,11 +7,11 @@
 
 A step is what the bundle's trainer does: encode, decode every box with UGS at ``label_size`` x
 ``label_size`` query points (or, with a query size, on a random sub-lattice of that many rows and columns
-of that grid, as the bundle's ``train_query_size`` does), the coarse + fine loss, backward, AdamW. SAM's weights are frozen as with an
-official checkpoint (random weights here: speed does not depend on them). Each configuration runs in its
-own process so that its peak RSS is its own. Times are medians over --repeats steps after one warm-up
-step. GFLOP/s is the step's FLOP count (torch's FlopCounterMode) over its time, beside a 2048 x 2048 fp32
-matmul measured in the same process.
+of that grid, as the bundle's ``train_query_size`` does), the coarse + fine loss, backward, AdamW. SAM's
+weights are frozen as with an official checkpoint (random weights here: speed does not depend on them).
+Each configuration runs in its own process so that its peak RSS is its own. Times are medians over
+--repeats steps after one warm-up step. GFLOP/s is the step's FLOP count (torch's FlopCounterMode) over
+its time, beside a 2048 x 2048 fp32 matmul measured in the same process.
 """
 
 from __future__ import annotations

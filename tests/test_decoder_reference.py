@@ -114,7 +114,8 @@ def test_training_trunk_matches_reference_with_batch_statistics():
 
     point_input = torch.cat([sample(box_features), sample(image_features), fourier_encoding(flat_grid).expand(2, -1, -1)], -1)
     expected = decoder.coarse_trunk(decoder.coarse_input(point_input.reshape(-1, point_input.shape[-1])))
-    table = decoder._first_layer_table(decoder.coarse_input, box_features, image_features, pixel_centres(height), pixel_centres(width))
+    ys, xs = pixel_centres(height), pixel_centres(width)
+    table = decoder._first_layer_table(decoder.coarse_input, box_features, image_features, ys, xs)
     first = decoder._first_layer(table, dense=slice(0, height * width))
     trunk = decoder._trunk_runner(decoder.coarse_trunk, torch.float32)(first)
     torch.testing.assert_close(trunk.reshape(-1, trunk.shape[-1]), expected, atol=1e-4, rtol=1e-4)

@@ -42,7 +42,9 @@ def grid_coordinates(index: torch.Tensor, height: int, width: int) -> torch.Tens
     return torch.stack([(cols * 2 + 1).float() / width - 1, (rows * 2 + 1).float() / height - 1], dim=-1)
 
 
-def stratified_lines(size: int, count: int, device: torch.device | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def stratified_lines(
+    size: int, count: int, device: torch.device | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """``count`` of the ``size`` rows (or columns) of a grid, one drawn uniformly from each of ``count``
     consecutive, near-equal strata: increasing indices ``[count]``.
 

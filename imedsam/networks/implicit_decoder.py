@@ -49,7 +49,9 @@ def _checked_lines(lines: torch.Tensor, size: int, name: str) -> torch.Tensor:
     if lines.dim() != 1 or lines.numel() == 0 or lines.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"query {name}s must be a non-empty 1-D integer tensor, got {lines.dtype} of shape {tuple(lines.shape)}")
     if lines.min() < 0 or lines.max() >= size:
-        raise ValueError(f"query {name}s must be in [0, {size - 1}] for an output of {size} {name}s, got {lines.min()}..{lines.max()}")
+        raise ValueError(
+            f"query {name}s must be in [0, {size - 1}] for an output of {size} {name}s, got {int(lines.min())}..{int(lines.max())}"
+        )
     return lines.long()
 
 
@@ -439,7 +441,8 @@ class ImplicitSegmentationDecoder(nn.Module):
         else:
             if mode == "adaptive" and not self.training:
                 raise ValueError("query_lines decode a given sub-lattice exactly; they cannot be combined with mode='adaptive'")
-            rows, columns = (_checked_lines(lines, size, name) for lines, size, name in zip(query_lines, (height, width), ("row", "column")))
+            rows = _checked_lines(query_lines[0], height, "row")
+            columns = _checked_lines(query_lines[1], width, "column")
             ys, xs = pixel_centres(height, device)[rows.to(device)], pixel_centres(width, device)[columns.to(device)]
             height, width = rows.numel(), columns.numel()
         if mode == "adaptive" and not self.training:
@@ -500,6 +503,8 @@ class ImplicitSegmentationDecoder(nn.Module):
             return ImplicitDecoderOutput(coarse.view(shape), coarse.view(shape), variance.view(shape), None)
         # the kept trunk rows are in the order of ``index``
         positions = torch.arange(index.shape[1], device=index.device).expand(prompts, -1)
-        fine = self._refine(box_features, image_features, index, class_ids, table, run_coarse, kept, dtype, kept_positions=positions)
+        fine = self._refine(
+            box_features, image_features, index, class_ids, table, run_coarse, kept, dtype, kept_positions=positions
+        )
         final = coarse.scatter(1, index, fine)
         return ImplicitDecoderOutput(final.view(shape), coarse.view(shape), variance.view(shape), index)

@@ -113,7 +113,7 @@ class IMedSAMTrainer(TrainTask):
             "batch_size": 2,
             "learning_rate": 0.001,
             "train_label_size": 128,
-            "train_query_size": 64,  # rows and columns of the label grid per step (docs/speed.md); 128: every pixel
+            "train_query_size": 64,  # label-grid rows and columns per step (docs/speed.md); = train_label_size: every pixel
             "label_size": 128,
             "seed": 0,
         }
