@@ -108,3 +108,5 @@ def test_sam_mask_ablation_is_read_at_the_same_lines(images, boxes):
         sub = model(images, boxes, (40, 36), return_all=True, query_lines=lines)
     torch.testing.assert_close(sub.logits, full.logits[:, :, lines[0]][:, :, :, lines[1]])
     assert sub.query_lines is lines and full.query_lines is None
+    with pytest.raises(ValueError, match=r"query columns must be in \[0, 35\]"):
+        model(images, boxes, (40, 36), return_all=True, query_lines=(torch.tensor([0]), torch.tensor([36])))

@@ -49,6 +49,15 @@ class PromptInferer(Inferer):
         self.return_all = return_all
         self.with_uncertainty = with_uncertainty
 
+    def _query_lines(self, size, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A fresh sub-lattice of the ``size`` output grid, or None for every pixel."""
+        height, width = size
+        if self.query_size is None or self.query_size == height == width:
+            return None
+        if self.query_size > min(height, width):
+            raise ValueError(f"query_size {self.query_size} exceeds the output grid {height} x {width}")
+        return tuple(stratified_lines(n, self.query_size, device) for n in (height, width))
+
     def __call__(self, inputs: torch.Tensor, network, boxes: torch.Tensor | None = None, output_size=None, **kwargs):
         if boxes is None:
             raise ValueError("PromptInferer needs boxes: set prepare_batch to PrepareBatchExtraInput(extra_keys={'boxes': 'box'})")
@@ -59,14 +68,7 @@ class PromptInferer(Inferer):
                 raise ValueError(f"images of one batch must share the output size, got {sizes.tolist()}; use batch_size 1")
             size = tuple(int(v) for v in sizes[0])
         if self.return_all:
-            if self.query_size is None:
-                return network(inputs, boxes, size, return_all=True)
-            height, width = size if size is not None else inputs.shape[-2:]
-            if self.query_size > min(height, width):
-                raise ValueError(f"query_size {self.query_size} exceeds the output grid {height} x {width}")
-            if self.query_size == height == width:
-                return network(inputs, boxes, size, return_all=True)
-            lines = tuple(stratified_lines(n, self.query_size, inputs.device) for n in (height, width))
+            lines = self._query_lines(size or inputs.shape[-2:], inputs.device)
             return network(inputs, boxes, size, return_all=True, query_lines=lines)
         if not self.with_uncertainty:
             return network(inputs, boxes, size)

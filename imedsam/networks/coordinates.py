@@ -10,7 +10,6 @@ import torch.nn.functional as F
 __all__ = [
     "pixel_centres",
     "pixel_centre_grid",
-    "grid_coordinates",
     "stratified_lines",
     "fourier_encoding",
     "fourier_encoding_dim",
@@ -33,13 +32,6 @@ def pixel_centre_grid(height: int, width: int, device: torch.device | None = Non
     """
     grid_y, grid_x = torch.meshgrid(pixel_centres(height, device), pixel_centres(width, device), indexing="ij")
     return torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2)
-
-
-def grid_coordinates(index: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Normalised (x, y) pixel centres ``[..., 2]`` of raster indices ``index`` of an ``height x width`` grid."""
-    rows = torch.div(index, width, rounding_mode="floor")
-    cols = index - rows * width
-    return torch.stack([(cols * 2 + 1).float() / width - 1, (rows * 2 + 1).float() / height - 1], dim=-1)
 
 
 def stratified_lines(

@@ -15,7 +15,7 @@ from .image_encoder import AdaptedImageEncoder
 from .implicit_decoder import ImplicitSegmentationDecoder
 from .presets import build_sam_parts
 from .prompt_path import BoxPromptPath
-from .validation import check_boxes, check_image, check_output_size
+from .validation import check_boxes, check_image, check_output_size, check_query_lines
 
 __all__ = ["IMedSAM", "IMedSAMBoxMask", "ImageEncoding", "IMedSAMOutput"]
 
@@ -231,8 +231,8 @@ class IMedSAM(nn.Module):
         if self.decoder is None:
             logits = F.interpolate(sam_masks, size=(out_h, out_w), mode="bilinear", align_corners=False)
             if query_lines is not None:
-                rows, columns = (torch.as_tensor(lines, device=logits.device).long() for lines in query_lines)
-                logits = logits.index_select(-2, rows).index_select(-1, columns)
+                rows, columns = check_query_lines(query_lines, out_h, out_w)
+                logits = logits.index_select(-2, rows.to(logits.device)).index_select(-1, columns.to(logits.device))
             logits = logits.view(batch, num_boxes, *logits.shape[-2:])
             return IMedSAMOutput(logits, logits, None, None, query_lines)
         out = self.decoder(box_features, per_prompt, (out_h, out_w), ids, mode=mode, query_lines=query_lines)

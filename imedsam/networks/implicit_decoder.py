@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .coordinates import bilinear_taps, fourier_encoding, fourier_encoding_dim, pixel_centres
+from .validation import check_query_lines
 
 __all__ = ["ImplicitDecoderOutput", "ImplicitSegmentationDecoder"]
 
@@ -42,17 +43,6 @@ class ImplicitDecoderOutput(NamedTuple):
     coarse_logits: torch.Tensor  #: ``[P, H, W]``
     uncertainty: torch.Tensor  #: ``[P, H, W]`` MC-dropout variance of the coarse logit
     refined_index: torch.Tensor | None  #: ``[P, K]`` raster indices refined by the fine INR, None when UGS is off
-
-
-def _checked_lines(lines: torch.Tensor, size: int, name: str) -> torch.Tensor:
-    lines = torch.as_tensor(lines)
-    if lines.dim() != 1 or lines.numel() == 0 or lines.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"query {name}s must be a non-empty 1-D integer tensor, got {lines.dtype} of shape {tuple(lines.shape)}")
-    if lines.min() < 0 or lines.max() >= size:
-        raise ValueError(
-            f"query {name}s must be in [0, {size - 1}] for an output of {size} {name}s, got {int(lines.min())}..{int(lines.max())}"
-        )
-    return lines.long()
 
 
 def _mlp_block(width_in: int, width_out: int) -> list[nn.Module]:
@@ -441,8 +431,7 @@ class ImplicitSegmentationDecoder(nn.Module):
         else:
             if mode == "adaptive" and not self.training:
                 raise ValueError("query_lines decode a given sub-lattice exactly; they cannot be combined with mode='adaptive'")
-            rows = _checked_lines(query_lines[0], height, "row")
-            columns = _checked_lines(query_lines[1], width, "column")
+            rows, columns = check_query_lines(query_lines, height, width)
             ys, xs = pixel_centres(height, device)[rows.to(device)], pixel_centres(width, device)[columns.to(device)]
             height, width = rows.numel(), columns.numel()
         if mode == "adaptive" and not self.training:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_image", "check_boxes", "check_output_size"]
+__all__ = ["check_image", "check_boxes", "check_output_size", "check_query_lines"]
 
 
 def check_image(image: torch.Tensor) -> None:
@@ -48,6 +48,22 @@ def check_boxes(boxes: torch.Tensor, batch_size: int, height: int, width: int) -
             raise ValueError(f"{where} has zero area or is inverted: x0 < x1 and y0 < y1 are required")
         if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
             raise ValueError(f"{where} lies outside the {width}x{height} (WxH) image")
+
+
+def check_query_lines(query_lines, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``query_lines = (rows, columns)`` must be non-empty 1-D integer indices into an ``height x width``
+    output grid; returned as int64 tensors."""
+    checked = []
+    for lines, size, name in zip(query_lines, (height, width), ("row", "column")):
+        lines = torch.as_tensor(lines)
+        if lines.dim() != 1 or lines.numel() == 0 or lines.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"query {name}s must be a non-empty 1-D integer tensor, got {lines.dtype} of shape {tuple(lines.shape)}")
+        if lines.min() < 0 or lines.max() >= size:
+            raise ValueError(
+                f"query {name}s must be in [0, {size - 1}] for an output of {size} {name}s, got {int(lines.min())}..{int(lines.max())}"
+            )
+        checked.append(lines.long())
+    return checked[0], checked[1]
 
 
 def check_output_size(output_size) -> tuple[int, int]:
