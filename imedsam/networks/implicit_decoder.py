@@ -23,6 +23,8 @@ class _FirstLayerTable(NamedTuple):
     xs: torch.Tensor  # [width] normalised x of its columns
     prompts: int
     pixel_grid: bool  # the rows and columns are all the pixel centres of an output (its taps can be cached)
+    extent: tuple[float, float] = (1.0, 1.0)  # (height, width) fraction of the maps that the output covers
+    base: torch.Tensor | None = None  # [P * hb * wb, 1 + T]: SAM's mask logit and its T dropout passes
 
     @property
     def height(self) -> int:
@@ -41,7 +43,7 @@ class ImplicitDecoderOutput(NamedTuple):
 
     logits: torch.Tensor  #: ``[P, H, W]`` coarse logits with the refined points replaced by fine logits
     coarse_logits: torch.Tensor  #: ``[P, H, W]``
-    uncertainty: torch.Tensor  #: ``[P, H, W]`` MC-dropout variance of the coarse logit
+    uncertainty: torch.Tensor  #: ``[P, H, W]`` MC-dropout variance (of the logit; of the probability with a mask prior)
     refined_index: torch.Tensor | None  #: ``[P, K]`` raster indices refined by the fine INR, None when UGS is off
 
 
@@ -57,6 +59,13 @@ class ImplicitSegmentationDecoder(nn.Module):
     ``p``. The coarse INR maps it to a logit and ``coarse_feature_dim`` features; T dropout passes of its
     head give a per-point variance; the ``ugs_top_k`` fraction of points with the highest variance, chosen
     per prompt, is re-predicted by the fine INR from the same input plus the coarse features.
+
+    With ``mask_prior`` (the warm start on a pretrained SAM) the decoder refines SAM's own mask logit: that
+    logit is one more channel of the box map, both INRs predict a correction added to its value at the
+    point, and their output layers start at zero, so the untrained decoder reproduces SAM's mask. Its MC
+    passes drop channels of SAM's mask head (rate ``prior_dropout``) as well as the coarse trunk's output,
+    and the uncertainty is the variance of the probability: it is informative before any training, high
+    where the passes disagree about the side of the boundary and near zero deep inside or outside.
 
     How it stays fast and bounded (the maths is that of the plain description above):
 
@@ -97,6 +106,9 @@ class ImplicitSegmentationDecoder(nn.Module):
         precision: ``"float32"`` or ``"bfloat16"`` for the trunks' matmuls in eval mode.
         adaptive_coarse_size: largest side of the first grid of ``mode="adaptive"``.
         adaptive_points: points per prompt evaluated at each finer level of ``mode="adaptive"``.
+        mask_prior: refine SAM's mask logit (``forward`` then needs ``mask_weights``); False is the paper's
+            plain decoder.
+        prior_dropout: dropout probability over SAM's mask-head channels in the MC passes.
 
     Shapes: ``box_features [P, box_channels, hb, wb]``, ``image_features [P, image_channels, g, g]``,
     ``class_ids [P]``; outputs ``[P, H, W]`` (see :class:`ImplicitDecoderOutput`).
@@ -128,6 +140,8 @@ class ImplicitSegmentationDecoder(nn.Module):
         precision: str = "float32",
         adaptive_coarse_size: int = 128,
         adaptive_points: int = 8192,
+        mask_prior: bool = False,
+        prior_dropout: float = 0.1,
     ) -> None:
         super().__init__()
         if precision not in ("float32", "bfloat16"):
@@ -142,7 +156,12 @@ class ImplicitSegmentationDecoder(nn.Module):
             raise ValueError(f"dropout must be in (0, 1), got {dropout}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-        self.box_channels = box_channels
+        if not 0.0 < prior_dropout < 1.0:
+            raise ValueError(f"prior_dropout must be in (0, 1), got {prior_dropout}")
+        self.mask_prior = mask_prior
+        self.prior_dropout = prior_dropout
+        # with a mask prior SAM's mask logit is one more channel of the box map
+        self.box_channels = box_channels + int(mask_prior)
         self.image_channels = image_channels
         self.num_frequencies = num_frequencies
         self.ugs_top_k = ugs_top_k
@@ -154,7 +173,7 @@ class ImplicitSegmentationDecoder(nn.Module):
         self.dropout_p = dropout
         self.train_dropout_pool = 64
         # columns of the first layers: [box map | image embedding | gamma(p)] (+ coarse features for the fine INR)
-        self.point_dim = point_dim = box_channels + image_channels + fourier_encoding_dim(num_frequencies)
+        self.point_dim = point_dim = self.box_channels + image_channels + fourier_encoding_dim(num_frequencies)
         hidden, width = coarse_widths
 
         self.coarse_input = nn.Linear(point_dim, hidden)
@@ -171,6 +190,16 @@ class ImplicitSegmentationDecoder(nn.Module):
         generator = torch.Generator().manual_seed(mc_seed)
         keep = (torch.rand(mc_samples, width, generator=generator) >= dropout).float() / (1.0 - dropout)
         self.register_buffer("mc_masks", keep, persistent=False)
+        prior_keep = (torch.rand(mc_samples, box_channels, generator=generator) >= prior_dropout).float() / (1.0 - prior_dropout)
+        self.register_buffer("prior_mc_masks", prior_keep, persistent=False)
+        if mask_prior:
+            # Corrections to SAM's logit start at zero: the untrained decoder predicts exactly what SAM does.
+            for head in self.coarse_heads:
+                nn.init.zeros_(head.weight[:1])
+                nn.init.zeros_(head.bias[:1])
+            for head in self.fine_heads:
+                nn.init.zeros_(head[-1].weight)
+                nn.init.zeros_(head[-1].bias)
         self._dense_taps_cache: dict = {}
 
     @property
@@ -180,7 +209,7 @@ class ImplicitSegmentationDecoder(nn.Module):
     # -- first layers, as one embedding table ------------------------------------------------------------
     def _first_layer_table(
         self, layer: nn.Linear, box_features, image_features, ys: torch.Tensor, xs: torch.Tensor, fold=None, dtype=None,
-        pixel_grid: bool = True,
+        pixel_grid: bool = True, extent: tuple[float, float] = (1.0, 1.0), base: torch.Tensor | None = None,
     ):  # fmt: skip
         """The first layer of an INR on the query grid of rows at ``ys`` and columns at ``xs`` (normalised
         coordinates), as rows of one table.
@@ -215,6 +244,8 @@ class ImplicitSegmentationDecoder(nn.Module):
             xs,
             box_features.shape[0],
             pixel_grid,
+            extent,
+            base,
         )
 
     @staticmethod
@@ -224,6 +255,8 @@ class ImplicitSegmentationDecoder(nn.Module):
         grid_row = torch.div(index, table.width, rounding_mode="floor")
         grid_column = index - grid_row * table.width
         coords = torch.stack([table.xs[grid_column], table.ys[grid_row]], dim=-1)
+        if table.extent != (1.0, 1.0):  # the output covers the top-left part of padded maps
+            coords = (coords + 1) * coords.new_tensor([table.extent[1], table.extent[0]]) - 1
         (bh, bw), (ih, iw) = table.box_size, table.image_size
         box_rows, box_weights = bilinear_taps(bh, bw, coords)
         image_rows, image_weights = bilinear_taps(ih, iw, coords)
@@ -244,7 +277,7 @@ class ImplicitSegmentationDecoder(nn.Module):
             index = torch.arange(table.height * table.width, device=table.values.device).expand(prompts, -1)
             return self._taps(table, index)
         key = (table.height, table.width, tuple(table.box_size), tuple(table.image_size), prompts,
-               table.values.device, table.values.dtype)  # fmt: skip
+               table.values.device, table.values.dtype, table.extent)  # fmt: skip
         if key not in self._dense_taps_cache:
             self._dense_taps_cache.clear()  # one entry: an 896 x 896 grid's taps take about 100 MB
             index = torch.arange(table.height * table.width, device=table.values.device).expand(prompts, -1)
@@ -254,6 +287,11 @@ class ImplicitSegmentationDecoder(nn.Module):
     def _first_layer(self, table: _FirstLayerTable, index: torch.Tensor | None = None, dense: slice | None = None) -> torch.Tensor:
         """First-layer outputs ``[P, N, C]`` at raster ``index [P, N]`` of the table's grid, or at the
         ``dense`` slice of every prompt's whole grid."""
+        return self._first_layer_and_base(table, index, dense)[0]
+
+    def _first_layer_and_base(self, table: _FirstLayerTable, index=None, dense=None):
+        """:meth:`_first_layer` and, when the table has a mask prior, its samples ``[P, N, 1 + T]`` at the
+        same points (SAM's logit, then its dropout passes), from the same box-map taps."""
         if dense is not None:
             taps, weights = self._dense_taps(table, table.prompts)
             taps, weights = taps[:, dense], weights[:, dense]
@@ -262,7 +300,19 @@ class ImplicitSegmentationDecoder(nn.Module):
         out = F.embedding_bag(
             taps.reshape(-1, taps.shape[-1]), table.values, per_sample_weights=weights.reshape(-1, weights.shape[-1]), mode="sum"
         )
-        return out.view(taps.shape[0], -1, out.shape[-1])
+        out = out.view(taps.shape[0], -1, out.shape[-1])
+        return out, self._sample_base(table, taps, weights)
+
+    @staticmethod
+    def _sample_base(table: _FirstLayerTable, taps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+        """The mask prior ``[P, N, 1 + T]`` at the points of ``taps``: its first four are the box-map taps, and
+        the prior is a box-map channel, so it is sampled like one."""
+        if table.base is None:
+            return None
+        base = F.embedding_bag(
+            taps[..., :4].reshape(-1, 4), table.base, per_sample_weights=weights[..., :4].reshape(-1, 4).float(), mode="sum"
+        )
+        return base.view(taps.shape[0], -1, base.shape[-1])
 
     @staticmethod
     def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -296,18 +346,30 @@ class ImplicitSegmentationDecoder(nn.Module):
 
         return self._per_class(head, trunk, class_ids, 1).squeeze(-1)
 
-    def _logit_variance(self, trunk: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            masks = (torch.rand(self.mc_samples_train, trunk.shape[-1], device=trunk.device) >= self.dropout_p).to(trunk.dtype)
-            masks = masks / (1.0 - self.dropout_p)
-        else:
-            masks = self.mc_masks
+    def _dropout_masks(self, samples: int, width: int, device, fixed: torch.Tensor) -> torch.Tensor:
+        """Inverted-dropout keep masks ``[T, width]``: drawn afresh in training, the fixed ones at inference."""
+        if not self.training:
+            return fixed
+        return (torch.rand(samples, width, device=device) >= self.dropout_p).float() / (1.0 - self.dropout_p)
 
-        def head(cls, h):
-            # logit of pass t = (mask_t * h) . w + b; the bias does not change the variance
-            return F.linear(h.detach(), (self.coarse_heads[cls].weight[:1] * masks).to(h.dtype)).float()
+    def _logit_variance(self, trunk: torch.Tensor, class_ids: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """MC-dropout variance per point: of the coarse logit, or with a mask prior (``base [P, N, 1 + T]``,
+        SAM's logit and its T dropout passes) of the probability ``sigmoid(base_t + correction_t)``."""
+        masks = self._dropout_masks(self.mc_samples_train, trunk.shape[-1], trunk.device, self.mc_masks).to(trunk.dtype)
+        if base is None:
 
-        return self._per_class(head, trunk, class_ids, masks.shape[0]).var(dim=-1)
+            def head(cls, h):
+                # logit of pass t = (mask_t * h) . w + b; the bias does not change the variance
+                return F.linear(h.detach(), (self.coarse_heads[cls].weight[:1] * masks).to(h.dtype)).float()
+
+            return self._per_class(head, trunk, class_ids, masks.shape[0]).var(dim=-1)
+
+        def corrected(cls, h):
+            layer = self.coarse_heads[cls]
+            return F.linear(h.detach(), (layer.weight[:1] * masks).to(h.dtype), layer.bias[:1].to(h.dtype)).float()
+
+        passes = self._per_class(corrected, trunk, class_ids, masks.shape[0]) + base[..., 1:].detach()
+        return torch.sigmoid(passes).var(dim=-1)
 
     def _coarse_features(self, trunk: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         def head(cls, h):
@@ -359,12 +421,13 @@ class ImplicitSegmentationDecoder(nn.Module):
         logits, variances = [], []
         for start in range(0, num, step):
             if index is None:
-                first = self._first_layer(table, dense=slice(start, start + step))
+                first, base = self._first_layer_and_base(table, dense=slice(start, start + step))
             else:
-                first = self._first_layer(table, index[:, start : start + step])
+                first, base = self._first_layer_and_base(table, index[:, start : start + step])
             trunk = run_trunk(first)
-            logits.append(self._coarse_logit(trunk, class_ids))
-            variances.append(self._logit_variance(trunk, class_ids))
+            logit = self._coarse_logit(trunk, class_ids)
+            logits.append(logit if base is None else logit + base[..., 0])
+            variances.append(self._logit_variance(trunk, class_ids, base))
         # One chunk: its trunk serves the refined points. Several: they are recomputed rather than all kept.
         kept = trunk if (keep_trunk and step >= num) else None
         return torch.cat(logits, dim=1), torch.cat(variances, dim=1), kept
@@ -382,8 +445,9 @@ class ImplicitSegmentationDecoder(nn.Module):
         prompts = index.shape[0]
         fold = self._fold(self.fine_trunk)
         fine_table = self._first_layer_table(
-            self.fine_input, box_features, image_features, coarse_table.ys, coarse_table.xs, fold, dtype, coarse_table.pixel_grid
-        )
+            self.fine_input, box_features, image_features, coarse_table.ys, coarse_table.xs, fold, dtype,
+            coarse_table.pixel_grid, coarse_table.extent,
+        )  # fmt: skip
         feature_w = self.fine_input.weight[:, self.point_dim :]
         if fold is not None:
             feature_w = feature_w * fold[0].unsqueeze(-1)
@@ -400,7 +464,10 @@ class ImplicitSegmentationDecoder(nn.Module):
             features = self._coarse_features(trunk, class_ids)
             hidden = self._first_layer(fine_table, part) + F.linear(features, feature_w).to(fine_table.values.dtype)
             hidden = run_fine(hidden).float()
-            fine_logits.append(self._fine_logit(hidden, class_ids))
+            fine_logit = self._fine_logit(hidden, class_ids)
+            if coarse_table.base is not None:
+                fine_logit = fine_logit + self._sample_base(coarse_table, *self._taps(coarse_table, part))[..., 0]
+            fine_logits.append(fine_logit)
         return torch.cat(fine_logits, dim=1)
 
     def forward(
@@ -411,6 +478,8 @@ class ImplicitSegmentationDecoder(nn.Module):
         class_ids: torch.Tensor | None = None,
         mode: str = "exact",
         query_lines: tuple[torch.Tensor, torch.Tensor] | None = None,
+        extent: tuple[float, float] = (1.0, 1.0),
+        mask_weights: torch.Tensor | None = None,
     ) -> ImplicitDecoderOutput:
         """Decode every prompt on an ``output_size`` grid; ``mode`` is ``"exact"`` or ``"adaptive"`` (eval only).
 
@@ -418,9 +487,20 @@ class ImplicitSegmentationDecoder(nn.Module):
         decodes only the ``h x w`` sub-lattice they span (exact mode): outputs are then ``[P, h, w]``, and UGS
         refines its fraction of those points. Training uses it to see every part of a full-resolution
         mask at a fraction of the points (see :func:`~imedsam.networks.coordinates.stratified_lines`).
+
+        ``extent = (fy, fx)``: the output covers the top-left ``fy x fx`` fraction of both maps (a letterboxed
+        image, whose padding is not decoded). ``mask_weights [P, box_channels]`` (with ``mask_prior``): the
+        weights of SAM's mask head, whose dot product with the box map is SAM's mask logit; see the class.
         """
         if mode not in ("exact", "adaptive"):
             raise ValueError(f"mode must be 'exact' or 'adaptive', got {mode!r}")
+        if (mask_weights is None) == self.mask_prior:
+            raise ValueError(
+                "this decoder refines SAM's mask logit: pass mask_weights" if self.mask_prior
+                else "mask_weights given to a decoder built with mask_prior=False"
+            )  # fmt: skip
+        extent = (float(extent[0]), float(extent[1]))
+        box_features, base = self._mask_prior(box_features, mask_weights)
         prompts = box_features.shape[0]
         height, width = int(output_size[0]), int(output_size[1])
         if class_ids is None:
@@ -437,11 +517,12 @@ class ImplicitSegmentationDecoder(nn.Module):
         if mode == "adaptive" and not self.training:
             levels = max(0, math.ceil(math.log2(max(height, width) / self.adaptive_coarse_size)))
             if levels > 0:
-                return self._forward_adaptive(box_features, image_features, (height, width), class_ids, levels)
+                return self._forward_adaptive(box_features, image_features, (height, width), class_ids, levels, extent, base)
         dtype = self._compute_dtype(box_features)
         table = self._first_layer_table(
-            self.coarse_input, box_features, image_features, ys, xs, self._fold(self.coarse_trunk), dtype, query_lines is None
-        )
+            self.coarse_input, box_features, image_features, ys, xs, self._fold(self.coarse_trunk), dtype, query_lines is None,
+            extent, base,
+        )  # fmt: skip
         run_coarse = self._trunk_runner(self.coarse_trunk, dtype)
         num_points = height * width
         coarse, variance, kept = self._coarse_at(table, None, class_ids, run_coarse, keep_trunk=True)
@@ -454,7 +535,25 @@ class ImplicitSegmentationDecoder(nn.Module):
         final = coarse.scatter(1, refined_index, fine)
         return ImplicitDecoderOutput(final.view(shape), coarse.view(shape), variance.view(shape), refined_index)
 
-    def _forward_adaptive(self, box_features, image_features, output_size, class_ids, levels: int) -> ImplicitDecoderOutput:
+    def _mask_prior(self, box_features: torch.Tensor, mask_weights: torch.Tensor | None):
+        """With a mask prior: the box map with SAM's mask logit appended as a channel, and the base table
+        ``[P * hb * wb, 1 + T]`` of that logit and of its T dropout passes over the mask head's channels."""
+        if mask_weights is None:
+            return box_features, None
+        weighted = mask_weights[:, :, None, None] * box_features
+        logit = weighted.sum(dim=1, keepdim=True)
+        if self.training:
+            draws = torch.rand(self.mc_samples_train, box_features.shape[1], device=box_features.device)
+            keep = (draws >= self.prior_dropout).float() / (1.0 - self.prior_dropout)
+        else:
+            keep = self.prior_mc_masks
+        passes = torch.einsum("tc,pchw->pthw", keep.to(weighted.dtype), weighted.detach())
+        base = torch.cat([logit, passes], dim=1).permute(0, 2, 3, 1)
+        return torch.cat([box_features, logit], dim=1), base.reshape(-1, base.shape[-1])
+
+    def _forward_adaptive(
+        self, box_features, image_features, output_size, class_ids, levels: int, extent=(1.0, 1.0), base=None
+    ) -> ImplicitDecoderOutput:
         """Coarse INR on a grid ``2**levels`` times coarser, then at each finer level only at the points
         nearest the predicted boundary (smallest ``|logit|``); the fine INR re-predicts those of the last
         level. Everywhere else the logit and its variance are bilinear from the level below."""
@@ -470,7 +569,7 @@ class ImplicitSegmentationDecoder(nn.Module):
 
         def level_table(size: tuple[int, int]) -> _FirstLayerTable:
             ys, xs = (pixel_centres(n, box_features.device) for n in size)
-            return self._first_layer_table(self.coarse_input, box_features, image_features, ys, xs, fold, dtype)
+            return self._first_layer_table(self.coarse_input, box_features, image_features, ys, xs, fold, dtype, True, extent, base)
 
         size = level_size(0)
         table = level_table(size)

@@ -7,19 +7,38 @@ import math
 import torch
 import torch.nn as nn
 
-__all__ = ["LoRAQKV", "add_lora_to_attention"]
+__all__ = ["LoRAQKV", "add_lora_to_attention", "qkv_rows"]
+
+
+def qkv_rows(dim: int, head_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output rows of a fused ``qkv`` layer that hold q and v, ``[dim]`` each.
+
+    SAM stacks the three projections, ``[q | k | v]``. TinyViT (LiteMedSAM's encoder) views the output as
+    ``[heads, 3 * head_dim]`` and splits each head's slice into q, k and v, so its rows are interleaved per
+    head: pass its ``head_dim``.
+    """
+    if head_dim is None:
+        return torch.arange(dim), torch.arange(2 * dim, 3 * dim)
+    if dim % head_dim:
+        raise ValueError(f"dim {dim} is not a multiple of head_dim {head_dim}")
+    head_start = torch.arange(dim // head_dim).unsqueeze(1) * 3 * head_dim
+    within = torch.arange(head_dim)
+    return (head_start + within).flatten(), (head_start + 2 * head_dim + within).flatten()
 
 
 class LoRAQKV(nn.Module):
     """A frozen fused ``qkv`` projection plus trainable low-rank updates of q and v.
 
-    ``qkv(x) + [scale * B_q A_q x, 0, scale * B_v A_v x]`` with ``scale = alpha / rank``. ``B`` starts at
-    zero, so at initialisation the wrapped layer reproduces SAM exactly.
+    ``qkv(x) + scale * B_q A_q x`` on the q rows and ``+ scale * B_v A_v x`` on the v rows, with
+    ``scale = alpha / rank``; the k rows are untouched. ``B`` starts at zero, so at initialisation the
+    wrapped layer reproduces the pretrained one exactly.
 
     Args:
-        qkv: SAM's ``nn.Linear(dim, 3 * dim)``; it is kept as ``self.qkv`` and frozen.
+        qkv: the fused ``nn.Linear(dim, 3 * dim)``; it is kept as ``self.qkv`` and frozen.
         rank: rank of the update.
         alpha: scaling numerator; defaults to ``rank`` (scale 1, as in the official code).
+        head_dim: None for SAM's ``[q | k | v]`` layout; the head width for TinyViT's per-head
+            interleaved layout (see :func:`qkv_rows`).
 
     Shapes: input ``[..., dim]``, output ``[..., 3 * dim]``.
 
@@ -30,7 +49,7 @@ class LoRAQKV(nn.Module):
         torch.Size([2, 5, 24])
     """
 
-    def __init__(self, qkv: nn.Linear, rank: int = 4, alpha: float | None = None) -> None:
+    def __init__(self, qkv: nn.Linear, rank: int = 4, alpha: float | None = None, head_dim: int | None = None) -> None:
         super().__init__()
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
@@ -48,15 +67,21 @@ class LoRAQKV(nn.Module):
         for down, up in ((self.q_down, self.q_up), (self.v_down, self.v_up)):
             nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
             nn.init.zeros_(up.weight)
+        self.interleaved = head_dim is not None
+        q_rows, v_rows = qkv_rows(dim, head_dim)
+        self.register_buffer("update_rows", torch.cat([q_rows, v_rows]), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x).split(self.dim, dim=-1)
-        q = q + self.scale * self.q_up(self.q_down(x))
-        v = v + self.scale * self.v_up(self.v_down(x))
-        return torch.cat([q, k, v], dim=-1)
+        if not self.interleaved:
+            q, k, v = self.qkv(x).split(self.dim, dim=-1)
+            q = q + self.scale * self.q_up(self.q_down(x))
+            v = v + self.scale * self.v_up(self.v_down(x))
+            return torch.cat([q, k, v], dim=-1)
+        update = torch.cat([self.q_up(self.q_down(x)), self.v_up(self.v_down(x))], dim=-1)
+        return self.qkv(x).index_add(-1, self.update_rows, update, alpha=self.scale)
 
 
-def add_lora_to_attention(blocks: nn.ModuleList, rank: int, alpha: float | None = None) -> None:
-    """Replace ``attn.qkv`` of every SAM block by a :class:`LoRAQKV` wrapping it."""
+def add_lora_to_attention(blocks, rank: int, alpha: float | None = None, head_dim: int | None = None) -> None:
+    """Replace ``attn.qkv`` of every block by a :class:`LoRAQKV` wrapping it (``head_dim`` as there)."""
     for block in blocks:
-        block.attn.qkv = LoRAQKV(block.attn.qkv, rank=rank, alpha=alpha)
+        block.attn.qkv = LoRAQKV(block.attn.qkv, rank=rank, alpha=alpha, head_dim=head_dim)

@@ -14,13 +14,14 @@ class BoxPromptPath(nn.Module):
 
     SAM's prompt encoder embeds the box corners; SAM's frozen two-way transformer mixes them with the
     image tokens; the trainable ``output_upscaling`` of the mask decoder gives a ``[32, 4g, 4g]`` map. With
-    ``sam_mask=True`` SAM's own single-mask output is also computed (the ``use_inr=False`` ablation).
+    ``sam_mask=True`` the weights of SAM's single-mask head are also returned: their dot product with the map
+    is SAM's own mask logit (the ``use_inr=False`` ablation, and the implicit decoder's mask prior).
 
     Trainable: ``output_upscaling``, the two box-corner embeddings and ``no_mask_embed`` (plus the first
     hypernetwork MLP for the SAM-mask ablation); the rest of SAM stays frozen.
 
     Shapes: ``image_embeddings [P, 256, g, g]`` (one row per prompt), ``boxes [P, 4]`` as x0, y0, x1, y1 in
-    pixels of the encoder's ``S x S`` input. Output ``[P, 32, 4g, 4g]`` (and ``[P, 1, 4g, 4g]`` mask logits).
+    pixels of the encoder's ``S x S`` input. Output ``[P, 32, 4g, 4g]`` (and the mask-head weights ``[P, 32]``).
 
     Example::
 
@@ -53,6 +54,7 @@ class BoxPromptPath(nn.Module):
         return self.mask_decoder.transformer_dim // 8
 
     def forward(self, image_embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The box-conditioned map and, with ``sam_mask``, the weights of SAM's mask head (else None)."""
         sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
         decoder = self.mask_decoder
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
@@ -65,6 +67,4 @@ class BoxPromptPath(nn.Module):
         if not self.sam_mask:
             return upscaled, None
         # Token 0 of the mask tokens is SAM's single-mask output (multimask_output=False).
-        weights = decoder.output_hypernetworks_mlps[0](token_out[:, 1, :])
-        masks = torch.einsum("pc,pchw->phw", weights, upscaled).unsqueeze(1)
-        return upscaled, masks
+        return upscaled, decoder.output_hypernetworks_mlps[0](token_out[:, 1, :])

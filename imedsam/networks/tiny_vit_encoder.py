@@ -1,0 +1,122 @@
+"""LiteMedSAM's TinyViT image encoder with LoRA and the Frequency Adapter, and its letterbox preprocessing."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .frequency_adapter import FA_MODES, FrequencyAdapter, frequency_image
+from .lora import add_lora_to_attention
+
+__all__ = ["AdaptedTinyViT", "letterbox"]
+
+
+def letterbox(image: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[float, float]]:
+    """LiteMedSAM's preprocessing: the longest side to ``size`` with the aspect ratio kept, min-max to [0, 1]
+    per image, zeros padded at the bottom and right.
+
+    Args:
+        image: ``[B, 3, h, w]`` in [0, 1].
+        size: side of the square canvas.
+
+    Returns:
+        ``[B, 3, size, size]`` and the image's extent in the canvas, ``(new_h / size, new_w / size)``.
+    """
+    height, width = image.shape[-2:]
+    longest = max(height, width)
+    # LiteMedSAM rounds as int(s * 256 / longest + 0.5)
+    new_h, new_w = (max(1, int(side * size / longest + 0.5)) for side in (height, width))
+    if (new_h, new_w) != (height, width):
+        image = F.interpolate(image, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    low = image.amin(dim=(1, 2, 3), keepdim=True)
+    high = image.amax(dim=(1, 2, 3), keepdim=True)
+    image = (image - low) / (high - low).clamp_min(1e-8)
+    canvas = F.pad(image, (0, size - new_w, 0, size - new_h))
+    return canvas, (new_h / size, new_w / size)
+
+
+class AdaptedTinyViT(nn.Module):
+    """LiteMedSAM's frozen TinyViT with LoRA on q and v and a Frequency Adapter on each of its attention blocks.
+
+    TinyViT has a convolutional stage at 256 x 256 and three attention stages (2, 6 and 2 blocks at 128², 64²
+    and 64², widths 128, 160 and 320). The frequency map goes through the frozen patch embedding and the first
+    stage's down-sampler (not its MBConvs: that stage has no adapter) to reach the first attention stage's
+    grid, and through each later stage's frozen down-sampler between stages, so every block's adapter sees
+    a frequency token stream at its own resolution and width. As in :class:`AdaptedImageEncoder`, each
+    adapter's output is added to the block output and to the stream.
+
+    The fused ``qkv`` of TinyViT interleaves q, k and v per head; LoRA updates only the q and v rows.
+
+    TinyViT's attention caches its bias table when switched to eval; a state dict loaded into this module
+    refreshes that cache, so weights loaded after ``.eval()`` are used.
+
+    Args:
+        tiny_vit: LiteMedSAM's TinyViT holding its weights (see
+            :func:`~imedsam.networks.lite_medsam.build_lite_medsam_parts`). It is frozen here.
+        lora_rank, lora_alpha: the q/v updates; rank 0 disables LoRA.
+        fa_mode: ``"amplitude"``, ``"phase"`` or ``"none"``.
+        fa_hidden_dim: bottleneck width of each frequency adapter.
+
+    Shapes: input ``[B, 3, 256, 256]`` (a :func:`letterbox` canvas in [0, 1]); output ``[B, 256, 64, 64]``.
+
+    Example::
+
+        >>> from imedsam.networks.lite_medsam import build_lite_medsam_parts
+        >>> encoder = AdaptedTinyViT(build_lite_medsam_parts()[0]).eval()
+        >>> with torch.no_grad():
+        ...     encoder(torch.rand(1, 3, 256, 256)).shape
+        torch.Size([1, 256, 64, 64])
+    """
+
+    image_size = 256
+
+    def __init__(
+        self,
+        tiny_vit: nn.Module,
+        lora_rank: int = 4,
+        lora_alpha: float | None = None,
+        fa_mode: str = "amplitude",
+        fa_hidden_dim: int = 4,
+    ) -> None:
+        super().__init__()
+        if fa_mode not in FA_MODES:
+            raise ValueError(f"fa_mode must be one of {FA_MODES}, got {fa_mode!r}")
+        self.vit = tiny_vit
+        self.vit.requires_grad_(False)
+        self.fa_mode = fa_mode
+        self.attention_stages = list(self.vit.layers[1:])
+        if lora_rank > 0:
+            for stage in self.attention_stages:
+                add_lora_to_attention(stage.blocks, rank=lora_rank, alpha=lora_alpha, head_dim=stage.blocks[0].attn.key_dim)
+        self.frequency_adapters = nn.ModuleList(
+            [FrequencyAdapter(stage.dim, fa_hidden_dim) for stage in self.attention_stages for _ in stage.blocks]
+            if fa_mode != "none"
+            else []
+        )
+        self.register_load_state_dict_post_hook(self._refresh_attention_bias_cache)
+
+    @staticmethod
+    def _refresh_attention_bias_cache(module: AdaptedTinyViT, incompatible_keys) -> None:
+        for sub in module.vit.modules():
+            if hasattr(sub, "attention_bias_idxs"):
+                sub.train(sub.training)  # in eval this rebuilds TinyViT's cached bias table from the new weights
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        x = vit.layers[0](vit.patch_embed(image))
+        if self.fa_mode == "none":
+            for stage in self.attention_stages:
+                x = stage(x)
+        else:
+            freq = vit.layers[0].downsample(vit.patch_embed(frequency_image(image, self.fa_mode)))
+            adapters = iter(self.frequency_adapters)
+            for stage in self.attention_stages:
+                for block in stage.blocks:
+                    delta = next(adapters)(freq)
+                    x = block(x) + delta
+                    freq = freq + delta
+                if stage.downsample is not None:
+                    x, freq = stage.downsample(x), stage.downsample(freq)
+        grid = self.image_size // 4
+        return vit.neck(x.view(x.shape[0], grid, grid, -1).permute(0, 3, 1, 2))
