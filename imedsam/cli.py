@@ -45,11 +45,14 @@ def _predict(args: argparse.Namespace) -> None:
     from .networks import IMedSAM
     from .visualize import heat_map, overlay
 
-    if args.checkpoint is None and args.sam_checkpoint is None:
+    if args.checkpoint is None and args.sam_checkpoint is None and args.encoder != "lite_medsam":
         logger.warning(
-            "no --checkpoint given: the model is randomly initialised and its masks are meaningless; "
-            "train one (see README) and pass --checkpoint models/model.pt"
+            "no --checkpoint given: the %s model is randomly initialised and its masks are meaningless; "
+            "use the default --encoder lite_medsam, or train one (see README) and pass --checkpoint models/model.pt",
+            args.encoder,
         )
+    if args.image_size is None:
+        args.image_size = 256 if args.encoder == "lite_medsam" else 384
     model = IMedSAM(
         encoder=args.encoder,
         image_size=args.image_size,
@@ -76,7 +79,7 @@ def _predict(args: argparse.Namespace) -> None:
     logger.info("mask %dx%d, %d foreground pixels -> %s", mask.shape[1], mask.shape[0], int(mask.sum()), args.output)
     if args.uncertainty:
         _save_png(heat_map(uncertainty), args.uncertainty)
-        logger.info("uncertainty (logit variance, max %.4g) -> %s", float(uncertainty.max()), args.uncertainty)
+        logger.info("uncertainty (MC-dropout variance, max %.4g) -> %s", float(uncertainty.max()), args.uncertainty)
     if args.overlay:
         if mask.shape != image.shape[:2]:
             # The overlay is drawn on the image: query the decoder again at the image's own size.
@@ -109,9 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overlay", help="overlay PNG: image, prediction, box and uncertainty")
     predict.add_argument("--output-size", nargs=2, type=int, metavar=("H", "W"), help="mask size (default: the image's)")
     predict.add_argument("--checkpoint", help="trained I-MedSAM state dict (models/model.pt)")
-    predict.add_argument("--sam-checkpoint", help="official SAM checkpoint for the frozen encoder")
-    predict.add_argument("--encoder", default="vit_b", help="vit_b, vit_l, vit_h or vit_tiny (must match the checkpoint)")
-    predict.add_argument("--image-size", type=int, default=384, help="encoder input size (must match the checkpoint)")
+    predict.add_argument("--sam-checkpoint", help="official SAM checkpoint for the frozen vit_* encoders")
+    predict.add_argument(
+        "--encoder", default="lite_medsam",
+        help="lite_medsam (pretrained, the default), vit_b, vit_l, vit_h or vit_tiny (must match the checkpoint)",
+    )  # fmt: skip
+    predict.add_argument(
+        "--image-size", type=int, help="encoder input size (must match the checkpoint; default 256 for lite_medsam, 384 else)"
+    )
     predict.add_argument("--fa-mode", default="amplitude", choices=("amplitude", "phase", "none"))
     predict.add_argument("--lora-rank", type=int, default=4)
     predict.add_argument("--num-classes", type=int, default=1)

@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """The paper's evaluation protocols for one trained model, as one Markdown table beside the box baselines.
 
-    python scripts/evaluate_protocols.py --checkpoint runs/kvasir384/models/model.pt --encoder vit_tiny \
+    python scripts/evaluate_protocols.py --checkpoint runs/kvasir/models/model.pt \
         --dataset_dir ../shared/data/kvasir_sessile --split_file ../shared/data/splits/kvasir_sessile_split.json \
         --cross_domain_dir ../shared/data/cvc_clinicdb_sample --output docs/results/protocols.md
 
 Rows (each one run of the bundle's evaluate.yaml, ``python -m monai.bundle run``, in its own process):
 
-- in-domain: the test split at the training resolution (``--train_size``, 384 as in the paper);
-- cross-resolution: the same test split at the other ``--label_sizes`` (128 and 896);
+- in-domain: the test split at the training resolution (``--train_size``: 256, lite_medsam's input; the paper: 384);
+- cross-resolution: the same test split at the other ``--label_sizes`` (384 and 896);
 - cross-domain: every image of ``--cross_domain_dir`` (CVC-ClinicDB for a Kvasir-Sessile model), at the
   training resolution.
 
@@ -92,19 +92,23 @@ def markdown_table(results: list[dict], header: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="the trained I-MedSAM state dict (the bundle's models/model.pt)")
-    parser.add_argument("--encoder", default="vit_tiny")
-    parser.add_argument("--image_size", type=int, default=384, help="the encoder's input size the model was trained with")
+    parser.add_argument("--encoder", default="lite_medsam")
+    parser.add_argument(
+        "--image_size", type=int, help="the encoder's input size the model was trained with (default: 256 for lite_medsam, else 384)"
+    )
     parser.add_argument("--sam_checkpoint")
     parser.add_argument("--dataset_dir", required=True, help="the in-domain dataset folder")
     parser.add_argument("--split_file")
     parser.add_argument("--cross_domain_dir", help="a dataset folder from another centre; every image is evaluated")
-    parser.add_argument("--train_size", type=int, default=384, help="the training output resolution: the in-domain row")
-    parser.add_argument("--label_sizes", type=int, nargs="+", default=[128, 384, 896])
+    parser.add_argument("--train_size", type=int, default=256, help="the training output resolution: the in-domain row")
+    parser.add_argument("--label_sizes", type=int, nargs="+", default=[256, 384, 896])
     parser.add_argument("--decode_mode", default="exact", choices=["exact", "adaptive"])
     parser.add_argument("--decoder_precision", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--work_dir", default="runs/protocols", help="each evaluation's CSV, summary and overlays")
     parser.add_argument("--output", default="runs/protocols/protocols.md")
     args = parser.parse_args(argv)
+    if args.image_size is None:
+        args.image_size = 256 if args.encoder == "lite_medsam" else 384
     if not os.path.isfile(args.checkpoint):
         parser.exit(2, f"evaluate_protocols: error: checkpoint not found: {args.checkpoint}\n")
 

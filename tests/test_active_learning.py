@@ -177,7 +177,7 @@ def test_active_learning_script_runs_rounds_and_ugs_picks_the_most_uncertain(tmp
 def test_simulation_refuses_a_small_pool_an_unknown_strategy_and_an_earlier_study(tmp_path):
     data = tmp_path / "data"
     write_synthetic_dataset(data, count=6, size=(32, 32), fractions=(0.5, 0.2))
-    runner = BundleRunner(os.path.join(ROOT, "bundle"), str(data), {"image_size": 32, "label_size": 16})
+    runner = BundleRunner(os.path.join(ROOT, "bundle"), str(data), {"encoder": "vit_tiny", "image_size": 32, "label_size": 16})
     with pytest.raises(ValueError, match="the pool has 3"):
         simulate_active_learning(runner, str(data / "split.json"), str(tmp_path / "work"), seed_size=2, query_size=1, rounds=2)
     with pytest.raises(ValueError, match="strategy must be one of"):

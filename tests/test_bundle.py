@@ -22,7 +22,7 @@ TRAIN, EVALUATE = os.path.join(CONFIGS, "train.yaml"), os.path.join(CONFIGS, "ev
 INFERENCE, MULTI_GPU = os.path.join(CONFIGS, "inference.yaml"), os.path.join(CONFIGS, "multi_gpu_train.yaml")
 META = os.path.join(CONFIGS, "metadata.json")
 SCHEMA = os.path.join(ROOT, "..", "shared", "reference", "bundle_meta_schema_20240725.json")
-SMALL = ["--image_size", "64", "--batch_size", "2", "--max_epochs", "1"]
+SMALL = ["--encoder", "vit_tiny", "--image_size", "64", "--batch_size", "2", "--max_epochs", "1"]
 
 
 def bundle(*args, cwd=ROOT, runner=(sys.executable, "-m", "monai.bundle"), timeout=600) -> subprocess.CompletedProcess:
@@ -68,7 +68,7 @@ def test_run_form_trains_too_and_generates_missing_demo_data(tmp_path):
 def test_training_decodes_a_half_size_sub_lattice_by_default_and_every_pixel_on_request(tmp_path):
     parser = ConfigParser()
     parser.read_config(TRAIN)
-    parser.update({"label_size": 48})
+    parser.update({"encoder": "vit_tiny", "label_size": 48})
     inferer = parser.get_parsed_content("train#inferer")
     assert inferer.query_size == 24 and inferer.output_size == (48, 48)
     # the `trained` fixture runs the default; here the command line asks for every pixel (monai.bundle drops
@@ -111,7 +111,7 @@ def test_inference_config_saves_masks_and_uncertainty_at_each_image_size(trained
     shutil.copy(tmp / "data" / "images" / "synthetic_0000.png", images / "a.png")
     Image.fromarray(np.zeros((50, 70, 3), np.uint8)).save(images / "b.jpg")
     (tmp_path / "boxes.json").write_text(json.dumps({"a.png": [5, 5, 40, 50], "b": [[1, 2, 30, 40], [10, 10, 60, 45]]}))
-    ok(bundle("run", "--config_file", INFERENCE, "--image_size", "64", "--dataset_dir", str(images),
+    ok(bundle("run", "--config_file", INFERENCE, "--encoder", "vit_tiny", "--image_size", "64", "--dataset_dir", str(images),
               "--boxes_file", str(tmp_path / "boxes.json"), "--ckpt_dir", str(tmp / "models"), "--output_dir", str(tmp_path / "out")))
     assert np.asarray(Image.open(tmp_path / "out" / "masks" / "a.png")).shape == (64, 80)
     assert np.asarray(Image.open(tmp_path / "out" / "masks" / "b.png")).shape == (50, 70)
@@ -126,8 +126,8 @@ def test_verify_metadata_against_the_schema(tmp_path):
 
 
 def test_verify_net_in_out_with_a_box():
-    log = ok(bundle("verify_net_in_out", "network_def", "--meta_file", META, "--config_file", INFERENCE, "--image_size", "64",
-                    "--_meta_#network_data_format#inputs#image#spatial_shape", "[64,64]",
+    log = ok(bundle("verify_net_in_out", "network_def", "--meta_file", META, "--config_file", INFERENCE, "--encoder", "vit_tiny",
+                    "--image_size", "64", "--_meta_#network_data_format#inputs#image#spatial_shape", "[64,64]",
                     "--extra_forward_args", "{'boxes': [[[4.0, 6.0, 40.0, 50.0]]]}"))
     assert "data shape of network is verified with no error" in log
 
@@ -136,7 +136,7 @@ def test_ckpt_export_torchscript_matches_the_eager_model(trained, tmp_path):
     tmp, _ = trained
     ts = tmp_path / "model.ts"
     ok(bundle("ckpt_export", "export_network_def", "--filepath", str(ts), "--ckpt_file", str(tmp / "models" / "model.pt"),
-              "--meta_file", META, "--config_file", INFERENCE, "--image_size", "64", "--use_trace", "True", "--input_shape", "[1,4,64,64]"))
+              "--meta_file", META, "--config_file", INFERENCE, "--encoder", "vit_tiny", "--image_size", "64", "--use_trace", "True", "--input_shape", "[1,4,64,64]"))
     exported = torch.jit.load(str(ts))
     eager = IMedSAMBoxMask(encoder="vit_tiny", image_size=64).load_checkpoint(tmp / "models" / "model.pt").eval()
     # traced at batch 1 (the --input_shape), so it is called one image at a time

@@ -75,3 +75,19 @@ def test_cli_errors_are_reported_not_raised(tmp_path, caplog):
     assert "could not read image" in caplog.text
     assert main(base + ["--image", image, "--box", "0", "0", "5", "5", "--checkpoint", str(tmp_path / "no.pt")]) == 2
     assert "checkpoint not found" in caplog.text
+
+
+def test_cli_predict_with_no_checkpoint_uses_the_pretrained_lite_medsam(tmp_path, caplog):
+    from scipy import ndimage
+
+    yy, xx = np.mgrid[:120, :200]
+    disk = (yy - 60) ** 2 + (xx - 130) ** 2 <= 35**2
+    image = np.full((120, 200, 3), 40, np.uint8)
+    image[disk] = (220, 140, 140)
+    Image.fromarray(image).save(tmp_path / "disk.png")
+    args = ["predict", "--image", str(tmp_path / "disk.png"), "--box", "90", "20", "170", "100", "--output", str(tmp_path / "m.png")]
+    assert main(args) == 0
+    assert "meaningless" not in caplog.text
+    mask = np.asarray(Image.open(tmp_path / "m.png")) > 0
+    assert 2 * (mask & disk).sum() / (mask.sum() + disk.sum()) > 0.9
+    assert ndimage.label(mask)[1] == 1

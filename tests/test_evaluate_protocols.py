@@ -27,7 +27,7 @@ def test_protocol_table_rows_match_the_bundle_summaries_and_baselines(tmp_path, 
     torch.save(tiny_model().state_dict(), tmp_path / "model.pt")
     output = tmp_path / "table.md"
     args = [
-        "--checkpoint", str(tmp_path / "model.pt"), "--image_size", "64", "--dataset_dir", str(tmp_path / "home"),
+        "--checkpoint", str(tmp_path / "model.pt"), "--encoder", "vit_tiny", "--image_size", "64", "--dataset_dir", str(tmp_path / "home"),
         "--cross_domain_dir", str(tmp_path / "other"), "--train_size", "48", "--label_sizes", "32", "48",
         "--work_dir", str(tmp_path / "work"), "--output", str(output),
     ]

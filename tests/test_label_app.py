@@ -65,7 +65,8 @@ def server(tmp_path_factory):
     command = [
         str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app_dir), "--studies", str(studies),
         "--host", "127.0.0.1", "--port", str(port),
-        "--conf", "bundle", str(ROOT / "bundle"), "--conf", "image_size", str(IMAGE_SIZE), "--conf", "label", "polyp",
+        "--conf", "bundle", str(ROOT / "bundle"), "--conf", "encoder", "vit_tiny", "--conf", "image_size", str(IMAGE_SIZE),
+        "--conf", "label", "polyp",
     ]  # fmt: skip
     log = open(tmp / "server.log", "w")
     process = subprocess.Popen(command, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

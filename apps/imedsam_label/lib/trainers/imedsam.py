@@ -111,7 +111,8 @@ class IMedSAMTrainer(TrainTask):
             "max_epochs": 10,
             "val_split": 0.2,
             "batch_size": 2,
-            "learning_rate": 0.001,
+            # as the bundle's train.yaml: smaller steps fine-tune the pretrained lite_medsam
+            "learning_rate": 2e-4 if self.network_overrides.get("encoder") == "lite_medsam" else 1e-3,
             "train_label_size": 128,
             "train_query_size": 64,  # label-grid rows and columns per step (docs/speed.md); = train_label_size: every pixel
             "label_size": 128,
@@ -139,7 +140,7 @@ class IMedSAMTrainer(TrainTask):
         initial = self.start_from()
         logger.info(
             "I-MedSAM training %s: %d train / %d val samples from %d final labels, starting from %s",
-            settings["name"], len(split["train"]), len(split["val"]), len(datalist), initial or "the untrained model",
+            settings["name"], len(split["train"]), len(split["val"]), len(datalist), initial or f"the {self.network_overrides.get('encoder')} start",
         )
         ckpt_dir = os.path.join(run_dir, "models")
         best = os.path.join(ckpt_dir, "model.pt")
