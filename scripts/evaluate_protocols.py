@@ -56,6 +56,8 @@ def evaluate_command(args, row: dict, output_dir: str) -> list[str]:
         command += ["--split_file", row["split_file"]]
     if args.sam_checkpoint:
         command += ["--sam_checkpoint", args.sam_checkpoint]
+    for key, value in args.set:
+        command += [f"--{key}", value]
     return command
 
 
@@ -104,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label_sizes", type=int, nargs="+", default=[256, 384, 896])
     parser.add_argument("--decode_mode", default="exact", choices=["exact", "adaptive"])
     parser.add_argument("--decoder_precision", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+        help="a bundle key for every evaluation, as the model was trained (e.g. --set fa_mode none --set lora_rank 0)",
+    )
     parser.add_argument("--work_dir", default="runs/protocols", help="each evaluation's CSV, summary and overlays")
     parser.add_argument("--output", default="runs/protocols/protocols.md")
     args = parser.parse_args(argv)

@@ -3,6 +3,8 @@
 
     # BCV / Synapse: img/img0001.nii.gz + label/label0001.nii.gz, 13 organs, abdomen window 40/400
     python scripts/prepare_ct_slices.py RawData/Training/img RawData/Training/label data/bcv --label-map bcv
+    # AMOS MR (--modality mr: each volume's 0.5-99.5 percentiles of non-zero voxels to 0..255)
+    python scripts/prepare_ct_slices.py amos22/imagesTr_mr amos22/labelsTr_mr data/amos_mr --label-map amos --modality mr
     # AMOS, liver only (cross-domain test), a soft-tissue window
     echo '{"6": "liver"}' > liver.json
     python scripts/prepare_ct_slices.py amos22/imagesTr amos22/labelsTr data/amos_liver --label-map liver.json \
@@ -28,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", help="the folder to write")
     parser.add_argument("--label-map", default="bcv", help=f"a preset ({', '.join(LABEL_MAPS)}) or a JSON file value -> organ")
     parser.add_argument("--window", type=float, nargs=2, default=ABDOMEN_WINDOW, metavar=("LEVEL", "WIDTH"), help="HU window")
+    parser.add_argument(
+        "--modality", default="ct", choices=("ct", "mr"),
+        help="ct: the HU window; mr: each volume's 0.5-99.5 percentiles of non-zero voxels (LiteMedSAM's conventions)",
+    )
     parser.add_argument("--min-pixels", type=int, default=64, help="smaller organ cross-sections are background")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fractions", type=float, nargs=2, default=(0.6, 0.2), metavar=("TRAIN", "VAL"))
@@ -38,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         record = prepare_ct_slices(
             args.images, args.labels, args.output, label_map=args.label_map, window=tuple(args.window),
             min_pixels=args.min_pixels, seed=args.seed, fractions=tuple(args.fractions), overwrite=args.overwrite,
+            modality=args.modality,
         )
     except (OSError, ValueError) as exc:
         parser.exit(2, f"prepare_ct_slices: error: {exc}\n")

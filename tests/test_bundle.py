@@ -196,3 +196,19 @@ def test_bad_dataset_folder_through_the_cli_names_the_problem(tmp_path):
     result = bundle("run", "training", "--config_file", TRAIN, *SMALL, *folders(tmp_path))
     assert result.returncode != 0
     assert "must contain images/ and masks/" in result.stdout + result.stderr
+
+
+def test_inference_config_serves_the_pretrained_lite_medsam_with_no_checkpoint(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    yy, xx = np.mgrid[:150, :220]
+    disk = (yy - 70) ** 2 + (xx - 140) ** 2 <= 40**2
+    picture = np.full((150, 220, 3), 45, np.uint8)
+    picture[disk] = (215, 140, 135)
+    Image.fromarray(picture).save(images / "disk.png")
+    (tmp_path / "boxes.json").write_text(json.dumps({"disk": [96, 26, 184, 114]}))
+    ok(bundle("run", "--config_file", INFERENCE, "--load_pretrain", "False", "--dataset_dir", str(images),
+              "--boxes_file", str(tmp_path / "boxes.json"), "--output_dir", str(tmp_path / "out")))
+    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "disk.png")) > 0
+    assert mask.shape == disk.shape
+    assert 2 * (mask & disk).sum() / (mask.sum() + disk.sum()) > 0.9

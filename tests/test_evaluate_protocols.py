@@ -24,12 +24,12 @@ def _script():
 def test_protocol_table_rows_match_the_bundle_summaries_and_baselines(tmp_path, capsys):
     write_synthetic_dataset(tmp_path / "home", count=6, size=(48, 56))
     write_synthetic_dataset(tmp_path / "other", count=3, size=(40, 40), seed=7)
-    torch.save(tiny_model().state_dict(), tmp_path / "model.pt")
+    torch.save(tiny_model(fa_mode="none").state_dict(), tmp_path / "model.pt")  # evaluated with --set fa_mode none
     output = tmp_path / "table.md"
     args = [
         "--checkpoint", str(tmp_path / "model.pt"), "--encoder", "vit_tiny", "--image_size", "64", "--dataset_dir", str(tmp_path / "home"),
         "--cross_domain_dir", str(tmp_path / "other"), "--train_size", "48", "--label_sizes", "32", "48",
-        "--work_dir", str(tmp_path / "work"), "--output", str(output),
+        "--work_dir", str(tmp_path / "work"), "--output", str(output), "--set", "fa_mode", "none",
     ]
     assert _script().main(args) == 0
     record = json.loads((tmp_path / "table.json").read_text())

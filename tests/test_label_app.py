@@ -8,13 +8,8 @@ import base64
 import io
 import json
 import logging
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +21,11 @@ nib = pytest.importorskip("nibabel")
 from PIL import Image  # noqa: E402
 
 from imedsam.data import synthetic_polyp  # noqa: E402
+from label_server import label_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 64
 logger = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,45 +43,10 @@ def server(tmp_path_factory):
     volume = np.random.default_rng(0).normal(0, 100, (40, 32, 6)).astype(np.float32)
     nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 2.5, 1.0])), studies / "vol_0.nii.gz")
 
-    port = _free_port()
-    env = dict(
-        os.environ,
-        MONAILABEL_PYEXE=sys.executable,
-        MONAI_LABEL_TRACKING_ENABLED="false",
-        MONAI_LABEL_AUTO_UPDATE_SCORING="false",
-        MONAI_LABEL_SESSION_PATH=str(tmp / "sessions"),
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    )
-    command = [
-        str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app_dir), "--studies", str(studies),
-        "--host", "127.0.0.1", "--port", str(port),
-        "--conf", "bundle", str(ROOT / "bundle"), "--conf", "encoder", "vit_tiny", "--conf", "image_size", str(IMAGE_SIZE),
-        "--conf", "label", "polyp",
-    ]  # fmt: skip
-    log = open(tmp / "server.log", "w")
-    process = subprocess.Popen(command, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    try:
-        for _ in range(240):  # bounded: 120 s
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{(tmp / 'server.log').read_text()[-3000:]}")
-            try:
-                if client.get("/info/").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("server did not answer /info/ within 120 s")
+    conf = ["--conf", "bundle", str(ROOT / "bundle"), "--conf", "encoder", "vit_tiny", "--conf", "image_size", str(IMAGE_SIZE),
+            "--conf", "label", "polyp"]  # fmt: skip
+    with label_server(app_dir, studies, tmp, conf) as client:
         yield {"client": client, "app_dir": app_dir, "masks": masks, "studies": studies, "volume": volume}
-    finally:
-        client.close()
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-        log.close()
 
 
 def infer(client, image, params, output="json", **files):

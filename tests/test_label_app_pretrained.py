@@ -9,11 +9,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +19,7 @@ httpx = pytest.importorskip("httpx")
 from PIL import Image  # noqa: E402
 
 from imedsam.data import polyp_datalist  # noqa: E402
+from label_server import label_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KVASIR = ROOT.parent / "shared" / "data" / "kvasir_sessile"
@@ -31,12 +27,6 @@ SPLIT = ROOT.parent / "shared" / "data" / "splits" / "kvasir_sessile_split.json"
 IMAGES = 3
 
 pytestmark = pytest.mark.skipif(not KVASIR.is_dir(), reason="../shared/data/kvasir_sessile is not beside the project")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -54,44 +44,8 @@ def server(tmp_path_factory):
         shutil.copy(item["image"], studies / Path(item["image"]).name)
         masks[name] = np.asarray(Image.open(item["label"]).convert("L")) > 127
 
-    port = _free_port()
-    env = dict(
-        os.environ,
-        MONAILABEL_PYEXE=sys.executable,
-        MONAI_LABEL_TRACKING_ENABLED="false",
-        MONAI_LABEL_AUTO_UPDATE_SCORING="false",
-        MONAI_LABEL_SESSION_PATH=str(tmp / "sessions"),
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    )
-    command = [
-        str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(project / "apps" / "imedsam_label"),
-        "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    log_path = tmp / "server.log"
-    log = open(log_path, "w")
-    process = subprocess.Popen(command, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
-    try:
-        for _ in range(360):  # bounded: 180 s
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if client.get("/info/").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("server did not answer /info/ within 180 s")
-        yield {"client": client, "masks": masks, "log": log_path}
-    finally:
-        client.close()
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-        log.close()
+    with label_server(project / "apps" / "imedsam_label", studies, tmp, start_timeout=180, request_timeout=300) as client:
+        yield {"client": client, "masks": masks, "log": tmp / "server.log"}
 
 
 def test_default_server_serves_the_pretrained_model_without_an_untrained_warning(server):

@@ -191,3 +191,27 @@ def test_script_and_bundle_train_and_evaluate_per_organ(tmp_path):
     assert sorted({row["class"] for row in rows}) == ["liver", "spleen"]
     liver = [float(row["dice"]) for row in rows if row["class"] == "liver"]
     assert summary["per_class"]["liver"]["dice"]["mean"] == pytest.approx(np.mean(liver))
+
+
+def test_mr_volumes_use_their_non_zero_percentiles(tmp_path):
+    image_dir, label_dir = tmp_path / "img", tmp_path / "label"
+    os.makedirs(image_dir)
+    os.makedirs(label_dir)
+    for case in range(1, 4):
+        _, label = ct_case(case)
+        mr = np.zeros(SHAPE, np.float32)  # background 0, as MR volumes are
+        mr[2:46, 2:38] = 100.0  # body
+        mr[label == LIVER] = 300.0
+        mr[10, 10, :] = 5000.0  # a few hot voxels, clipped away by the 99.5th percentile
+        nib.save(nib.Nifti1Image(mr, np.eye(4)), image_dir / f"img{case:04d}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), label_dir / f"label{case:04d}.nii.gz")
+    record = prepare_ct_slices(str(image_dir), str(label_dir), str(tmp_path / "out"), label_map="bcv", modality="mr")
+    assert record["modality"] == "mr"
+    name = sorted(os.listdir(tmp_path / "out" / "images"))[0]
+    image = np.asarray(Image.open(tmp_path / "out" / "images" / name))
+    # 0.5-99.5 percentiles of the non-zero voxels are 100 (body) and 300 (liver): body 0, liver 255, air 0
+    assert set(np.unique(image)) == {0, 255}
+    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / name))
+    assert (image[mask == LIVER] == 255).all()
+    with pytest.raises(ValueError, match="modality"):
+        prepare_ct_slices(str(image_dir), str(label_dir), str(tmp_path / "x"), modality="pet")

@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from ..inference.planes import intensity_window
 from .datalist import SPLITS, label_names_from_table, seeded_split
 from .staging import staged_dataset_folder
 
@@ -151,19 +152,27 @@ def prepare_ct_slices(
     seed: int = 0,
     fractions: tuple[float, float] = (0.6, 0.2),
     overwrite: bool = False,
+    modality: str = "ct",
 ) -> dict:
     """Write ``output`` from the CT volumes in ``image_dir`` and their label volumes in ``label_dir``.
+
+    Intensities follow LiteMedSAM's conventions: a CT is windowed (``window``, by default level 40 / width
+    400 HU) and mapped to 0..255; with ``modality="mr"`` each volume is clipped to the 0.5 and 99.5
+    percentiles of its non-zero voxels and mapped to 0..255. The 8-bit slices are repeated to RGB when read.
 
     Args:
         label_map: ``"bcv"`` (13 organs), ``"amos"`` (15), a JSON file or dict of value → name. Values not in
             it are background (``{"6": "liver"}`` keeps the liver only).
-        window: (level, width) in HU; the default is the abdomen window 40/400.
+        window: (level, width) in HU; the default is the abdomen window 40/400. Unused for MR.
+        modality: ``"ct"`` or ``"mr"``.
         min_pixels: an organ with fewer pixels in a slice is background there (slivers at an organ's ends
             give no usable box); a slice left with no organ is skipped.
         seed, fractions: the seeded split of cases (train and val fractions, the rest test).
 
     Returns the ``prepare.json`` record.
     """
+    if modality not in ("ct", "mr"):
+        raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}")
     organs = read_label_map(label_map)
     pairs = find_volume_pairs(image_dir, label_dir)
     if len(pairs) < 3:
@@ -182,6 +191,11 @@ def prepare_ct_slices(
                 raise ValueError(f"{label_path} is not a label volume: it holds negative or non-integer values")
             values = values.astype(np.int64)
             hu = image.get_fdata(dtype=np.float32)
+            if modality == "mr":
+                low, high = intensity_window(hu)
+                case_window = ((low + high) / 2, high - low)
+            else:
+                case_window = window
             slices[case] = []
             for z in range(values.shape[2]):
                 plane = values[:, :, z]
@@ -194,7 +208,7 @@ def prepare_ct_slices(
                 if not kept.any():
                     continue
                 name = f"{case}_z{z:03d}.png"
-                Image.fromarray(_radiological(window_hu(hu[:, :, z], *window))).save(os.path.join(partial, "images", name))
+                Image.fromarray(_radiological(window_hu(hu[:, :, z], *case_window))).save(os.path.join(partial, "images", name))
                 Image.fromarray(_radiological(kept)).save(os.path.join(partial, "masks", name))
                 slices[case].append(name)
             if not slices[case]:
@@ -212,7 +226,8 @@ def prepare_ct_slices(
         record = {
             "images": os.path.abspath(image_dir),
             "labels": os.path.abspath(label_dir),
-            "window": {"level": window[0], "width": window[1]},
+            "modality": modality,
+            "window": {"level": window[0], "width": window[1]} if modality == "ct" else "0.5-99.5 percentiles of non-zero voxels",
             "min_pixels": min_pixels,
             "cases": len(slices),
             "slices": written,

@@ -1,0 +1,73 @@
+"""A real ``monailabel start_server`` for the tests: on 127.0.0.1 and a free port, started and stopped inside
+the test, with a bounded wait for it to answer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def label_server(app_dir: Path, studies: Path, workdir: Path, conf: list[str] = (), start_timeout: float = 120,
+                 request_timeout: float = 120):  # fmt: skip
+    """Serve ``app_dir`` on ``studies`` with ``--conf`` pairs ``conf``; yields an ``httpx.Client`` on it.
+
+    The server's output goes to ``workdir / "server.log"``; it is stopped (SIGTERM, then SIGKILL) on exit.
+    """
+    env = dict(
+        os.environ,
+        MONAILABEL_PYEXE=sys.executable,
+        MONAI_LABEL_TRACKING_ENABLED="false",
+        MONAI_LABEL_AUTO_UPDATE_SCORING="false",
+        MONAI_LABEL_SESSION_PATH=str(workdir / "sessions"),
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    port = free_port()
+    command = [
+        str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app_dir), "--studies", str(studies),
+        "--host", "127.0.0.1", "--port", str(port), *conf,
+    ]  # fmt: skip
+    log_path = workdir / "server.log"
+    log = open(log_path, "w")
+    process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=request_timeout)
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if client.get("/info/").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server did not answer /info/ within {start_timeout:.0f} s")
+            time.sleep(0.5)
+        yield client
+    finally:
+        client.close()
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        log.close()
