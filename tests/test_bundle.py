@@ -212,3 +212,13 @@ def test_inference_config_serves_the_pretrained_lite_medsam_with_no_checkpoint(t
     mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "disk.png")) > 0
     assert mask.shape == disk.shape
     assert 2 * (mask & disk).sum() / (mask.sum() + disk.sum()) > 0.9
+
+
+def test_evaluate_the_sam_mask_decoder_ablation(tmp_path):
+    write_synthetic_dataset(tmp_path / "data", count=5, size=(48, 48))
+    torch.save(IMedSAM(encoder="vit_tiny", image_size=64, use_inr=False, freeze_sam=False).state_dict(), tmp_path / "no_inr.pt")
+    log = ok(bundle("run", "--config_file", f"['{TRAIN}','{EVALUATE}']", *SMALL, "--use_inr", "False", "--label_size", "48",
+                    "--ckpt_file", str(tmp_path / "no_inr.pt"), *folders(tmp_path)[:2], "--output_dir", str(tmp_path / "eval")))
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["count"] == len(json.loads((tmp_path / "data" / "split.json").read_text())["test"])
+    assert "evaluated" in log

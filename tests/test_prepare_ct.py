@@ -176,7 +176,8 @@ def test_script_and_bundle_train_and_evaluate_per_organ(tmp_path):
     assert stop.value.code == 2
 
     configs = os.path.join(ROOT, "bundle", "configs")
-    common = ["--dataset_dir", str(tmp_path / "data"), "--ckpt_dir", str(tmp_path / "models"), "--image_size", "64", "--label_size", "64"]
+    common = ["--dataset_dir", str(tmp_path / "data"), "--ckpt_dir", str(tmp_path / "models"), "--encoder", "vit_tiny",
+              "--image_size", "64", "--label_size", "64"]
     for args in (
         ["run", "training", "--config_file", os.path.join(configs, "train.yaml"), "--max_epochs", "1", "--batch_size", "2"],
         ["run", "--config_file", f"['{configs}/train.yaml','{configs}/evaluate.yaml']", "--output_dir", str(tmp_path / "eval"), "--eval_split", "all"],
