@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-__all__ = ["FA_MODES", "frequency_image", "FrequencyAdapter"]
+__all__ = ["FA_MODES", "frequency_image", "FrequencyAdapter", "frequency_adapters"]
 
 FA_MODES = ("amplitude", "phase", "none")
 
@@ -66,3 +66,10 @@ class FrequencyAdapter(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.up(self.act(self.down(self.norm(tokens))))
+
+
+def frequency_adapters(widths: list[int], fa_mode: str, hidden_dim: int = 4) -> nn.ModuleList:
+    """One :class:`FrequencyAdapter` per block of the given token widths; none for ``fa_mode="none"``."""
+    if fa_mode not in FA_MODES:
+        raise ValueError(f"fa_mode must be one of {FA_MODES}, got {fa_mode!r}")
+    return nn.ModuleList([FrequencyAdapter(width, hidden_dim) for width in widths] if fa_mode != "none" else [])

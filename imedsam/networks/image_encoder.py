@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from segment_anything.modeling import ImageEncoderViT
 
-from .frequency_adapter import FA_MODES, FrequencyAdapter, frequency_image
+from .frequency_adapter import frequency_adapters, frequency_image
 from .lora import add_lora_to_attention
 
 __all__ = ["AdaptedImageEncoder"]
@@ -46,18 +46,14 @@ class AdaptedImageEncoder(nn.Module):
         fa_hidden_dim: int = 4,
     ) -> None:
         super().__init__()
-        if fa_mode not in FA_MODES:
-            raise ValueError(f"fa_mode must be one of {FA_MODES}, got {fa_mode!r}")
         self.vit = vit
         self.vit.requires_grad_(False)
         self.image_size = vit.img_size
         self.fa_mode = fa_mode
         if lora_rank > 0:
             add_lora_to_attention(vit.blocks, rank=lora_rank, alpha=lora_alpha)
-        embed_dim = vit.patch_embed.proj.out_channels
-        self.frequency_adapters = nn.ModuleList(
-            [FrequencyAdapter(embed_dim, fa_hidden_dim) for _ in vit.blocks] if fa_mode != "none" else []
-        )
+        widths = [vit.patch_embed.proj.out_channels] * len(vit.blocks)
+        self.frequency_adapters = frequency_adapters(widths, fa_mode, fa_hidden_dim)
         self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1) / 255.0, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1) / 255.0, persistent=False)
 

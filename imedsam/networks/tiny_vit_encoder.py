@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .frequency_adapter import FA_MODES, FrequencyAdapter, frequency_image
+from .frequency_adapter import frequency_adapters, frequency_image
 from .lora import add_lora_to_attention
 
 __all__ = ["AdaptedTinyViT", "letterbox"]
@@ -81,8 +81,6 @@ class AdaptedTinyViT(nn.Module):
         fa_hidden_dim: int = 4,
     ) -> None:
         super().__init__()
-        if fa_mode not in FA_MODES:
-            raise ValueError(f"fa_mode must be one of {FA_MODES}, got {fa_mode!r}")
         self.vit = tiny_vit
         self.vit.requires_grad_(False)
         self.fa_mode = fa_mode
@@ -90,11 +88,8 @@ class AdaptedTinyViT(nn.Module):
         if lora_rank > 0:
             for stage in self.attention_stages:
                 add_lora_to_attention(stage.blocks, rank=lora_rank, alpha=lora_alpha, head_dim=stage.blocks[0].attn.key_dim)
-        self.frequency_adapters = nn.ModuleList(
-            [FrequencyAdapter(stage.dim, fa_hidden_dim) for stage in self.attention_stages for _ in stage.blocks]
-            if fa_mode != "none"
-            else []
-        )
+        widths = [stage.dim for stage in self.attention_stages for _ in stage.blocks]
+        self.frequency_adapters = frequency_adapters(widths, fa_mode, fa_hidden_dim)
         self.register_load_state_dict_post_hook(self._refresh_attention_bias_cache)
 
     def train(self, mode: bool = True) -> AdaptedTinyViT:
