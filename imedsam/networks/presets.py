@@ -85,6 +85,12 @@ def build_sam_parts(encoder: str, image_size: int) -> tuple[ImageEncoderViT, Pro
         window_size=preset.window_size,
         global_attn_indexes=preset.global_attn_indexes,
     )
+    return (image_encoder, *build_prompt_parts(image_size, grid))
+
+
+def build_prompt_parts(image_size: int, grid: int) -> tuple[PromptEncoder, MaskDecoder]:
+    """SAM's prompt encoder and mask decoder (the shapes SAM, MedSAM and LiteMedSAM share) for a square
+    input of ``image_size`` whose image embedding is ``grid x grid``."""
     prompt_encoder = PromptEncoder(
         embed_dim=SAM_PROMPT_DIM,
         image_embedding_size=(grid, grid),
@@ -98,4 +104,4 @@ def build_sam_parts(encoder: str, image_size: int) -> tuple[ImageEncoderViT, Pro
         iou_head_depth=3,
         iou_head_hidden_dim=256,
     )
-    return image_encoder, prompt_encoder, mask_decoder
+    return prompt_encoder, mask_decoder
