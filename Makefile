@@ -29,7 +29,7 @@ demo: venv
 		"its Dice in bundle/eval/summary.json, overlays in bundle/eval/overlays/"
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --doctest-modules imedsam tests
 
 benchmark: venv
 	$(BIN)/python scripts/benchmark_inference.py

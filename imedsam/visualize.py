@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy.ndimage import binary_erosion
 
 __all__ = ["contour", "heat_map", "overlay"]
 
 
 def contour(mask: np.ndarray) -> np.ndarray:
-    """Pixels of ``mask`` with a 4-neighbour outside it."""
+    """Pixels of ``mask`` with a 4-neighbour outside it (the image border counts as outside)."""
     mask = np.asarray(mask, dtype=bool)
-    padded = np.pad(mask, 1)
-    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask & ~inner
+    return mask & ~binary_erosion(mask, border_value=0)
 
 
 def heat_map(values: np.ndarray, vmax: float | None = None) -> np.ndarray:
@@ -33,7 +32,8 @@ def overlay(
     uncertainty: np.ndarray | None = None,
 ) -> np.ndarray:
     """Side-by-side picture: the image with the prediction tinted blue, the ground-truth contour in green and
-    the box in yellow; then, if given, the uncertainty heat map. All maps must have the image's size."""
+    the box (``[4]``) or boxes (``[N, 4]``, ``x0, y0, x1, y1``) in yellow; then, if given, the uncertainty heat
+    map. All maps must have the image's size."""
     image = np.asarray(image)
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
@@ -46,8 +46,9 @@ def overlay(
         shown[contour(target)] = (0, 255, 0)
     panel = Image.fromarray(shown.clip(0, 255).astype(np.uint8))
     if box is not None:
-        x0, y0, x1, y1 = (float(v) for v in box)
-        ImageDraw.Draw(panel).rectangle([x0, y0, x1 - 1, y1 - 1], outline=(255, 220, 0), width=2)
+        draw = ImageDraw.Draw(panel)
+        for x0, y0, x1, y1 in np.asarray(box, dtype=np.float64).reshape(-1, 4):
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=(255, 220, 0), width=2)
     panels = [np.asarray(panel)]
     if uncertainty is not None:
         panels.append(heat_map(uncertainty))

@@ -50,15 +50,36 @@ def test_ugs_score_rejects_bad_inputs(uncertainty, mask, box, message):
         ugs_score(uncertainty, mask, box)
 
 
-def test_mc_dropout_entropy_is_monai_labels_epistemic_score():
+def _monai_label_entropy(passes: np.ndarray) -> float:
+    """MONAI Label's own epistemic score of T x H x W passes, as EpistemicScoring computes it."""
+    from monailabel.tasks.scoring.epistemic import EpistemicScoring
+
+    # entropy_3d_volume reads nothing from self; it changes its input in place, so hand it a copy
+    return float(np.nanmean(EpistemicScoring.entropy_3d_volume(None, passes.copy())))
+
+
+@pytest.mark.parametrize(
+    "passes",
+    [
+        np.stack([np.full((3, 3), 0.2), np.full((3, 3), 0.6)]),
+        np.stack([np.eye(3), np.eye(3)]),  # p = 0 is floored per pass before the average
+        np.stack([np.full((2, 4), 1e-6), np.full((2, 4), 1e-6)]),  # tiny but positive: kept, not floored
+        np.stack([np.zeros((2, 4)), np.full((2, 4), 1e-6), np.full((2, 4), 0.3)]),
+        np.random.default_rng(0).random((5, 16, 12)).astype(np.float32),
+    ],
+)
+def test_mc_dropout_entropy_is_monai_labels_epistemic_score(passes):
+    assert mc_dropout_entropy(passes) == pytest.approx(_monai_label_entropy(passes), rel=1e-6)
+
+
+def test_mc_dropout_entropy_values_and_errors():
     passes = np.stack([np.full((3, 3), 0.2), np.full((3, 3), 0.6)])
-    mean = 0.4
-    assert mc_dropout_entropy(passes) == pytest.approx(-mean * np.log(mean))
-    # agreeing, certain passes score (almost) nothing; p = 0 is floored before the log
+    assert mc_dropout_entropy(passes) == pytest.approx(-0.4 * np.log(0.4))
+    # where the passes agree on 0 each is floored first: (6 pixels at the floor, 3 at p = 1) / 9
     certain = np.stack([np.eye(3), np.eye(3)])
-    expected = (3 * 0.0 + 6 * (-ENTROPY_FLOOR * np.log(ENTROPY_FLOOR))) / 9
-    assert mc_dropout_entropy(certain) == pytest.approx(expected)
-    assert mc_dropout_entropy(passes) > mc_dropout_entropy(certain)
+    assert mc_dropout_entropy(certain) == pytest.approx(6 * (-ENTROPY_FLOOR * np.log(ENTROPY_FLOOR)) / 9)
+    # p = 1e-6 stays 1e-6 (flooring the mean instead would give a score about 36 times larger)
+    assert mc_dropout_entropy(np.full((2, 2, 2), 1e-6)) == pytest.approx(-1e-6 * np.log(1e-6), rel=1e-5)
     with pytest.raises(ValueError, match="T >= 2"):
         mc_dropout_entropy(np.zeros((1, 3, 3)))
     with pytest.raises(ValueError, match="sigmoid"):
@@ -117,11 +138,25 @@ def test_score_images_epistemic_samples_dropout_and_leaves_the_model_as_it_was()
     model = tiny_model().train()
     before = {name: value.clone() for name, value in model.state_dict().items()}
     items = _items(2)
+    torch.manual_seed(11)
     scores = score_images(model, items, "epistemic", label_size=24, mc_passes=4)
     assert model.training  # restored
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), f"{name} changed while scoring"  # BatchNorm statistics included
-    assert all(0 < s <= np.exp(-1) for s in scores.values())  # -p log p peaks at 1/e
+    # the same draws by hand: eval mode except the decoder's dropout, four sigmoid maps per image
+    torch.manual_seed(11)
+    model.eval()
+    model.decoder.train()
+    for module in model.decoder.modules():
+        if isinstance(module, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
+            module.eval()
+    with torch.no_grad():
+        for item in items:
+            encoding = model.encode(item["image"][None])
+            passes = [torch.sigmoid(model.decode(encoding, item["box"][None], (24, 24))[0, 0]) for _ in range(4)]
+            assert scores[item["name"]] == mc_dropout_entropy(torch.stack(passes))
+            assert not torch.equal(passes[0], passes[1])
+    model.train()
     again = score_images(model, items, "epistemic", label_size=24, mc_passes=4)
     assert again != scores  # the passes draw fresh dropout masks
     with pytest.raises(ValueError, match="method must be one of"):
@@ -149,7 +184,13 @@ def test_active_learning_script_runs_rounds_and_ugs_picks_the_most_uncertain(tmp
         for strategy in ("ugs", "epistemic", "random"):
             ours = [r for r in rows if r["seed"] == seed and r["strategy"] == strategy]
             assert [int(r["labeled"]) for r in ours] == [2, 4]
-            assert all(0.0 <= float(r["test_dice"]) <= 1.0 for r in ours)
+            # each row reports the test evaluation of its own round's model
+            for row in ours:
+                run_dir = work / f"seed{seed}" / ("round0" if row["round"] == "0" else f"{strategy}/round{row['round']}")
+                with open(run_dir / "eval" / "per_image.csv", newline="") as f:
+                    per_image = [float(r["dice"]) for r in csv.DictReader(f)]
+                assert len(per_image) == len(json.loads((data / "split.json").read_text())["test"])
+                assert float(row["test_dice"]) == pytest.approx(np.mean(per_image))
     selections = json.loads((work / "selections.json").read_text())
     split = json.loads((data / "split.json").read_text())
     pool = {os.path.splitext(name)[0] for name in split["train"]}

@@ -222,3 +222,20 @@ def test_evaluate_the_sam_mask_decoder_ablation(tmp_path):
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["count"] == len(json.loads((tmp_path / "data" / "split.json").read_text())["test"])
     assert "evaluated" in log
+
+
+def test_infer_with_the_sam_mask_decoder_ablation_saves_masks_and_no_uncertainty(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((50, 70, 3), 90, np.uint8)).save(images / "b.png")
+    (tmp_path / "boxes.json").write_text(json.dumps({"b": [[1, 2, 30, 40], [40, 10, 66, 45]]}))
+    torch.save(IMedSAM(encoder="vit_tiny", image_size=64, use_inr=False, freeze_sam=False).state_dict(), tmp_path / "no_inr.pt")
+    ok(bundle("run", "--config_file", INFERENCE, "--encoder", "vit_tiny", "--image_size", "64", "--use_inr", "False",
+              "--dataset_dir", str(images), "--boxes_file", str(tmp_path / "boxes.json"),
+              "--ckpt_file", str(tmp_path / "no_inr.pt"), "--output_dir", str(tmp_path / "out")))
+    assert np.asarray(Image.open(tmp_path / "out" / "masks" / "b.png")).shape == (50, 70)
+    assert not (tmp_path / "out" / "uncertainty").exists()
+    # no uncertainty panel: the overlay is the image alone, with both boxes drawn in yellow
+    picture = np.asarray(Image.open(tmp_path / "out" / "overlays" / "b.png"))
+    assert picture.shape == (50, 70, 3)
+    assert tuple(picture[2, 1]) == (255, 220, 0) and tuple(picture[10, 40]) == (255, 220, 0)

@@ -32,11 +32,9 @@ def test_sam_1024_checkpoint_loads_resized(sam_checkpoint, image_size):
     model = IMedSAM(encoder="vit_tiny", image_size=image_size, sam_checkpoint=path)
     vit = model.image_encoder.vit
     grid = image_size // 16
-    assert state["image_encoder.pos_embed"].shape == (1, 64, 64, 192)
     expected_pos = F.interpolate(state["image_encoder.pos_embed"].permute(0, 3, 1, 2), size=(grid, grid), mode="bilinear", align_corners=False)
     torch.testing.assert_close(vit.pos_embed.data, expected_pos.permute(0, 2, 3, 1))
     # global blocks (1, 3): relative tables resized from 127 to 2 * grid - 1; windowed blocks keep 27
-    assert state["image_encoder.blocks.1.attn.rel_pos_h"].shape[0] == 127
     assert vit.blocks[1].attn.rel_pos_h.shape[0] == 2 * grid - 1
     assert vit.blocks[3].attn.rel_pos_w.shape[0] == 2 * grid - 1
     assert torch.equal(vit.blocks[0].attn.rel_pos_h.data, state["image_encoder.blocks.0.attn.rel_pos_h"])

@@ -51,8 +51,12 @@ def test_metrics_of_known_masks():
     m = binary_metrics(pred, target)
     assert m["dice"] == pytest.approx(0.5)
     assert m["iou"] == pytest.approx(50 / 150)
-    assert 0 < m["hd95"] <= 5.0 + 1e-6
-    assert 0 < m["boundary_iou"] < m["iou"] + 0.5
+    # pred's right column (10 of its 36 edge pixels) lies 5 px from target's right edge: the 95th percentile
+    # of both directed distances is 5
+    assert m["hd95"] == pytest.approx(5.0)
+    # band width round(0.02 * hypot(40, 40)) = 1: each band is its square's 36-pixel ring; the rings share
+    # rows 10 and 19 at columns 15-19, 10 pixels, of a union of 62
+    assert m["boundary_iou"] == pytest.approx(10 / 62)
     perfect = binary_metrics(target, target)
     assert perfect == {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "boundary_iou": 1.0}
 

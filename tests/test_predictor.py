@@ -76,9 +76,13 @@ def test_cache_is_bounded(picture):
         (np.zeros((0, 20, 3), np.uint8), ValueError, "empty"),
     ],
 )
-def test_bad_images(predictor, image, error, message):
+def test_bad_images(predictor, picture, image, error, message):
+    predictor.set_image(picture)
     with pytest.raises(error, match=message):
         predictor.set_image(image)
+    # the failed call unset the previous image: no answer about the wrong picture
+    with pytest.raises(RuntimeError, match="set_image"):
+        predictor.predict([1, 1, 5, 5])
 
 
 def test_bad_boxes_and_order_of_calls(predictor, picture):

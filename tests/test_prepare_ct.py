@@ -216,3 +216,22 @@ def test_mr_volumes_use_their_non_zero_percentiles(tmp_path):
     assert (image[mask == LIVER] == 255).all()
     with pytest.raises(ValueError, match="modality"):
         prepare_ct_slices(str(image_dir), str(label_dir), str(tmp_path / "x"), modality="pet")
+
+
+def test_a_hand_built_volume_gives_the_written_out_radiological_slice(tmp_path):
+    # 3 x 2 x 1 voxels with an identity affine, RAS+: x grows towards the patient's right, y towards anterior
+    hu = np.array([[[-1000.0], [240.0]], [[-160.0], [1000.0]], [[240.0], [-160.0]]], np.float32)
+    label = np.zeros((3, 2, 1), np.uint8)
+    label[0, :, 0] = LIVER  # x = 0: the patient's leftmost column
+    label[2, 1, 0] = SPLEEN  # right and anterior
+    for folder, volume in (("img", hu), ("label", label)):
+        os.makedirs(tmp_path / folder)
+        for case in (1, 2, 3):  # a split by case needs three
+            nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / folder / f"{folder}000{case}.nii.gz")
+    prepare_ct_slices(str(tmp_path / "img"), str(tmp_path / "label"), str(tmp_path / "out"), min_pixels=1)
+    picture = np.asarray(Image.open(tmp_path / "out" / "images" / "img0001_z000.png"))
+    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "img0001_z000.png"))
+    # radiological view: anterior (y = 1) at the top, the patient's right (x = 2) on the left;
+    # window 40/400 maps -160 HU and below to 0, 240 HU and above to 255
+    np.testing.assert_array_equal(picture, [[0, 255, 255], [255, 0, 0]])
+    np.testing.assert_array_equal(mask, [[SPLEEN, 0, LIVER], [0, 0, LIVER]])

@@ -82,11 +82,18 @@ def test_prompt_inferer_modes(images, boxes):
         logits = PromptInferer(output_size=(20, 30))(images, model, boxes=boxes)
         both = PromptInferer(with_uncertainty=True)(images, model, boxes=boxes, output_size=torch.tensor([[10, 12], [10, 12]]))
         everything = PromptInferer(return_all=True)(images, model, boxes=boxes)
+        direct = model(images, boxes, (10, 12), return_all=True)
     assert logits.shape == (2, 1, 20, 30)
-    assert both.shape == (2, 2, 10, 12) and (both[:, 1] >= 0).all()
+    assert both.shape == (2, 2, 10, 12)
+    # the network's own logits, then its own uncertainty map, channel after channel
+    torch.testing.assert_close(both, torch.cat([direct.logits, direct.uncertainty], dim=1))
+    assert both[:, 1].max() > 0
     assert everything.coarse_logits.shape == (2, 1, 72, 88)
     with pytest.raises(ValueError, match="needs boxes"):
         PromptInferer()(images, model)
+    no_inr = tiny_model(use_inr=False).eval()
+    with pytest.raises(ValueError, match="returns no uncertainty map"), torch.no_grad():
+        PromptInferer(with_uncertainty=True)(images, no_inr, boxes=boxes)
     with pytest.raises(ValueError, match="share the output size"):
         PromptInferer()(images, model, boxes=boxes, output_size=torch.tensor([[10, 12], [11, 12]]))
 

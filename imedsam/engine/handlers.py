@@ -127,12 +127,15 @@ class SavePredictions:
     heat map ``uncertainty/NAME.png``) and an overlay (``overlays/NAME.png``) under ``output_dir``.
 
     Expects decollated outputs whose ``pred`` is ``[2N, H, W]``: N binarised masks then N uncertainty maps
-    (:class:`~imedsam.engine.PromptInferer` with ``with_uncertainty=True``). With several boxes per image the
-    saved mask is their union and the uncertainty their maximum; the ``.npy`` keeps every box.
+    (:class:`~imedsam.engine.PromptInferer` with ``with_uncertainty=True``), or, with
+    ``with_uncertainty=False`` (SAM's mask decoder, ``use_inr=False``), ``[N, H, W]`` masks only, and then no
+    uncertainty files. With several boxes per image the saved mask is their union, the uncertainty their
+    maximum and the overlay draws every box; the ``.npy`` keeps every box's map.
     """
 
-    def __init__(self, output_dir: str) -> None:
+    def __init__(self, output_dir: str, with_uncertainty: bool = True) -> None:
         self.output_dir = output_dir
+        self.with_uncertainty = with_uncertainty
         self.saved = 0
 
     def attach(self, engine: Engine) -> None:
@@ -142,18 +145,26 @@ class SavePredictions:
         )
 
     def __call__(self, engine: Engine) -> None:
-        for sub in ("masks", "uncertainty", "overlays"):
+        for sub in ("masks", "overlays") + (("uncertainty",) if self.with_uncertainty else ()):
             os.makedirs(os.path.join(self.output_dir, sub), exist_ok=True)
         for batch_item, output in zip(engine.state.batch, engine.state.output):
             name = batch_item["name"]
             pred = _as_numpy(output["pred"])
-            boxes = pred.shape[0] // 2
-            masks, uncertainty = pred[:boxes] > 0.5, pred[boxes:].astype(np.float32)
-            union = masks.any(axis=0)
+            boxes = _as_numpy(batch_item["box"]).reshape(-1, 4)
+            masks_count = pred.shape[0] // 2 if self.with_uncertainty else pred.shape[0]
+            if masks_count != len(boxes):
+                raise ValueError(
+                    f"{name}: the prediction has {pred.shape[0]} channels for {len(boxes)} boxes; "
+                    f"with_uncertainty={self.with_uncertainty} must match the inferer's"
+                )
+            union = (pred[:masks_count] > 0.5).any(axis=0)
             Image.fromarray(union.astype(np.uint8) * 255).save(os.path.join(self.output_dir, "masks", f"{name}.png"))
-            np.save(os.path.join(self.output_dir, "uncertainty", f"{name}.npy"), uncertainty)
-            Image.fromarray(heat_map(uncertainty.max(axis=0))).save(os.path.join(self.output_dir, "uncertainty", f"{name}.png"))
-            image = _image_hwc(batch_item["image"])
-            picture = overlay(image, union, _as_numpy(batch_item["box"]).reshape(-1, 4)[0], uncertainty=uncertainty.max(axis=0))
+            most_uncertain = None
+            if self.with_uncertainty:
+                uncertainty = pred[masks_count:].astype(np.float32)
+                most_uncertain = uncertainty.max(axis=0)
+                np.save(os.path.join(self.output_dir, "uncertainty", f"{name}.npy"), uncertainty)
+                Image.fromarray(heat_map(most_uncertain)).save(os.path.join(self.output_dir, "uncertainty", f"{name}.png"))
+            picture = overlay(_image_hwc(batch_item["image"]), union, boxes, uncertainty=most_uncertain)
             Image.fromarray(picture).save(os.path.join(self.output_dir, "overlays", f"{name}.png"))
             self.saved += 1

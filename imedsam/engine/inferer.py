@@ -73,4 +73,9 @@ class PromptInferer(Inferer):
         if not self.with_uncertainty:
             return network(inputs, boxes, size)
         out = network(inputs, boxes, size, return_all=True)
+        if out.uncertainty is None:
+            raise ValueError(
+                "with_uncertainty=True, but this network returns no uncertainty map: SAM's mask decoder "
+                "(use_inr=False) has none; set with_uncertainty to False (in the bundle: it follows @use_inr)"
+            )
         return torch.cat([out.logits, out.uncertainty], dim=1)

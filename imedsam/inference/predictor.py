@@ -55,7 +55,8 @@ class Predictor:
         >>> import numpy as np
         >>> from imedsam.networks import IMedSAM
         >>> predictor = Predictor(IMedSAM(encoder="vit_tiny", image_size=64))
-        >>> predictor.set_image(np.zeros((50, 70, 3), np.uint8))
+        >>> predictor.set_image(np.zeros((50, 70, 3), np.uint8))  # False: the encoder ran
+        False
         >>> probability, uncertainty = predictor.predict([5, 5, 40, 30])
         >>> probability.shape, uncertainty.shape
         ((50, 70), (50, 70))
@@ -81,8 +82,10 @@ class Predictor:
     def set_image(self, image: np.ndarray) -> bool:
         """Encode ``image`` (``H x W x 3``, uint8 or float in [0, 1]) unless its encoding is cached.
 
-        Returns True when the encoding came from the cache (the encoder did not run).
+        Returns True when the encoding came from the cache (the encoder did not run). If it raises, no image
+        is set: :meth:`predict` refuses until a later call succeeds, rather than answer for the previous image.
         """
+        self._encoding = None
         tensor = image_to_tensor(image)
         digest = hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
         key = (digest, image.shape, str(image.dtype), self._model_state())

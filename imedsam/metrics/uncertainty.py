@@ -9,7 +9,7 @@ import torch
 
 __all__ = ["ENTROPY_FLOOR", "mc_dropout_entropy", "ugs_score"]
 
-# MONAI Label's epistemic scoring raises probabilities at or below this to it before taking the log.
+# MONAI Label's epistemic scoring raises each pass's values at or below 0 to this before averaging.
 ENTROPY_FLOOR = 5e-5
 
 
@@ -54,20 +54,22 @@ def ugs_score(uncertainty, mask, box: Sequence[float]) -> float:
 def mc_dropout_entropy(probabilities) -> float:
     """MONAI Label's epistemic score of one image from ``T`` MC-dropout foreground probability maps.
 
-    ``probabilities`` is ``[T, H, W]`` (sigmoid outputs of ``T >= 2`` stochastic passes). As
-    ``monailabel.tasks.scoring.epistemic.EpistemicScoring`` does for a one-channel output, the passes are
-    averaged per pixel, ``-p log p`` of the mean is taken (``p`` floored at :data:`ENTROPY_FLOOR`), and the
-    image's score is its mean over all pixels.
+    ``probabilities`` is ``[T, H, W]`` (sigmoid outputs of ``T >= 2`` stochastic passes). The arithmetic is
+    that of ``EpistemicScoring.entropy_3d_volume`` (``monailabel.tasks.scoring.epistemic``) for a one-channel
+    output, in float32: each pass's values at or below 0 are raised to :data:`ENTROPY_FLOOR` (values above 0,
+    however small, are kept), the passes are averaged per pixel, ``-p log p`` of the average is taken, and the
+    image's score is its mean over all pixels (``nanmean``, as MONAI Label takes it).
 
     Example::
 
-        >>> mc_dropout_entropy(np.full((4, 2, 2), 0.5)) == -0.5 * np.log(0.5)
-        True
+        >>> round(mc_dropout_entropy(np.full((4, 2, 2), 0.5)), 6)
+        0.346574
     """
-    samples = _as_array(probabilities)
+    samples = _as_array(probabilities).astype(np.float32, copy=True)
     if samples.ndim != 3 or samples.shape[0] < 2:
         raise ValueError(f"probabilities must be T x H x W with T >= 2 passes, got shape {samples.shape}")
     if samples.min() < 0 or samples.max() > 1:
         raise ValueError("probabilities must lie in [0, 1]: apply the sigmoid to the logits first")
-    mean = np.maximum(samples.mean(axis=0), ENTROPY_FLOOR)
-    return float(np.mean(-mean * np.log(mean)))
+    samples[samples <= 0] = ENTROPY_FLOOR
+    mean = np.divide(np.sum(samples, axis=0), samples.shape[0])
+    return float(np.nanmean(-np.multiply(mean, np.log(mean))))
