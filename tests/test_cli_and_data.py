@@ -1,4 +1,4 @@
-"""The command line, the synthetic demo data and boxes from masks."""
+"""The command line, the synthetic demo data, boxes from masks and the overlay pictures."""
 
 import json
 
@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import tiny_model
 from imedsam.cli import main
-from imedsam.data import box_from_mask, synthetic_polyp, write_synthetic_dataset
+from imedsam.data import box_from_mask, seeded_split, synthetic_polyp, write_synthetic_dataset
+from imedsam.visualize import contour, overlay
 
 
 def test_synthetic_polyp_is_deterministic_and_has_a_plausible_polyp():
@@ -91,3 +92,36 @@ def test_cli_predict_with_no_checkpoint_uses_the_pretrained_lite_medsam(tmp_path
     mask = np.asarray(Image.open(tmp_path / "m.png")) > 0
     assert 2 * (mask & disk).sum() / (mask.sum() + disk.sum()) > 0.9
     assert ndimage.label(mask)[1] == 1
+
+
+def test_contour_is_the_ring_of_pixels_with_a_background_neighbour():
+    square = np.zeros((5, 5), bool)
+    square[1:4, 1:4] = True
+    ring = [[0, 0, 0, 0, 0], [0, 1, 1, 1, 0], [0, 1, 0, 1, 0], [0, 1, 1, 1, 0], [0, 0, 0, 0, 0]]
+    np.testing.assert_array_equal(contour(square), ring)
+    # the image border counts as background
+    np.testing.assert_array_equal(contour(np.ones((3, 4), bool)), [[1, 1, 1, 1], [1, 0, 0, 1], [1, 1, 1, 1]])
+
+
+def test_overlay_draws_every_box_and_checks_sizes():
+    picture = overlay(np.zeros((20, 30, 3), np.uint8), np.zeros((20, 30), bool), [[0, 0, 10, 10], [15, 5, 30, 20]])
+    assert picture.shape == (20, 30, 3)
+    assert tuple(picture[0, 0]) == tuple(picture[5, 15]) == (255, 220, 0)
+    assert tuple(picture[15, 5]) == (0, 0, 0)
+    with pytest.raises(ValueError, match="same size"):
+        overlay(np.zeros((20, 30, 3), np.uint8), np.zeros((20, 31), bool))
+
+
+def test_seeded_split_partitions_the_names_and_leaves_no_wanted_split_empty():
+    names = [f"n{i}" for i in range(196)]
+    split = seeded_split(names, 0, (0.6, 0.2))
+    assert [len(split[k]) for k in ("train", "val", "test")] == [118, 39, 39]
+    assert sorted(split["train"] + split["val"] + split["test"]) == sorted(names)
+    assert split == seeded_split(names[::-1], 0, (0.6, 0.2)) != seeded_split(names, 1, (0.6, 0.2))
+    # rounding alone would give 2 / 1 / 0 of three names and 2 / 0 of two
+    assert [len(v) for v in seeded_split(["a", "b", "c"], 0, (0.6, 0.2)).values()] == [1, 1, 1]
+    assert [len(v) for v in seeded_split(["a", "b"], 0, (0.8, 0.2)).values()] == [1, 1, 0]
+    # no test fraction: no test split, whatever the rounding leaves
+    assert [len(v) for v in seeded_split(list("abcde"), 0, (0.5, 0.5)).values()] == [2, 3, 0]
+    with pytest.raises(ValueError, match="sum of at most 1"):
+        seeded_split(names, 0, (0.8, 0.4))

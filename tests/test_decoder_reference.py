@@ -4,8 +4,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imedsam.networks.coordinates import bilinear_sample, fourier_encoding, pixel_centre_grid, pixel_centres
+from imedsam.networks.coordinates import bilinear_taps, fourier_encoding, pixel_centres
 from imedsam.networks.implicit_decoder import ImplicitSegmentationDecoder
+
+
+def pixel_centre_grid(height: int, width: int) -> torch.Tensor:
+    """Normalised (x, y) of every pixel centre, raster order: ``[height * width, 2]``."""
+    grid_y, grid_x = torch.meshgrid(pixel_centres(height), pixel_centres(width), indexing="ij")
+    return torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2)
+
+
+def blend_taps(feature_map: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """``[M, h, w, C]`` channel-last map at ``[M, P, 2]`` points: the weighted sum of the four rows that
+    bilinear_taps names -> ``[M, P, C]``."""
+    m, h, w, c = feature_map.shape
+    rows, weights = bilinear_taps(h, w, coords)
+    gathered = torch.stack([feature_map[i].reshape(h * w, c)[rows[i]] for i in range(m)])  # [M, P, 4, C]
+    return (gathered * weights.unsqueeze(-1)).sum(dim=2)
 
 
 def reference_decoder(decoder: ImplicitSegmentationDecoder, box_features, image_features, output_size, lines=None):
@@ -53,11 +68,11 @@ def _randomise_batch_norm(decoder):
                 module.running_var.uniform_(0.5, 2.0)
 
 
-def test_bilinear_sample_matches_grid_sample():
+def test_bilinear_taps_blend_to_grid_sample():
     features = torch.randn(3, 5, 7, 9)
     coords = torch.rand(3, 40, 2) * 2.4 - 1.2  # some points outside (-1, 1): border clamping
     expected = F.grid_sample(features, coords.unsqueeze(1), mode="bilinear", padding_mode="border", align_corners=False)
-    sampled = bilinear_sample(features.permute(0, 2, 3, 1).contiguous(), coords)
+    sampled = blend_taps(features.permute(0, 2, 3, 1).contiguous(), coords)
     torch.testing.assert_close(sampled, expected[:, :, 0].transpose(1, 2), atol=1e-6, rtol=1e-5)
 
 

@@ -8,6 +8,7 @@ from monai.data import MetaTensor
 from monai.transforms import RandAffined
 
 from conftest import tiny_model
+from imedsam.data import box_from_mask
 from imedsam.engine import PromptInferer, parameter_groups
 from imedsam.networks import IMedSAMBoxMask
 from imedsam.transforms import BinarizeMaskd, BoxFromMaskd, EnsureRGBd, KeepForegroundd, ThresholdLogitsd
@@ -120,6 +121,11 @@ def test_box_mask_model_reads_the_box_channel_and_refuses_bad_input(images):
     x[0, 3, 10:40, 5:60] = 1
     x[1, 3, 0:72, 80:88] = 1
     assert IMedSAMBoxMask.box_from_channel(x[:, 3]).tolist() == [[[5.0, 10.0, 60.0, 40.0]], [[80.0, 0.0, 88.0, 72.0]]]
+    # the traceable form keeps the package's one box convention (box_from_mask), on scattered masks too
+    scattered = torch.rand(6, 30, 40) > 0.995
+    scattered[:, 12, 17] = True
+    for mask, box in zip(scattered, IMedSAMBoxMask.box_from_channel(scattered.float())):
+        assert box[0].tolist() == box_from_mask(mask.numpy()).tolist()
     with torch.no_grad():
         assert model(x).shape == (2, 1, 72, 88)
     with pytest.raises(ValueError, match=r"\[B, 4, H, W\]"):

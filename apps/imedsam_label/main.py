@@ -43,7 +43,7 @@ class IMedSAMApp(MONAILabelApp):
             conf=conf,
             name="I-MedSAM",
             description="Box-prompted segmentation with Segment Anything, LoRA, a frequency adapter and an implicit decoder",
-            version=getattr(imedsam, "__version__", "0.1.0"),
+            version=imedsam.__version__,
             labels=self.task_config.labels,
         )
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .boxes import box_from_mask
+from .splits import seeded_split
 from .synthetic import write_synthetic_dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "polyp_datalist", "image_datalist", "images_by_stem", "label_names_from_table", "read_label_names", "read_mask", "seeded_split"]
+__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "polyp_datalist", "image_datalist", "images_by_stem", "label_names_from_table", "read_label_names", "read_mask"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,15 +82,6 @@ def _check_image(path: str) -> None:
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"could not read image {path}: {exc}") from exc
-
-
-def seeded_split(names: list[str], seed: int, fractions: tuple[float, float]) -> dict[str, list[str]]:
-    """Shuffle ``names`` with ``seed``; the first ``fractions[0]`` are train, the next ``fractions[1]`` val, the rest test."""
-    order = sorted(names)
-    random.Random(seed).shuffle(order)
-    n_train = int(round(fractions[0] * len(order)))
-    n_val = int(round(fractions[1] * len(order)))
-    return {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
 
 
 def polyp_datalist(

@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from ..inference.planes import intensity_window
-from .datalist import SPLITS, label_names_from_table, seeded_split
+from .datalist import SPLITS, label_names_from_table
+from .splits import seeded_split
 from .staging import staged_dataset_folder
 
 __all__ = ["ABDOMEN_WINDOW", "LABEL_MAPS", "NIFTI_EXTENSIONS", "find_volume_pairs", "read_label_map", "window_hu", "prepare_ct_slices"]

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .datalist import IMAGE_EXTENSIONS, SPLITS, images_by_stem, seeded_split
+from .datalist import IMAGE_EXTENSIONS, SPLITS, images_by_stem
+from .splits import seeded_split
 from .staging import staged_dataset_folder
 
 __all__ = ["SOURCE_LAYOUTS", "find_source_folders", "read_sequence_table", "sequence_split", "prepare_polyp_dataset"]

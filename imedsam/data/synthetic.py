@@ -8,6 +8,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from .splits import seeded_split
+
 __all__ = ["synthetic_polyp", "write_synthetic_dataset"]
 
 
@@ -72,9 +74,7 @@ def write_synthetic_dataset(
         Image.fromarray(image).save(os.path.join(directory, "images", name))
         Image.fromarray(mask).save(os.path.join(directory, "masks", name))
         names.append(name)
-    n_train = max(1, int(round(fractions[0] * count)))
-    n_val = max(1, int(round(fractions[1] * count)))
-    split = {"train": names[:n_train], "val": names[n_train : n_train + n_val], "test": names[n_train + n_val :]}
+    split = seeded_split(names, seed, fractions)
     with open(os.path.join(directory, "split.json"), "w") as f:
         json.dump(split, f, indent=2)
     return split

@@ -1,19 +1,16 @@
-"""Query coordinates of the implicit decoder: pixel-centre grids, Fourier encoding, bilinear sampling."""
+"""Query coordinates of the implicit decoder: pixel centres, sampled lines, Fourier encoding, bilinear taps."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "pixel_centres",
-    "pixel_centre_grid",
     "stratified_lines",
     "fourier_encoding",
     "fourier_encoding_dim",
-    "bilinear_sample",
     "bilinear_taps",
 ]
 
@@ -22,16 +19,6 @@ def pixel_centres(size: int, device: torch.device | None = None) -> torch.Tensor
     """Normalised coordinates ``[size]`` of the pixel centres along one axis of ``size`` pixels, in (-1, 1)
     with the ``align_corners=False`` convention: pixel ``i`` is at ``(2 i + 1) / size - 1``."""
     return (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1
-
-
-def pixel_centre_grid(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
-    """Normalised (x, y) of every pixel centre of an ``height x width`` image, raster order.
-
-    Returns ``[height * width, 2]`` in (-1, 1), with the ``align_corners=False`` convention, so the point
-    ``(i + 0.5) / width`` of any output size falls on the same place of the image.
-    """
-    grid_y, grid_x = torch.meshgrid(pixel_centres(height, device), pixel_centres(width, device), indexing="ij")
-    return torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2)
 
 
 def stratified_lines(
@@ -63,32 +50,6 @@ def fourier_encoding(coords: torch.Tensor, num_frequencies: int = 10) -> torch.T
     freqs = (2.0 ** torch.arange(num_frequencies, device=coords.device, dtype=coords.dtype)) * math.pi
     angles = (coords.unsqueeze(-1) * freqs).flatten(-2)
     return torch.cat([torch.sin(angles), torch.cos(angles), coords], dim=-1)
-
-
-def bilinear_sample(feature_map: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Bilinearly sample a channel-last map at normalised points, clamping at the border.
-
-    Args:
-        feature_map: ``[M, h, w, C]`` channel-last.
-        coords: ``[M, P, 2]`` normalised (x, y), ``align_corners=False`` convention.
-
-    Returns:
-        ``[M, P, C]``, equal to ``F.grid_sample(..., align_corners=False, padding_mode="border")``.
-
-    Each output row is the weighted sum of four map rows, which is what ``embedding_bag`` computes in one
-    fused pass (a gather-then-blend in separate ops is memory bound and about 30 times slower on CPU).
-    The weights of each point sum to one, so a linear layer commutes with this sampling.
-    """
-    m, h, w, c = feature_map.shape
-    rows, weights = bilinear_taps(h, w, coords)
-    rows = rows + (torch.arange(m, device=coords.device) * (h * w)).view(m, 1, 1)
-    sampled = F.embedding_bag(
-        rows.reshape(-1, 4),
-        feature_map.reshape(m * h * w, c),
-        per_sample_weights=weights.reshape(-1, 4).to(feature_map.dtype),
-        mode="sum",
-    )
-    return sampled.view(m, -1, c)
 
 
 def bilinear_taps(height: int, width: int, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

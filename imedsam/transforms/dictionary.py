@@ -10,6 +10,8 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable, Transform
 
+from ..data.boxes import box_from_mask
+
 __all__ = ["EnsureRGBd", "BinarizeMaskd", "BoxFromMaskd", "KeepForegroundd", "ThresholdLogitsd"]
 
 logger = logging.getLogger(__name__)
@@ -86,15 +88,13 @@ class BoxFromMaskd(Randomizable, MapTransform):
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         label = d[self.label_key]
-        ys, xs = torch.nonzero(torch.as_tensor(label[0]) > 0, as_tuple=True)
-        if ys.numel() == 0:
+        foreground = np.asarray(torch.as_tensor(label[0]).cpu() > 0)
+        if not foreground.any():
             raise ValueError(f"empty mask for {_source(d, self.label_key)}: a box prompt needs foreground")
         self.randomize()
         height, width = label.shape[-2:]
-        x0 = max(0.0, float(xs.min()) - self._offsets[0])
-        y0 = max(0.0, float(ys.min()) - self._offsets[1])
-        x1 = min(float(width), float(xs.max()) + 1 + self._offsets[2])
-        y1 = min(float(height), float(ys.max()) + 1 + self._offsets[3])
+        grown = box_from_mask(foreground) + self._offsets * np.array([-1, -1, 1, 1])
+        x0, y0, x1, y1 = np.clip(grown, 0, [width, height, width, height])
         image_h, image_w = d[self.image_key].shape[-2:]
         scale = np.array([image_w / width, image_h / height] * 2)
         d[self.box_key] = torch.as_tensor((np.array([x0, y0, x1, y1]) * scale)[None], dtype=torch.float32)

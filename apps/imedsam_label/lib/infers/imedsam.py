@@ -55,7 +55,7 @@ class IMedSAMInfer(BasicInferTask):
             labels=labels,
             dimension=2,
             description=description,
-            config={"uncertainty": False, "box_from_clicks": True},
+            config={"uncertainty": False},
             load_strict=True,
         )
         self.window = window

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
 import time
 from typing import Any
@@ -16,6 +15,7 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 from PIL import Image
 
+from imedsam.data import seeded_split
 from imedsam.inference import ImageReadError, image_plane, is_planar_image, label_plane, load_image_array, spatial_shape
 
 logger = logging.getLogger(__name__)
@@ -68,10 +68,10 @@ def export_training_set(datalist: list[dict], folder: str, val_split: float, see
         raise TrainingDataError(
             f"training needs at least 2 labeled images (labels saved with tag 'final' and a non-empty mask); found {samples}"
         )
-    units = [[name] for names in groups.values() for name in names] if len(groups) < 2 else list(groups.values())
-    random.Random(seed).shuffle(units)
-    n_val = min(max(1, int(round(val_split * len(units)))), len(units) - 1)
-    split = {"train": [n for unit in units[n_val:] for n in unit], "val": [n for unit in units[:n_val] for n in unit]}
+    # split by image, so that the slices of one volume stay together; a single volume is split by slice
+    units = {name: [name] for names in groups.values() for name in names} if len(groups) < 2 else groups
+    by_unit = seeded_split(list(units), seed, (1.0 - val_split, val_split))
+    split = {key: sorted(name for unit in by_unit[key] for name in units[unit]) for key in ("train", "val")}
     with open(os.path.join(folder, "split.json"), "w") as f:
         json.dump(split, f, indent=1)
     return split
