@@ -8,7 +8,9 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from .data.pictures import read_picture
 
 __all__ = ["main", "read_rgb_image"]
 
@@ -17,19 +19,12 @@ logger = logging.getLogger("imedsam")
 
 def read_rgb_image(path: str) -> np.ndarray:
     """Read a PNG/JPG/... file as ``H x W x 3`` uint8; a grey image is repeated to three channels."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mode = image.mode
-            if mode == "L":
-                image = image.convert("RGB")
-            elif mode != "RGB":
-                raise ValueError(f"{path} is a {mode!r} image; I-MedSAM reads 8-bit RGB or grey (L) images")
-            return np.asarray(image)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"could not read image {path}: {exc}") from exc
+    image = read_picture(path)
+    if image.mode == "L":
+        image = image.convert("RGB")
+    elif image.mode != "RGB":
+        raise ValueError(f"{path} is a {image.mode!r} image; I-MedSAM reads 8-bit RGB or grey (L) images")
+    return np.asarray(image)
 
 
 def _save_png(array: np.ndarray, path: str) -> None:

@@ -8,17 +8,16 @@ import os
 import re
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from .boxes import box_from_mask
+from .pictures import IMAGE_EXTENSIONS, check_picture, is_picture, read_picture
 from .splits import seeded_split
 from .synthetic import write_synthetic_dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "polyp_datalist", "image_datalist", "images_by_stem", "label_names_from_table", "read_label_names", "read_mask"]
+__all__ = ["SPLITS", "polyp_datalist", "image_datalist", "images_by_stem", "label_names_from_table", "read_label_names", "read_mask"]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
 
 
@@ -27,7 +26,7 @@ def images_by_stem(folder: str) -> dict[str, str]:
     found: dict[str, str] = {}
     for name in sorted(os.listdir(folder)):
         stem, ext = os.path.splitext(name)
-        if ext.lower() not in IMAGE_EXTENSIONS or name.startswith("."):
+        if not is_picture(name) or name.startswith("."):
             continue
         if stem in found:
             raise ValueError(f"{folder} holds two files named {stem!r} ({os.path.basename(found[stem])}, {name})")
@@ -37,22 +36,15 @@ def images_by_stem(folder: str) -> dict[str, str]:
 
 def read_mask(path: str, threshold: int = 127) -> np.ndarray:
     """Read a mask file as a boolean ``H x W`` array (``> threshold``); an error names an unreadable file."""
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("L") if image.mode not in ("L", "1", "I", "I;16") else image)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"could not read mask {path}: {exc}") from exc
-    return array > threshold
+    image = read_picture(path, "mask")
+    return np.asarray(image.convert("L") if image.mode not in ("L", "1", "I", "I;16") else image) > threshold
 
 
 def _read_label_values(path: str) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(f"label map {path} has image mode {image.mode}; expected one channel of organ values")
-            return np.unique(np.asarray(image))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"could not read label map {path}: {exc}") from exc
+    image = read_picture(path, "label map")
+    if image.mode not in ("L", "P", "I", "I;16"):
+        raise ValueError(f"label map {path} has image mode {image.mode}; expected one channel of organ values")
+    return np.unique(np.asarray(image))
 
 
 def label_names_from_table(table, source: str) -> dict[int, str]:
@@ -74,14 +66,6 @@ def read_label_names(path: str) -> dict[int, str]:
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path} must be a JSON object of label values to organ names, e.g. {{\"6\": \"liver\"}}: {exc}") from exc
     return label_names_from_table(table, path)
-
-
-def _check_image(path: str) -> None:
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"could not read image {path}: {exc}") from exc
 
 
 def polyp_datalist(
@@ -153,7 +137,7 @@ def polyp_datalist(
     for stem in chosen:
         if organs is not None:
             if check_files:
-                _check_image(images[stem])
+                check_picture(images[stem])
             present = [int(value) for value in _read_label_values(masks[stem]) if int(value) in organs]
             if not present:
                 logger.warning("skipping %s: its label map %s holds no organ of %s", images[stem], masks[stem], labels_file)
@@ -165,7 +149,7 @@ def polyp_datalist(
                 })
             continue
         if check_files:
-            _check_image(images[stem])
+            check_picture(images[stem])
             if not read_mask(masks[stem]).any():
                 logger.warning("skipping %s: its mask %s is empty", images[stem], masks[stem])
                 continue

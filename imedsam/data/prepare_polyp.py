@@ -15,9 +15,10 @@ import shutil
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .datalist import IMAGE_EXTENSIONS, SPLITS, images_by_stem
+from .datalist import SPLITS, images_by_stem
+from .pictures import IMAGE_EXTENSIONS, read_picture
 from .splits import seeded_split
 from .staging import staged_dataset_folder
 
@@ -52,15 +53,6 @@ def find_source_folders(source: str) -> tuple[str, str]:
         listed = "; ".join(f"{i} + {m}" for i, m in found)
         raise ValueError(f"{source} holds {len(found)} datasets ({listed}); pass the folder of the one to prepare")
     return found[0]
-
-
-def _read(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"could not read {path}: {exc}") from exc
 
 
 def _mask_array(mask: Image.Image, path: str) -> np.ndarray:
@@ -187,7 +179,7 @@ def prepare_polyp_dataset(
     written, empty = {}, []
     with staged_dataset_folder(output, overwrite) as partial:
         for stem in sorted(images):
-            image, mask = _read(images[stem]), _read(masks[stem])
+            image, mask = read_picture(images[stem]), read_picture(masks[stem], "mask")
             if not swapped and _looks_swapped(image, mask):
                 raise ValueError(
                     f"{images[stem]} is a two-level grey image and {masks[stem]} a colour picture: the folders "

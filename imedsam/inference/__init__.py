@@ -1,12 +1,11 @@
 """Interactive inference: the cached predictor, prompts from clients, and 2D planes of images and volumes."""
 
 from .planes import (
-    PLANAR_EXTENSIONS,
     ImageReadError,
     image_plane,
     CT_WINDOW,
     intensity_window,
-    is_planar_image,
+    is_picture,
     label_plane,
     load_image_array,
     place_plane,
@@ -22,12 +21,11 @@ __all__ = [
     "PromptError",
     "normalize_roi",
     "resolve_box_prompt",
-    "PLANAR_EXTENSIONS",
     "ImageReadError",
     "image_plane",
     "CT_WINDOW",
     "intensity_window",
-    "is_planar_image",
+    "is_picture",
     "label_plane",
     "load_image_array",
     "place_plane",

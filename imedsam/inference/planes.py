@@ -11,12 +11,12 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+
+from ..data.pictures import ImageReadError, check_picture, is_picture
 
 __all__ = [
-    "PLANAR_EXTENSIONS",
     "ImageReadError",
-    "is_planar_image",
+    "is_picture",
     "spatial_shape",
     "load_image_array",
     "CT_WINDOW",
@@ -25,17 +25,6 @@ __all__ = [
     "label_plane",
     "place_plane",
 ]
-
-PLANAR_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-class ImageReadError(ValueError):
-    """An image or label that cannot be read, or whose shape the model cannot use."""
-
-
-def is_planar_image(path: str) -> bool:
-    """True for 2D picture formats (PNG, JPG, ...); NIfTI, NRRD and DICOM series are volumes."""
-    return os.path.splitext(str(path))[1].lower() in PLANAR_EXTENSIONS
 
 
 def spatial_shape(array, planar: bool) -> tuple[int, ...]:
@@ -52,14 +41,10 @@ def load_image_array(path: str):
 
     if not path or not os.path.exists(path):
         raise ImageReadError(f"image not found: {path!r}")
-    planar = is_planar_image(path)
+    planar = is_picture(path)
     if planar:
         # MONAI falls back on every other reader when PIL fails; checking first keeps the message to the point.
-        try:
-            with Image.open(path) as picture:
-                picture.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise ImageReadError(f"could not read image {path}: {exc}") from exc
+        check_picture(path)
     try:
         return LoadImage(reader="PILReader" if planar else None, image_only=True, dtype=None)(path)
     except Exception as exc:  # readers raise many types for corrupt or foreign files

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from ..data import box_from_mask, read_mask
+from ..data.pictures import read_picture
 from .binary import binary_metrics, summarize_metrics
 
 __all__ = ["BASELINE_NAMES", "box_baseline_masks", "datalist_target", "frame_mask", "score_box_baselines"]
@@ -44,8 +45,7 @@ def datalist_target(item: dict, size: int) -> np.ndarray:
     """The ground truth of a datalist item as the bundle evaluates it: the 0/1 mask (the item's organ for a
     multi-organ item) in the evaluation frame of ``size`` (:func:`frame_mask`)."""
     if "label_value" in item:
-        with Image.open(item["label"]) as label_map:
-            mask = np.asarray(label_map) == item["label_value"]
+        mask = np.asarray(read_picture(item["label"], "label map")) == item["label_value"]
     else:
         mask = read_mask(item["label"])
     return frame_mask(mask, size)

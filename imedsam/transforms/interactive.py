@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from ..inference.planes import image_plane, is_planar_image, load_image_array, spatial_shape
+from ..inference.planes import image_plane, is_picture, load_image_array, spatial_shape
 from ..inference.prompts import resolve_box_prompt
 
 __all__ = ["PromptPlaned"]
@@ -46,7 +46,7 @@ class PromptPlaned(MapTransform):
         for key in self.key_iterator(d):
             path = str(d[key])
             array = load_image_array(path)
-            planar = is_planar_image(path)
+            planar = is_picture(path)
             shape = spatial_shape(array, planar)
             request = d
             if self.whole_image_if_unprompted and all(not d.get(k) for k in ("box", "roi", "foreground")):

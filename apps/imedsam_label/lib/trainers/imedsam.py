@@ -16,7 +16,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from PIL import Image
 
 from imedsam.data import seeded_split
-from imedsam.inference import ImageReadError, image_plane, is_planar_image, label_plane, load_image_array, spatial_shape
+from imedsam.inference import ImageReadError, image_plane, is_picture, label_plane, load_image_array, spatial_shape
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def export_training_set(datalist: list[dict], folder: str, val_split: float, see
     for item in datalist:
         image_path, label_path = item["image"], item["label"]
         image_id = os.path.basename(image_path).split(".")[0]
-        planar = is_planar_image(image_path)
+        planar = is_picture(image_path)
         image = load_image_array(image_path).numpy()
         label = load_image_array(label_path).numpy()
         spatial = spatial_shape(image, planar)
