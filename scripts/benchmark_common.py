@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
+from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
 
 def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call, timed by torch's benchmark
+    ``Timer`` with torch's current thread count (the Timer's own default is one thread)."""
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    timer.timeit(1)
+    return statistics.median(timer.timeit(1).median for _ in range(repeats))
 
 
 def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10) -> float:

@@ -96,12 +96,10 @@ class IMedSAMConfig(TaskConfig):
             torch.manual_seed(seed)
             return parser.get_parsed_content("network_def")
 
-    def serving_path(self) -> str | None:
-        """The checkpoint the infer task loads: the published one once it exists, else ``model_checkpoint``."""
-        return next((p for p in reversed(self.path) if os.path.isfile(p)), None)
-
     def model_version(self) -> str:
-        path = self.serving_path()
+        # MONAI Label's get_path: the last of self.path that exists, i.e. the published checkpoint once
+        # training has written one, else model_checkpoint
+        path = self._infer.get_path()
         if path:
             return f"{os.path.basename(path)}@{os.stat(path).st_mtime_ns}"
         return "pretrained" if self.network_overrides["encoder"] == "lite_medsam" else "untrained"
@@ -115,7 +113,7 @@ class IMedSAMConfig(TaskConfig):
             model_dir=self.model_dir,
             publish_path=self.published,
             network_overrides=self.network_overrides,
-            start_from=self.serving_path,
+            start_from=self._infer.get_path,
             window=self.window,
         )
 

@@ -77,6 +77,10 @@ class IMedSAMInfer(BasicInferTask):
         return []
 
     def _get_network(self, device, data):
+        # Differs from BasicInferTask._get_network where it must: the checkpoint is read as data
+        # (load_checkpoint: weights_only, a named error for a bad file), a request cannot name another model
+        # file (its model_filename is ignored), and the cache is keyed by the file's mtime in nanoseconds
+        # under a lock, so a retrained model published within the same second is still picked up.
         path = self.get_path()
         stamp = (path, os.stat(path).st_mtime_ns) if path else (None, 0)
         with self._lock:
