@@ -129,3 +129,21 @@ def test_model_checkpoint_round_trip_and_mismatch(tmp_path, images, boxes):
     assert "unexpected keys" in str(error.value) or "missing keys" in str(error.value)
     with pytest.raises(CheckpointError, match="image_size=128.*\n.*pos_embed: checkpoint \\(1, 4, 4, 192\\) vs model \\(1, 8, 8, 192\\)"):
         IMedSAM(encoder="vit_tiny", image_size=128).load_checkpoint(path)
+
+
+def test_a_checkpoint_with_the_decoders_positional_keys_still_loads(tmp_path):
+    model = tiny_model()
+    positions = {"input_norm": "0", "linear": "2", "output_norm": "3", "hidden": "0", "norm": "1", "output": "3"}
+    legacy = {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if parts[:2] in (["decoder", "coarse_trunk"], ["decoder", "fine_trunk"]):
+            parts[2] = positions[parts[2]]
+        elif parts[:2] == ["decoder", "fine_heads"]:
+            parts[3] = positions[parts[3]]
+        legacy[".".join(parts)] = value
+    assert {"decoder.coarse_trunk.3.running_var", "decoder.fine_heads.0.3.weight", "decoder.fine_trunk.0.bias"} <= set(legacy)
+    torch.save(legacy, tmp_path / "legacy.pt")
+    loaded = IMedSAM(encoder="vit_tiny", image_size=64).load_checkpoint(tmp_path / "legacy.pt")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from imedsam.networks.coordinates import bilinear_taps, fourier_encoding, pixel_centres
 from imedsam.networks.implicit_decoder import ImplicitSegmentationDecoder
+from imedsam.networks.implicit_reference import reference_decode
 
 
 def pixel_centre_grid(height: int, width: int) -> torch.Tensor:
@@ -23,41 +24,9 @@ def blend_taps(feature_map: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return (gathered * weights.unsqueeze(-1)).sum(dim=2)
 
 
-def reference_decoder(decoder: ImplicitSegmentationDecoder, box_features, image_features, output_size, lines=None):
-    """Sample raw features with grid_sample, concatenate, run the full MLPs; T explicit dropout passes.
-
-    ``lines = (rows, columns)``: only the points of the output grid on those rows and columns."""
-    height, width = output_size
-    prompts = box_features.shape[0]
-    grid = pixel_centre_grid(height, width)
-    if lines is not None:
-        rows, columns = lines
-        grid = grid.view(height, width, 2)[rows][:, columns].reshape(-1, 2)
-        height, width = len(rows), len(columns)
-    sample_grid = grid.view(1, 1, -1, 2).expand(prompts, -1, -1, -1)
-
-    def sample(features):
-        out = F.grid_sample(features, sample_grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return out[:, :, 0].transpose(1, 2)  # [P, H*W, C]
-
-    point_input = torch.cat(
-        [sample(box_features), sample(image_features), fourier_encoding(grid, decoder.num_frequencies).expand(prompts, -1, -1)],
-        dim=-1,
-    )
-    flat = point_input.reshape(-1, point_input.shape[-1])
-    trunk = decoder.coarse_trunk(decoder.coarse_input(flat))
-    head = decoder.coarse_heads[0]
-    coarse_out = head(trunk)  # eval: dropout is the identity
-    coarse = coarse_out[:, 0].view(prompts, -1)
-    passes = torch.stack([head(trunk * mask)[:, 0] for mask in decoder.mc_masks], dim=-1)
-    variance = passes.var(dim=-1).view(prompts, -1)
-    k = decoder.num_refined(height * width)
-    index = torch.topk(variance, k, dim=1).indices
-    fine_input = torch.cat([point_input, coarse_out[:, 1:].view(prompts, height * width, -1)], dim=-1)
-    selected = torch.gather(fine_input, 1, index.unsqueeze(-1).expand(-1, -1, fine_input.shape[-1]))
-    fine = decoder.fine_heads[0](decoder.fine_trunk(decoder.fine_input(selected.reshape(-1, selected.shape[-1]))))
-    final = coarse.scatter(1, index, fine.view(prompts, k))
-    return final.view(prompts, height, width), coarse.view(prompts, height, width), variance.view(prompts, height, width)
+def reference_decoder(decoder, box_features, image_features, output_size, lines=None):
+    out = reference_decode(decoder, box_features, image_features, output_size, query_lines=lines)
+    return out.logits, out.coarse_logits, out.uncertainty
 
 
 def _randomise_batch_norm(decoder):
@@ -129,17 +98,19 @@ def test_training_trunk_matches_reference_with_batch_statistics():
 
     point_input = torch.cat([sample(box_features), sample(image_features), fourier_encoding(flat_grid).expand(2, -1, -1)], -1)
     expected = decoder.coarse_trunk(decoder.coarse_input(point_input.reshape(-1, point_input.shape[-1])))
+    plan = decoder.plan("exact", 2, height * width, box_features.device, torch.float32)
     ys, xs = pixel_centres(height), pixel_centres(width)
-    table = decoder._first_layer_table(decoder.coarse_input, box_features, image_features, ys, xs)
-    first = decoder._first_layer(table, dense=slice(0, height * width))
-    trunk = decoder._trunk_runner(decoder.coarse_trunk, torch.float32)(first)
+    table = decoder.first_layer_table(decoder.coarse_input, decoder.coarse_trunk, plan, box_features, image_features, ys, xs)
+    first, _ = decoder.first_layer(table, dense=slice(0, height * width))
+    trunk = decoder.trunk_runner(decoder.coarse_trunk, plan)(first)
     torch.testing.assert_close(trunk.reshape(-1, trunk.shape[-1]), expected, atol=1e-4, rtol=1e-4)
     # training dropout keeps the logit unbiased: averaged over many draws it approaches the plain logit
     head = decoder.coarse_heads[0]
     plain = F.linear(trunk, head.weight[:1], head.bias[:1]).squeeze(-1)
     ids = torch.zeros(2, dtype=torch.long)
     with torch.no_grad():
-        mean = torch.stack([decoder._coarse_logit(trunk, ids) for _ in range(400)]).mean(0)
+        draws = [decoder.plan("exact", 2, height * width, box_features.device, torch.float32) for _ in range(400)]
+        mean = torch.stack([decoder.coarse_logit(draw, trunk, ids, draw.dropout.assignment) for draw in draws]).mean(0)
     assert (mean - plain).abs().mean() < 0.1 * plain.abs().mean() + 1e-3
 
 
@@ -195,3 +166,23 @@ def test_adaptive_mode_evaluates_a_bounded_set_near_the_boundary():
     torch.testing.assert_close(small.logits, small_exact.logits)
     with pytest.raises(ValueError, match="mode"):
         decoder(*inputs, mode="fast")
+
+
+def test_mask_prior_extent_and_classes_match_reference():
+    decoder = ImplicitSegmentationDecoder(mc_samples=4, chunk_size=50, num_classes=2, mask_prior=True).eval()
+    _randomise_batch_norm(decoder)
+    with torch.no_grad():  # move the zero-initialised corrections off zero so that they count
+        for module in (*decoder.coarse_heads, *(head.output for head in decoder.fine_heads)):
+            module.weight.normal_(0, 0.05)
+            module.bias.normal_(0, 0.05)
+    box_features, image_features = torch.randn(3, 32, 16, 16), torch.randn(3, 256, 4, 4)
+    mask_weights, class_ids = torch.randn(3, 32) * 0.2, torch.tensor([1, 0, 1])
+    arguments = dict(class_ids=class_ids, extent=(0.75, 1.0), mask_weights=mask_weights)
+    with torch.no_grad():
+        out = decoder(box_features, image_features, (19, 25), **arguments)
+    expected = reference_decode(decoder, box_features, image_features, (19, 25), **arguments)
+    torch.testing.assert_close(out.coarse_logits, expected.coarse_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.uncertainty, expected.uncertainty, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="decoder.eval"):
+        reference_decode(decoder.train(), box_features, image_features, (19, 25), **arguments)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from .checkpoint import load_sam_checkpoint, load_state_dict_checked, read_state_dict
 from .image_encoder import AdaptedImageEncoder
 from .implicit_decoder import ImplicitSegmentationDecoder
+from .inr_layers import rename_legacy_keys
 from .lite_medsam import LITE_MEDSAM_IMAGE_SIZE, build_lite_medsam_parts, load_lite_medsam_weights
 from .presets import build_sam_parts
 from .prompt_path import BoxPromptPath
@@ -198,7 +199,7 @@ class IMedSAM(nn.Module):
 
     def load_checkpoint(self, path: str | os.PathLike) -> IMedSAM:
         """Load a plain state dict of this whole model (as ``torch.save(model.state_dict(), path)`` writes)."""
-        state = read_state_dict(path)
+        state = rename_legacy_keys(read_state_dict(path))
         hint = f" (this model: encoder={self.encoder_name!r}, image_size={self.image_size}, num_classes={self.num_classes})"
         load_state_dict_checked(self, state, os.fspath(path), hint)
         return self

@@ -1,0 +1,79 @@
+"""The implicit decoder's adaptive mode: coarse to fine, evaluating only near the predicted boundary.
+
+The coarse INR runs on a grid ``2**levels`` times coarser than the output (at most ``adaptive_coarse_size`` on
+a side). At each finer level the logits and variances are bilinear from the level below, and the coarse INR
+is evaluated again only at the ``adaptive_points`` points nearest the predicted boundary (smallest
+``|logit|``); the fine INR re-predicts those of the last level. Its cost grows with the boundary's length,
+not with the output's area, and where it evaluates it is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .coordinates import pixel_centres
+from .decode_plan import DecodePlan, ImplicitDecoderOutput
+
+if TYPE_CHECKING:
+    from .implicit_decoder import ImplicitSegmentationDecoder
+
+__all__ = ["adaptive_levels", "decode_adaptive"]
+
+
+def adaptive_levels(output_size: tuple[int, int], coarse_size: int) -> int:
+    """How many times the first grid is halved below ``output_size`` to fit ``coarse_size``; 0: decode exactly."""
+    return max(0, math.ceil(math.log2(max(output_size) / coarse_size)))
+
+
+def _level_size(output_size: tuple[int, int], levels: int, level: int) -> tuple[int, int]:
+    factor = 2 ** (levels - level)
+    return math.ceil(output_size[0] / factor), math.ceil(output_size[1] / factor)
+
+
+def decode_adaptive(
+    decoder: ImplicitSegmentationDecoder,
+    plan: DecodePlan,
+    box_features: torch.Tensor,
+    image_features: torch.Tensor,
+    output_size: tuple[int, int],
+    class_ids: torch.Tensor,
+    levels: int,
+    extent: tuple[float, float] = (1.0, 1.0),
+    prior: torch.Tensor | None = None,
+) -> ImplicitDecoderOutput:
+    """Decode ``output_size`` in ``levels + 1`` levels (see the module); shapes as
+    :meth:`ImplicitSegmentationDecoder.forward`."""
+    prompts = box_features.shape[0]
+
+    def level_table(size: tuple[int, int]):
+        ys, xs = (pixel_centres(n, box_features.device) for n in size)
+        return decoder.first_layer_table(
+            decoder.coarse_input, decoder.coarse_trunk, plan, box_features, image_features, ys, xs, True, extent, prior
+        )
+
+    size = _level_size(output_size, levels, 0)
+    coarse, variance, _ = decoder.coarse_at(plan, level_table(size), None, class_ids, keep_trunk=False)
+    for level in range(1, levels + 1):
+        previous, size = size, _level_size(output_size, levels, level)
+        coarse, variance = (
+            F.interpolate(x.view(prompts, 1, *previous), size=size, mode="bilinear", align_corners=False).view(prompts, -1)
+            for x in (coarse, variance)
+        )
+        table = level_table(size)
+        points = min(decoder.adaptive_points, size[0] * size[1])
+        index = torch.topk(-coarse.abs(), points, dim=1).indices
+        at_points, variance_at_points, kept = decoder.coarse_at(plan, table, index, class_ids, keep_trunk=True)
+        coarse = coarse.scatter(1, index, at_points)
+        variance = variance.scatter(1, index, variance_at_points)
+    shape = (prompts, *output_size)
+    if decoder.ugs_top_k == 0:
+        return ImplicitDecoderOutput(coarse.view(shape), coarse.view(shape), variance.view(shape), None)
+    # the kept trunk rows are in the order of ``index``
+    positions = torch.arange(index.shape[1], device=index.device).expand(prompts, -1)
+    fine = decoder.refine(plan, box_features, image_features, index, class_ids, table, kept, kept_positions=positions)
+    final = coarse.scatter(1, index, fine)
+    return ImplicitDecoderOutput(final.view(shape), coarse.view(shape), variance.view(shape), index)

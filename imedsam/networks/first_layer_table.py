@@ -1,0 +1,172 @@
+"""The implicit decoder's first layer as one lookup table: the fast exact evaluation of ``W [maps(p), gamma(p)]``.
+
+An INR's first layer sees, at a query point ``p``, ``[box map(p), image embedding(p), gamma(p)]``: bilinear
+samples of two feature maps and the Fourier encoding of ``p``. Both parts are linear in what the layer reads:
+
+* a bilinear sample is a weighted sum of four map pixels whose weights sum to one, so the layer can be
+  applied to the maps first and the results blended afterwards;
+* gamma is a concatenation of functions of x alone and of y alone, so
+  ``W gamma(x, y) = W gamma(x, 0) - W gamma(0, 0) + W gamma(0, y)``: the layer applied to every grid column
+  and to every grid row.
+
+A point's first-layer output is then a weighted sum of ten table rows (4 box-map rows, 4 image-map rows,
+its column's row and its row's row), which one ``embedding_bag`` call computes for a whole chunk of points.
+An eval-mode BatchNorm after the layer folds into the table as a scale of every row and a shift of the
+box-map rows (a point's box-map weights sum to one, so it takes the shift exactly once).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .coordinates import bilinear_taps, fourier_encoding
+
+__all__ = ["FirstLayerTable", "DenseTapsCache", "build_first_layer_table", "evaluate_table", "sample_mask_prior", "table_taps"]
+
+class FirstLayerTable(NamedTuple):
+    """One INR's first layer on one query grid, as the rows of a table (see the module's docstring)."""
+
+    values: torch.Tensor  #: ``[rows, C]``: box-map rows of every prompt, image-map rows, grid columns, grid rows
+    box_size: tuple[int, int]  #: ``(hb, wb)`` of the box map
+    image_size: tuple[int, int]  #: ``(g, g)`` of the image embedding
+    ys: torch.Tensor  #: ``[height]`` normalised y of the query grid's rows
+    xs: torch.Tensor  #: ``[width]`` normalised x of its columns
+    prompts: int
+    pixel_grid: bool  #: the rows and columns are all the pixel centres of an output (its taps can be cached)
+    extent: tuple[float, float] = (1.0, 1.0)  #: (height, width) fraction of the maps that the output covers
+    mask_prior: torch.Tensor | None = None  #: ``[P * hb * wb, 1 + T]``: SAM's mask logit and its T dropout passes
+
+    @property
+    def height(self) -> int:
+        return self.ys.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.xs.shape[0]
+
+
+def build_first_layer_table(
+    layer: nn.Linear,
+    box_channels: int,
+    image_channels: int,
+    num_frequencies: int,
+    box_features: torch.Tensor,
+    image_features: torch.Tensor,
+    ys: torch.Tensor,
+    xs: torch.Tensor,
+    fold: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+    pixel_grid: bool = True,
+    extent: tuple[float, float] = (1.0, 1.0),
+    mask_prior: torch.Tensor | None = None,
+) -> FirstLayerTable:
+    """``layer`` (columns ``[box map | image embedding | gamma(p) | anything after]``) on the grid of rows at
+    ``ys`` and columns at ``xs`` (normalised coordinates).
+
+    Args:
+        box_features: ``[P, box_channels, hb, wb]``; image_features: ``[P, image_channels, g, g]``.
+        fold: ``(scale, shift)`` of an eval BatchNorm that follows the layer, folded into the table.
+        dtype: the table's dtype (the trunk's compute precision); None keeps the maps'.
+        pixel_grid, extent, mask_prior: stored with the table, see :class:`FirstLayerTable`.
+    """
+    weight = layer.weight
+    coordinates_end = box_channels + image_channels + 2 * (2 * num_frequencies + 1)
+    box_w = weight[:, :box_channels]
+    image_w = weight[:, box_channels : box_channels + image_channels]
+    coord_w = weight[:, box_channels + image_channels : coordinates_end]
+    box_map = F.linear(box_features.permute(0, 2, 3, 1), box_w, layer.bias)
+    image_map = F.linear(image_features.permute(0, 2, 3, 1), image_w)
+    origin = F.linear(fourier_encoding(xs.new_zeros(1, 2), num_frequencies), coord_w)
+    columns = F.linear(fourier_encoding(torch.stack([xs, torch.zeros_like(xs)], -1), num_frequencies), coord_w) - origin
+    rows = F.linear(fourier_encoding(torch.stack([torch.zeros_like(ys), ys], -1), num_frequencies), coord_w)
+    parts = [box_map.reshape(-1, box_map.shape[-1]), image_map.reshape(-1, image_map.shape[-1]), columns, rows]
+    if fold is not None:
+        scale, shift = fold
+        parts = [part * scale for part in parts]
+        parts[0] = parts[0] + shift
+    values = torch.cat(parts)
+    return FirstLayerTable(
+        values if dtype is None else values.to(dtype),
+        tuple(box_features.shape[-2:]),
+        tuple(image_features.shape[-2:]),
+        ys,
+        xs,
+        box_features.shape[0],
+        pixel_grid,
+        extent,
+        mask_prior,
+    )
+
+
+def table_taps(table: FirstLayerTable, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The table rows ``[P, N, 10]`` and their weights of the points at raster ``index [P, N]`` of the grid.
+
+    The table holds, in order: ``hb * wb`` box-map rows per prompt, ``g * g`` image-map rows per prompt,
+    then the ``width`` column rows and the ``height`` row rows shared by every prompt.
+    """
+    prompts = index.shape[0]
+    grid_row = torch.div(index, table.width, rounding_mode="floor")
+    grid_column = index - grid_row * table.width
+    coords = torch.stack([table.xs[grid_column], table.ys[grid_row]], dim=-1)
+    if table.extent != (1.0, 1.0):  # the output covers the top-left part of padded maps
+        coords = (coords + 1) * coords.new_tensor([table.extent[1], table.extent[0]]) - 1
+    (box_h, box_w), (image_h, image_w) = table.box_size, table.image_size
+    box_rows, box_weights = bilinear_taps(box_h, box_w, coords)
+    image_rows, image_weights = bilinear_taps(image_h, image_w, coords)
+    prompt = torch.arange(prompts, device=index.device).view(prompts, 1, 1)
+    box_block, image_block = box_h * box_w, image_h * image_w
+    box_rows = box_rows + prompt * box_block
+    image_rows = image_rows + prompt * image_block + prompts * box_block
+    first_column_row = prompts * (box_block + image_block)
+    column_rows = (grid_column + first_column_row).unsqueeze(-1)
+    row_rows = (grid_row + first_column_row + table.width).unsqueeze(-1)
+    taps = torch.cat([box_rows, image_rows, column_rows, row_rows], dim=-1)
+    weights = torch.cat([box_weights, image_weights, box_weights.new_ones(*index.shape, 2)], dim=-1)
+    return taps, weights.to(table.values.dtype)
+
+
+class DenseTapsCache:
+    """:func:`table_taps` of a whole output grid, kept for the next call: they depend only on the sizes, so
+    re-prompting at the same output size skips computing them. One entry: an 896 x 896 grid's taps take
+    about 100 MB."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._taps: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, table: FirstLayerTable) -> tuple[torch.Tensor, torch.Tensor]:
+        if not table.pixel_grid:  # a training sub-lattice, drawn afresh at every step
+            return _whole_grid_taps(table)
+        key = (table.height, table.width, table.box_size, table.image_size, table.prompts,
+               table.values.device, table.values.dtype, table.extent)  # fmt: skip
+        if key != self._key:
+            self._key, self._taps = key, _whole_grid_taps(table)
+        return self._taps
+
+
+def _whole_grid_taps(table: FirstLayerTable) -> tuple[torch.Tensor, torch.Tensor]:
+    index = torch.arange(table.height * table.width, device=table.values.device).expand(table.prompts, -1)
+    return table_taps(table, index)
+
+
+def evaluate_table(table: FirstLayerTable, taps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """First-layer outputs ``[P, N, C]`` at the points of ``taps, weights [P, N, 10]``."""
+    out = F.embedding_bag(
+        taps.reshape(-1, taps.shape[-1]), table.values, per_sample_weights=weights.reshape(-1, weights.shape[-1]), mode="sum"
+    )
+    return out.view(taps.shape[0], -1, out.shape[-1])
+
+
+def sample_mask_prior(table: FirstLayerTable, taps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+    """The table's mask prior ``[P, N, 1 + T]`` at the points of ``taps``, or None without one. The prior is a
+    box-map channel, so it is sampled with the first four (the box-map) taps."""
+    if table.mask_prior is None:
+        return None
+    prior = F.embedding_bag(
+        taps[..., :4].reshape(-1, 4), table.mask_prior, per_sample_weights=weights[..., :4].reshape(-1, 4).float(), mode="sum"
+    )
+    return prior.view(taps.shape[0], -1, prior.shape[-1])
