@@ -17,14 +17,37 @@ __all__ = ["main", "read_rgb_image"]
 logger = logging.getLogger("imedsam")
 
 
-def read_rgb_image(path: str) -> np.ndarray:
-    """Read a PNG/JPG/... file as ``H x W x 3`` uint8; a grey image is repeated to three channels."""
-    image = read_picture(path)
+#: mask outputs must be lossless; pictures (overlay, uncertainty) may be JPEG too
+MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
+PICTURE_EXTENSIONS = MASK_EXTENSIONS + (".jpg", ".jpeg")
+
+
+def read_rgb_image(path: str, max_pixels: int | None = None) -> np.ndarray:
+    """Read a PNG/JPG/... file as ``H x W x 3`` uint8; a grey image is repeated to three channels. An image of
+    more than ``max_pixels`` pixels (default :data:`imedsam.data.pictures.MAX_IMAGE_PIXELS`) is refused."""
+    image = read_picture(path, max_pixels=max_pixels)
     if image.mode == "L":
         image = image.convert("RGB")
     elif image.mode != "RGB":
         raise ValueError(f"{path} is a {image.mode!r} image; I-MedSAM reads 8-bit RGB or grey (L) images")
     return np.asarray(image)
+
+
+def check_output_path(path: str, option: str, extensions: tuple[str, ...]) -> None:
+    """Refuse, before any work, an output that names a folder, has no known extension, or cannot be
+    created (a parent is a regular file, or the folder is not writable)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a folder; name a file in it, e.g. {os.path.join(path, 'mask.png')}")
+    if os.path.splitext(path)[1].lower() not in extensions:
+        raise ValueError(f"{option} {path} must end in one of {', '.join(extensions)}")
+    parent = os.path.dirname(os.path.abspath(path))
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{option} {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"{option} {path} cannot be created: {existing} is not writable")
 
 
 def _save_png(array: np.ndarray, path: str) -> None:
@@ -40,6 +63,11 @@ def _predict(args: argparse.Namespace) -> None:
     from .networks import IMedSAM
     from .visualize import heat_map, overlay
 
+    check_output_path(args.output, "--output", MASK_EXTENSIONS)
+    for option in ("uncertainty", "overlay"):
+        if getattr(args, option):
+            check_output_path(getattr(args, option), f"--{option}", PICTURE_EXTENSIONS)
+    image = read_rgb_image(args.image, args.max_pixels)
     if args.checkpoint is None and args.sam_checkpoint is None and args.encoder != "lite_medsam":
         logger.warning(
             "no --checkpoint given: the %s model is randomly initialised and its masks are meaningless; "
@@ -59,16 +87,18 @@ def _predict(args: argparse.Namespace) -> None:
     if args.checkpoint:
         model.load_checkpoint(args.checkpoint)
     model.to(torch.device(args.device))
-    image = read_rgb_image(args.image)
     if args.box_from_mask:
         reference = read_mask(args.box_from_mask)
         if reference.shape != image.shape[:2]:
             raise ValueError(f"mask {args.box_from_mask} is {reference.shape}, image {args.image} is {image.shape[:2]}")
         args.box = box_from_mask(reference).tolist()
         logger.info("box from %s: %s", args.box_from_mask, args.box)
-    predictor = Predictor(model)
+    predictor = Predictor(model, max_decode_side=args.max_decode_side or None)
     predictor.set_image(image)
     probability, uncertainty = predictor.predict(args.box, output_size=args.output_size, class_id=args.class_id)
+    if predictor.decode_size != probability.shape:
+        logger.info("decoded at %dx%d (--max-decode-side %d), upsampled to %dx%d", predictor.decode_size[1],
+                    predictor.decode_size[0], args.max_decode_side, probability.shape[1], probability.shape[0])  # fmt: skip
     mask = probability > args.threshold
     _save_png(mask.astype(np.uint8) * 255, args.output)
     logger.info("mask %dx%d, %d foreground pixels -> %s", mask.shape[1], mask.shape[0], int(mask.sum()), args.output)
@@ -121,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--class-id", type=int, help="class of the box for multi-class models")
     predict.add_argument("--threshold", type=float, default=0.5)
     predict.add_argument("--device", default="cpu")
+    predict.add_argument(
+        "--max-pixels", type=int, default=None,
+        help="refuse images with more pixels than this (default 50,000,000), before decoding them",
+    )  # fmt: skip
+    predict.add_argument(
+        "--max-decode-side", type=int, default=1024,
+        help="decode at most this many pixels on a side, then upsample the maps (0: decode every pixel); bounds time and memory",
+    )  # fmt: skip
     predict.set_defaults(run=_predict)
 
     demo = commands.add_parser("demo-data", help="write synthetic polyp-like images and masks")
@@ -137,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
+    except (ValueError, OSError, RuntimeError, TypeError) as exc:
         logger.error("%s", exc)
         return 2
     return 0

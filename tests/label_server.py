@@ -29,10 +29,14 @@ def label_server(app_dir: Path, studies: Path, workdir: Path, conf: list[str] = 
                  request_timeout: float = 120):  # fmt: skip
     """Serve ``app_dir`` on ``studies`` with ``--conf`` pairs ``conf``; yields an ``httpx.Client`` on it.
 
-    The server's output goes to ``workdir / "server.log"``; it is stopped (SIGTERM, then SIGKILL) on exit.
+    The server's output goes to ``workdir / "server.log"`` and its temporary files to ``workdir / "tmp"``
+    (``TMPDIR``), where a test can count them; it is stopped (SIGTERM, then SIGKILL) on exit. The client's
+    ``server`` attribute is the server's process.
     """
+    (workdir / "tmp").mkdir(exist_ok=True)
     env = dict(
         os.environ,
+        TMPDIR=str(workdir / "tmp"),
         MONAILABEL_PYEXE=sys.executable,
         MONAI_LABEL_TRACKING_ENABLED="false",
         MONAI_LABEL_AUTO_UPDATE_SCORING="false",
@@ -45,9 +49,10 @@ def label_server(app_dir: Path, studies: Path, workdir: Path, conf: list[str] = 
         "--host", "127.0.0.1", "--port", str(port), *conf,
     ]  # fmt: skip
     log_path = workdir / "server.log"
-    log = open(log_path, "w")
+    log = open(log_path, "a")
     process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=request_timeout)
+    client.server = process
     try:
         deadline = time.monotonic() + start_timeout
         while True:
@@ -64,10 +69,11 @@ def label_server(app_dir: Path, studies: Path, workdir: Path, conf: list[str] = 
         yield client
     finally:
         client.close()
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
         log.close()

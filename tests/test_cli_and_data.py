@@ -78,6 +78,65 @@ def test_cli_errors_are_reported_not_raised(tmp_path, caplog):
     assert "checkpoint not found" in caplog.text
 
 
+def _forged_png(path, width: int, height: int) -> None:
+    """A PNG whose header claims ``width x height`` pixels but holds almost no data (a decompression bomb's
+    header): a reader that trusts it before checking would try to allocate the whole image."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def test_cli_refuses_an_image_over_the_pixel_limit_and_names_the_limit(tmp_path, caplog):
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "small.png")
+    base = ["predict", "--encoder", "vit_tiny", "--image-size", "64", "--box", "1", "1", "9", "9", "--output", str(tmp_path / "m.png")]
+    assert main(base + ["--image", str(tmp_path / "small.png"), "--max-pixels", "1000"]) == 2
+    assert "is 40 x 30 = 1,200 pixels, above the limit of 1,000 pixels" in caplog.text
+    assert not (tmp_path / "m.png").exists()
+    caplog.clear()
+    _forged_png(tmp_path / "bomb.png", 60_000, 60_000)  # 3.6 billion pixels in a file of 100 bytes
+    assert main(base + ["--image", str(tmp_path / "bomb.png")]) == 2
+    assert "bomb.png is too large to decode (Image size (3600000000 pixels)" in caplog.text
+    assert "the limit here is 50,000,000 pixels" in caplog.text
+    caplog.clear()
+    _forged_png(tmp_path / "big.png", 9_000, 9_000)  # over our limit, under PIL's: refused from the header
+    assert main(base + ["--image", str(tmp_path / "big.png")]) == 2
+    assert "is 9000 x 9000 = 81,000,000 pixels, above the limit of 50,000,000 pixels" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ("folder", "is a folder; name a file in it"),
+        ("mask", "must end in one of .png"),
+        ("mask.jpg", "must end in one of .png"),
+        ("a_file/mask.png", "is a file, not a folder"),
+    ],
+)
+def test_cli_checks_the_output_path_before_any_work(tmp_path, caplog, output, message):
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "small.png")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a_file").write_text("a regular file")
+    args = ["predict", "--encoder", "vit_tiny", "--image-size", "64", "--box", "1", "1", "9", "9", "--image", str(tmp_path / "small.png")]
+    # a checkpoint that does not exist: had the output not been checked first, the error would name it
+    assert main(args + ["--checkpoint", str(tmp_path / "none.pt"), "--output", str(tmp_path / output)]) == 2
+    assert message in caplog.text and "checkpoint not found" not in caplog.text
+
+
+def test_cli_decodes_a_large_image_at_a_capped_size(tmp_path, caplog):
+    Image.fromarray(np.zeros((300, 500, 3), np.uint8)).save(tmp_path / "wide.png")
+    args = ["predict", "--encoder", "vit_tiny", "--image-size", "64", "--box", "10", "10", "400", "250", "--image", str(tmp_path / "wide.png"),
+            "--output", str(tmp_path / "m.png"), "--max-decode-side", "100"]  # fmt: skip
+    with caplog.at_level("INFO"):
+        assert main(args) == 0
+    assert "decoded at 100x60 (--max-decode-side 100), upsampled to 500x300" in caplog.text
+    assert np.asarray(Image.open(tmp_path / "m.png")).shape == (300, 500)
+
+
 def test_cli_predict_with_no_checkpoint_uses_the_pretrained_lite_medsam(tmp_path, caplog):
     from scipy import ndimage
 

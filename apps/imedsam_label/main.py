@@ -10,7 +10,9 @@ import logging
 import os
 
 from fastapi import HTTPException
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -22,7 +24,9 @@ from imedsam.inference import ImageReadError, PromptError
 from imedsam.networks import CheckpointError
 
 from lib.configs.imedsam import IMedSAMConfig
-from lib.scoring.ugs import LAST_PROMPT_KEY
+from lib.datastore import CheckedDatastore, DatastoreRequestError
+from lib.guard import install
+from lib.storage import PromptRecords
 from lib.trainers.imedsam import TrainingDataError
 
 logger = logging.getLogger(__name__)
@@ -34,8 +38,11 @@ class IMedSAMApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.model_dir = os.path.join(app_dir, "model")
         os.makedirs(self.model_dir, exist_ok=True)
+        # uploads live here only while their request runs (lib.guard removes each request's folder)
+        self.upload_root = os.path.join(app_dir, "uploads")
+        self.prompt_records = PromptRecords(os.path.join(self.model_dir, "last_prompts.json"), logger)
         self.task_config = IMedSAMConfig()
-        self.task_config.init(MODEL_NAME, self.model_dir, conf, None)
+        self.task_config.init(MODEL_NAME, self.model_dir, conf, None, prompt_records=self.prompt_records)
         logger.info("I-MedSAM app: %s", self.task_config.describe())
         super().__init__(
             app_dir=app_dir,
@@ -46,6 +53,24 @@ class IMedSAMApp(MONAILabelApp):
             version=imedsam.__version__,
             labels=self.task_config.labels,
         )
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return CheckedDatastore(
+            self.studies,
+            self.task_config.labels,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def server_mode(self, mode: bool):
+        super().server_mode(mode)
+        if mode and isinstance(self.datastore(), CheckedDatastore):
+            from monailabel.app import app as server  # the running server: this is called from its startup
+
+            install(server, self, self.upload_root)
 
     def init_infers(self) -> dict[str, InferTask]:
         return self.task_config.infer()
@@ -59,24 +84,34 @@ class IMedSAMApp(MONAILabelApp):
     def init_scoring_methods(self) -> dict[str, ScoringMethod]:
         return self.task_config.scoring_method()
 
+    def _readable_by_request(self, image) -> bool:
+        """An image a request may name: an id in the datastore, or a file the server itself made for this
+        request (an upload, a MONAI Label session)."""
+        if not isinstance(image, str):
+            return False
+        if self.datastore().get_image_uri(image):
+            return True
+        path = os.path.realpath(image)
+        roots = [self.upload_root] + ([self.sessions().store_path] if self.sessions() else [])
+        return any(path.startswith(os.path.realpath(root) + os.sep) for root in roots)
+
     def infer(self, request, datastore=None):
         datastore = datastore if datastore else self.datastore()
         image = request.get("image")
         if request.get("model") not in self._infers:
             raise HTTPException(status_code=404, detail=f"unknown model {request.get('model')!r}; this app serves {sorted(self._infers)}")
-        in_datastore = isinstance(image, str) and bool(datastore.get_image_uri(image))
-        if not in_datastore and not (isinstance(image, str) and os.path.exists(image)):
+        if not self._readable_by_request(image):
             raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
         try:
             result = super().infer(request, datastore)
-        except (PromptError, ImageReadError) as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from exc
+        except (PromptError, ImageReadError, DatastoreRequestError) as exc:
+            raise HTTPException(status_code=getattr(exc, "status", 400), detail=str(exc)) from exc
         except CheckpointError as exc:
             raise HTTPException(status_code=500, detail=f"the served checkpoint cannot be loaded: {exc}") from exc
-        if in_datastore:
+        if datastore.get_image_uri(image):
             # The last box prompted on an image is the box its UGS score is computed with.
             params = result.get("params") or {}
-            datastore.update_image_info(image, {LAST_PROMPT_KEY: {"box": params.get("box"), "slice": params.get("slice")}})
+            self.prompt_records.set(image, params.get("box"), params.get("slice"))
         return result
 
     def train(self, request):

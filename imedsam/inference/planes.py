@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..data.pictures import ImageReadError, check_picture, is_picture
+from ..data.pictures import ImageReadError, check_picture, check_pixel_count, is_picture
 
 __all__ = [
     "ImageReadError",
@@ -45,11 +45,26 @@ def load_image_array(path: str):
     if planar:
         # MONAI falls back on every other reader when PIL fails; checking first keeps the message to the point.
         check_picture(path)
+    elif str(path).lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_plane_size(path)
     try:
         return LoadImage(reader="PILReader" if planar else None, image_only=True, dtype=None)(path)
     except Exception as exc:  # readers raise many types for corrupt or foreign files
         first_line = (str(exc).strip().splitlines() or [""])[0]
         raise ImageReadError(f"could not read image {path}: {type(exc).__name__}: {first_line}") from exc
+
+
+def _check_nifti_plane_size(path: str) -> None:
+    """Refuse a NIfTI volume whose planes exceed the pixel limit, from its header, before reading the voxels."""
+    import nibabel
+
+    try:
+        shape = nibabel.load(path).shape  # reads the header only
+    except Exception as exc:  # nibabel raises several types for a corrupt or foreign file
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise ImageReadError(f"could not read image {path}: {type(exc).__name__}: {first_line}") from exc
+    if len(shape) >= 2:
+        check_pixel_count(shape[0], shape[1], path)
 
 
 #: LiteMedSAM's CT window, level 40 / width 400 HU, in (low, high) form

@@ -7,6 +7,7 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..networks.imedsam import IMedSAM, ImageEncoding
 
@@ -49,6 +50,10 @@ class Predictor:
     Args:
         model: an :class:`~imedsam.networks.IMedSAM`; it is put in eval mode.
         cache_size: how many image encodings to keep.
+        max_decode_side: the largest side the decoder is queried at. A larger output is decoded at that size
+            (aspect kept) and its logits and uncertainty upsampled bilinearly, so that time and memory stay
+            bounded whatever the image's size; :attr:`decode_size` says what the last call decoded. None
+            decodes every output pixel.
 
     Example::
 
@@ -62,11 +67,15 @@ class Predictor:
         ((50, 70), (50, 70))
     """
 
-    def __init__(self, model: IMedSAM, cache_size: int = 8) -> None:
+    def __init__(self, model: IMedSAM, cache_size: int = 8, max_decode_side: int | None = 1024) -> None:
         if cache_size < 1:
             raise ValueError(f"cache_size must be at least 1, got {cache_size}")
+        if max_decode_side is not None and max_decode_side < 1:
+            raise ValueError(f"max_decode_side must be a positive number of pixels or None, got {max_decode_side}")
         self.model = model.eval()
         self.cache_size = cache_size
+        self.max_decode_side = max_decode_side
+        self.decode_size: tuple[int, int] | None = None
         self._cache: OrderedDict[tuple, ImageEncoding] = OrderedDict()
         self._encoding: ImageEncoding | None = None
         self.encoder_calls = 0
@@ -120,10 +129,18 @@ class Predictor:
         if boxes.dim() != 2 or boxes.shape[-1] != 4:
             raise ValueError(f"box must be [x0, y0, x1, y1] or an N x 4 array, got shape {tuple(boxes.shape)}")
         class_ids = None if class_id is None else torch.full((1, boxes.shape[0]), int(class_id))
+        size = tuple(int(v) for v in (output_size or (self._encoding.height, self._encoding.width)))
+        decode_size = size
+        if self.max_decode_side is not None and max(size) > self.max_decode_side:
+            scale = self.max_decode_side / max(size)
+            decode_size = tuple(max(1, round(v * scale)) for v in size)
         with torch.no_grad():
             logits, uncertainty = self.model.decode(
-                self._encoding, boxes.unsqueeze(0).to(self.device), output_size, return_uncertainty=True, class_ids=class_ids
+                self._encoding, boxes.unsqueeze(0).to(self.device), decode_size, return_uncertainty=True, class_ids=class_ids
             )
+            if decode_size != size:
+                logits, uncertainty = (F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in (logits, uncertainty))
+        self.decode_size = decode_size
         probability = torch.sigmoid(logits[0]).cpu().numpy()
         uncertainty = uncertainty[0].cpu().numpy()
         return (probability[0], uncertainty[0]) if single else (probability, uncertainty)

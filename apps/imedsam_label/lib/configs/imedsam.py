@@ -11,6 +11,8 @@ import torch
 from monai.bundle import ConfigParser
 from monailabel.interfaces.config import TaskConfig
 
+from imedsam.data import pictures
+
 from lib.activelearning.ugs import UGSStrategy
 from lib.infers.imedsam import IMedSAMInfer
 from lib.scoring.ugs import UGSScoring
@@ -47,6 +49,9 @@ class IMedSAMConfig(TaskConfig):
     - ``label`` (``object``): the segment name clients show; ``window`` (``low,high``): intensity window for
       volumes (default, LiteMedSAM's: CT L40/W400, other volumes the 0.5-99.5 percentiles of their non-zero
       voxels);
+    - ``max_image_pixels`` (50,000,000): larger images and volume planes are refused (400) before they are
+      decoded; ``max_decode_side`` (1024): larger outputs are decoded at that size and upsampled, so that one
+      request's time and memory stay bounded;
     - ``seed`` (0): the seed of untrained weights, so that the server and its training and scoring
       subprocesses build the same untrained model.
     """
@@ -59,6 +64,9 @@ class IMedSAMConfig(TaskConfig):
             raise FileNotFoundError(f"--conf bundle {self.bundle_dir}: {train_config} not found")
         self.labels = {conf.get("label", "object"): 1}
         self.window = _window(conf.get("window"))
+        if conf.get("max_image_pixels"):
+            pictures.MAX_IMAGE_PIXELS = int(conf["max_image_pixels"])
+        self.max_decode_side = int(conf.get("max_decode_side", 1024))
         sam_checkpoint = conf.get("sam_checkpoint") or None
         if sam_checkpoint and not os.path.isfile(sam_checkpoint):
             raise FileNotFoundError(f"--conf sam_checkpoint {sam_checkpoint}: file not found")
@@ -86,7 +94,9 @@ class IMedSAMConfig(TaskConfig):
                 "its masks are meaningless until you train or pass a checkpoint",
                 self.network_overrides["encoder"],
             )
-        self._infer = IMedSAMInfer(self.network, self.path, self.labels, self.model_version, window=self.window)
+        self._infer = IMedSAMInfer(
+            self.network, self.path, self.labels, self.model_version, window=self.window, max_decode_side=self.max_decode_side
+        )
 
     def _build_network(self, seed: int):
         parser = ConfigParser()
@@ -121,7 +131,7 @@ class IMedSAMConfig(TaskConfig):
         return {"ugs": UGSStrategy(self.model_version)}
 
     def scoring_method(self):
-        return {"ugs": UGSScoring(self._infer)}
+        return {"ugs": UGSScoring(self._infer, self.kwargs["prompt_records"])}
 
     def describe(self) -> str:
         return json.dumps({"bundle": self.bundle_dir, **self.network_overrides, "checkpoints": self.path})

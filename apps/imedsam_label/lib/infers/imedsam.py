@@ -46,6 +46,7 @@ class IMedSAMInfer(BasicInferTask):
         model_version,
         window=None,
         cache_size: int = 8,
+        max_decode_side: int | None = 1024,
         description: str = "I-MedSAM: box-prompted 2D segmentation with an uncertainty map",
     ) -> None:
         super().__init__(
@@ -60,6 +61,7 @@ class IMedSAMInfer(BasicInferTask):
         )
         self.window = window
         self.cache_size = cache_size
+        self.max_decode_side = max_decode_side
         self.model_version = model_version
         self._lock = threading.RLock()
         self._predictor: Predictor | None = None
@@ -105,13 +107,15 @@ class IMedSAMInfer(BasicInferTask):
         network = self._get_network(device, data)
         with self._lock:
             if self._predictor is None or self._predictor.model is not network:
-                self._predictor = Predictor(network, cache_size=self.cache_size)
+                self._predictor = Predictor(network, cache_size=self.cache_size, max_decode_side=self.max_decode_side)
             start = time.perf_counter()
             cached = self._predictor.set_image(data["plane"])
             encoded = time.perf_counter()
             probability, uncertainty = self._predictor.predict(data["box"])
             decoded = time.perf_counter()
+            decode_size = list(self._predictor.decode_size)
         return {
+            "decode_size": decode_size,
             "probability": probability,
             "uncertainty": uncertainty,
             "encoder_cached": cached,
@@ -133,6 +137,7 @@ class IMedSAMInfer(BasicInferTask):
             "encoder_cached": out["encoder_cached"],
             "encoder_s": round(out["encoder_s"], 4),
             "decoder_s": round(out["decoder_s"], 4),
+            "decode_size": out["decode_size"],  # [H, W]; smaller than the image: decoded there, then upsampled
             "model": self.model_version(),
         }
         logger.info(

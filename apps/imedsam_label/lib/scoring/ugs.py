@@ -14,17 +14,16 @@ from imedsam.metrics import ugs_score
 from imedsam.transforms import PromptPlaned
 
 from lib.infers.imedsam import IMedSAMInfer
+from lib.storage import PromptRecords
 
 logger = logging.getLogger(__name__)
 
 SCORE_KEY = "ugs_score"
 MODEL_KEY = "ugs_model"
-LAST_PROMPT_KEY = "imedsam_last_prompt"
 
 
-def prompt_for(info: dict) -> tuple[dict, str]:
+def prompt_for(last: dict | None) -> tuple[dict, str]:
     """The prompt used to score an image: its last user prompt if any, else the whole image (or slice)."""
-    last = info.get(LAST_PROMPT_KEY)
     if last and last.get("box") is not None:
         return {"box": last["box"], "slice": last.get("slice")}, "last_prompt"
     return {}, "whole_image"  # PromptPlaned then takes the whole image (a volume's middle slice)
@@ -33,15 +32,16 @@ def prompt_for(info: dict) -> tuple[dict, str]:
 class UGSScoring(ScoringMethod):
     """Score unlabeled images by the mean UGS (MC-dropout) variance over the predicted region in the box.
 
-    The box is the last box a user prompted on the image (recorded by the app at every infer), or the
+    The box is the last box a user prompted on the image (the app's :class:`PromptRecords`), or the
     whole image for an image nobody has prompted (the middle slice of a volume). The score is stored in
     the image's info as ``ugs_score`` with ``ugs_model``, the model version it was computed with; an image
     is scored again only when the model changes or its prompt does.
     """
 
-    def __init__(self, infer: IMedSAMInfer) -> None:
+    def __init__(self, infer: IMedSAMInfer, prompt_records: PromptRecords) -> None:
         super().__init__("Uncertainty-guided sampling (UGS): mean MC-dropout variance of the implicit decoder")
         self.infer = infer
+        self.prompt_records = prompt_records
 
     def __call__(self, request, datastore: Datastore):
         version = self.infer.model_version()
@@ -50,7 +50,7 @@ class UGSScoring(ScoringMethod):
         start = time.time()
         for image_id in datastore.get_unlabeled_images():
             info = datastore.get_image_info(image_id)
-            prompt, source = prompt_for(info)
+            prompt, source = prompt_for(self.prompt_records.get(image_id))
             stamp = f"{version}|{prompt.get('box')}|{prompt.get('slice')}"
             if info.get(MODEL_KEY) == stamp and SCORE_KEY in info:
                 skipped += 1

@@ -1,0 +1,214 @@
+"""Requests checked before MONAI Label sees them, and the two endpoints that do heavy work off the event loop.
+
+MONAI Label 0.8.5 joins request ids and tags into paths, answers malformed ``params`` with a 500, runs an
+infer on the server's event loop (every other request waits for it) and leaves temporary files behind when
+a request fails. The app does not patch MONAI Label; it puts two things in front of it when the server
+starts (:func:`install`):
+
+- :class:`RequestGuard`, a small ASGI middleware that checks the ids and tags in every ``/datastore`` and
+  ``/infer`` query before routing: a tag must be a plain name (400), an image id must name an image in the
+  datastore (the same 404 whether or not a file of that name exists anywhere);
+- its own ``POST /infer/{model}`` and ``PUT /datastore/label`` routes, ahead of MONAI Label's: they check
+  ``params``, keep uploads in a temporary folder that is removed however the request ends, and run the
+  work in a worker thread, so ``/info/`` and other requests are answered while an image is segmented.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import re
+import tempfile
+from typing import Any
+from urllib.parse import parse_qs
+
+from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from monailabel.config import settings
+from monailabel.endpoints.infer import send_response
+from monailabel.endpoints.user.auth import RBAC, User
+from starlette.concurrency import run_in_threadpool
+
+from lib.datastore import PLAIN_NAME, CheckedDatastore, DatastoreRequestError, check_tag
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RequestGuard", "install", "parse_params"]
+
+#: the largest ``params`` form field accepted, in characters
+MAX_PARAMS_CHARS = 1_000_000
+#: file name endings accepted for uploaded images and labels
+UPLOAD_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".nrrd", ".seg.nrrd")
+_DEVICE = re.compile(r"^(cpu|cuda(:\d{1,2})?)$")
+# params keys that would name server files or override the query; the query and uploads do that
+_FORBIDDEN_PARAMS = ("image", "label", "file", "session")
+
+
+def parse_params(text: str | None) -> dict[str, Any]:
+    """The ``params`` form field as a dict, or a 400 that says what is wrong with it."""
+    if text is None or text == "":
+        return {}
+    if len(text) > MAX_PARAMS_CHARS:
+        raise HTTPException(status_code=400, detail=f"params is {len(text)} characters long; the limit is {MAX_PARAMS_CHARS}")
+    try:
+        params = json.loads(text)
+    except RecursionError:
+        raise HTTPException(status_code=400, detail="params is nested too deeply to be a request's parameters") from None
+    except ValueError as exc:
+        raise HTTPException(status_code=400, detail=f"params is not valid JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise HTTPException(status_code=400, detail=f"params must be a JSON object, got {type(params).__name__}")
+    for key in _FORBIDDEN_PARAMS:
+        if key in params:
+            raise HTTPException(
+                status_code=400, detail=f"params may not set {key!r}: name the image with ?image=ID or upload it as a file"
+            )
+    device = params.get("device")
+    if device is not None and not (isinstance(device, str) and _DEVICE.match(device)):
+        raise HTTPException(status_code=400, detail=f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if "label_tag" in params:
+        _to_http(check_tag, params["label_tag"])
+    return params
+
+
+def _to_http(check, *args):
+    try:
+        return check(*args)
+    except DatastoreRequestError as exc:
+        raise HTTPException(status_code=exc.status, detail=str(exc)) from None
+
+
+def _upload_suffix(upload: UploadFile, what: str) -> str:
+    name = os.path.basename(upload.filename or "")
+    lower = name.lower()
+    suffix = next((s for s in sorted(UPLOAD_SUFFIXES, key=len, reverse=True) if lower.endswith(s)), None)
+    if suffix is None:
+        raise HTTPException(status_code=400, detail=f"the {what} file {name!r} is not one of {', '.join(UPLOAD_SUFFIXES)}")
+    return suffix
+
+
+def _save_upload(upload: UploadFile, folder: str, what: str) -> str:
+    path = os.path.join(folder, f"{what}{_upload_suffix(upload, what)}")
+    with open(path, "wb") as f:
+        while chunk := upload.file.read(1 << 20):
+            f.write(chunk)
+    return path
+
+
+class RequestGuard:
+    """ASGI middleware: refuse bad ids and tags in ``/datastore`` and ``/infer`` queries before routing."""
+
+    def __init__(self, app, datastore: CheckedDatastore, api_prefix: str = "") -> None:
+        self.app = app
+        self.datastore = datastore
+        self.prefix = api_prefix.rstrip("/")
+
+    def problem(self, method: str, path: str, query: dict[str, list[str]]) -> tuple[int, str] | None:
+        path = path[len(self.prefix) :] if self.prefix and path.startswith(self.prefix) else path
+        if not (path.startswith("/datastore") or path.startswith("/infer")):
+            return None
+        for tag in query.get("tag", []):
+            if tag and not PLAIN_NAME.match(tag):
+                return 400, f"label tag {tag!r} is not a plain name: use letters, digits, '_' and '-'"
+        adding_image = method == "PUT" and path.rstrip("/") in ("/datastore", "/datastore/image")
+        for key in ("image", "label", "id"):
+            for value in query.get(key, []):
+                if adding_image:
+                    if value and not PLAIN_NAME.match(value):
+                        return 400, f"image id {value!r} is not a plain name: use letters, digits, '_' and '-'"
+                elif value or path.startswith("/datastore"):
+                    try:
+                        self.datastore.image_uri_or_404(value)
+                    except DatastoreRequestError as exc:
+                        return exc.status, str(exc)
+        return None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+            problem = self.problem(scope["method"], scope["path"], query)
+            if problem:
+                await JSONResponse({"detail": problem[1]}, status_code=problem[0])(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _infer_route(instance, upload_root: str):
+    async def infer(
+        background_tasks: BackgroundTasks,
+        model: str,
+        image: str = "",
+        session_id: str = "",
+        params: str = Form("{}"),
+        file: UploadFile = File(None),
+        label: UploadFile = File(None),
+        output: str | None = None,
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+    ):
+        request = parse_params(params)
+        if label is not None:
+            raise HTTPException(status_code=400, detail="this model takes no label input: send a box prompt in params")
+        if output not in (None, "image", "json", "all"):
+            raise HTTPException(status_code=400, detail=f"output must be 'image', 'json' or 'all', got {output!r}")
+        datastore = instance.datastore()
+        with tempfile.TemporaryDirectory(dir=upload_root) as folder:
+            if file is not None:
+                path = _save_upload(file, folder, "image")
+            elif session_id:
+                if not PLAIN_NAME.match(session_id) or not (session := instance.sessions().get_session(session_id)):
+                    raise HTTPException(status_code=404, detail=f"session {session_id!r} not found")
+                path = session.image
+            elif image:
+                _to_http(datastore.image_uri_or_404, image)
+                path = image  # an id: MONAI Label resolves it, and saves a label for it when asked to
+            else:
+                raise HTTPException(status_code=400, detail="no image: name one with ?image=ID or upload it as a file")
+            request = {**instance.info().get("config", {}).get("infer", {}), **request, "model": model, "image": path}
+            result = await run_in_threadpool(instance.infer, request)
+        return send_response(datastore, result, output, background_tasks)
+
+    return infer
+
+
+def _save_label_route(instance, upload_root: str):
+    async def save_label(
+        image: str,
+        params: str = Form("{}"),
+        tag: str = "final",
+        label: UploadFile = File(...),
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+    ):
+        info = parse_params(params)
+        datastore: CheckedDatastore = instance.datastore()
+        _to_http(check_tag, tag or "final")
+        _to_http(datastore.image_uri_or_404, image)
+        with tempfile.TemporaryDirectory(dir=upload_root) as folder:
+            path = _save_upload(label, folder, "label")
+            if os.path.getsize(path) == 0:
+                raise HTTPException(status_code=400, detail="the label file is empty")
+            label_id = await run_in_threadpool(lambda: _to_http(datastore.save_label, image, path, tag or "final", info))
+        answer = instance.on_save_label(image, label_id) or {}
+        return {**answer, "image": image, "label": label_id}
+
+    return save_label
+
+
+def install(server, instance, upload_root: str) -> None:
+    """Put :class:`RequestGuard` in front of ``server`` (the FastAPI app of ``monailabel start_server``,
+    already running) and its own infer and label-save routes ahead of MONAI Label's."""
+    pathlib.Path(upload_root).mkdir(parents=True, exist_ok=True)
+    prefix = settings.MONAI_LABEL_API_STR
+    routes = [
+        APIRoute(f"{prefix}/infer/{{model}}", _infer_route(instance, upload_root), methods=["POST"], name="imedsam_infer"),
+        APIRoute(f"{prefix}/datastore/label", _save_label_route(instance, upload_root), methods=["PUT"], name="imedsam_save_label"),
+    ]
+    server.router.routes[:0] = routes
+    # Starlette builds its middleware stack on the first request (the startup one), after which
+    # add_middleware is refused: wrap the built stack instead.
+    if server.middleware_stack is None:
+        server.middleware_stack = server.build_middleware_stack()
+    server.middleware_stack = RequestGuard(server.middleware_stack, instance.datastore(), prefix)
+    logger.info("request guard installed: ids, tags and params are checked; infer and label saves run off the event loop")

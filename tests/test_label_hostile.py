@@ -1,0 +1,243 @@
+"""Hostile and malformed requests against a real MONAI Label server serving the app (127.0.0.1).
+
+Every case asserts the exact status, that nothing was written outside the studies folder, that no label was
+stored and no temporary file left behind, and that the server keeps answering.
+"""
+
+import io
+import json
+import os
+import shutil
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("monailabel", reason="the MONAI Label app needs the 'label' extra: pip install -e '.[label]'")
+httpx = pytest.importorskip("httpx")
+nib = pytest.importorskip("nibabel")
+from PIL import Image  # noqa: E402
+
+from imedsam.data import synthetic_polyp  # noqa: E402
+from label_server import label_server  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (72, 96)  # height, width of the studies' pictures
+CONF = ["--conf", "bundle", str(ROOT / "bundle"), "--conf", "encoder", "vit_tiny", "--conf", "image_size", "64",
+        "--conf", "label", "polyp", "--conf", "max_image_pixels", "4000000"]  # fmt: skip
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _forged_png(width: int, height: int) -> bytes:
+    """A decompression bomb's header: a PNG that claims ``width x height`` pixels in about 100 bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def _snapshot(folder: Path, skip: tuple[str, ...]) -> set[str]:
+    """Every file under ``folder`` except the trees named in ``skip`` (relative paths)."""
+    found = set()
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder).as_posix()
+        if path.is_file() and not relative.startswith(skip):
+            found.add(relative)
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    app_dir, studies, outside = root / "app", root / "studies", root / "outside"
+    shutil.copytree(ROOT / "apps" / "imedsam_label", app_dir, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
+    for folder in (studies, outside):
+        folder.mkdir()
+    for i in range(3):
+        image, _ = synthetic_polyp(SHAPE, seed=i)
+        Image.fromarray(image).save(studies / f"img_{i}.png")
+    Image.fromarray(synthetic_polyp(SHAPE, seed=9)[0]).save(outside / "good.png")
+    volume = np.random.default_rng(0).normal(0, 100, (40, 32, 6)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), studies / "vol_0.nii.gz")
+    with label_server(app_dir, studies, root, CONF) as client:
+        yield {"client": client, "root": root, "studies": studies, "outside": outside, "app_dir": app_dir}
+
+
+@pytest.fixture
+def unchanged(server):
+    """Assert after the test: no file appeared outside the studies folder (the server's own working
+    folders aside), no label was stored, no temporary or upload file is left, and /info/ answers."""
+    root, client = server["root"], server["client"]
+    own = ("studies/", "app/", "sessions/", "server.log", "tmp/", "outside/")
+    before = _snapshot(root, own), set(os.listdir(root / "tmp")), client.get("/datastore/?output=stats").json()["label_tags"]
+    yield
+    after_files = _snapshot(root, own)
+    assert after_files == before[0], f"written outside the datastore: {after_files - before[0]}"
+    assert not Path("/abs/path").exists() and not Path("/tmp/tmp/x").exists()
+    assert set(os.listdir(root / "tmp")) == before[1], "temporary files left behind"
+    uploads = server["app_dir"] / "uploads"
+    assert not uploads.exists() or not any(uploads.iterdir()), "uploads left behind"
+    assert client.get("/datastore/?output=stats").json()["label_tags"] == before[2], "a label was stored"
+    assert client.get("/info/").status_code == 200
+
+
+def _label_png(height=SHAPE[0], width=SHAPE[1], value=1) -> bytes:
+    label = np.zeros((height, width), np.uint8)
+    label[10:30, 20:50] = value
+    return _png(label)
+
+
+def _put_label(client, query: str, content: bytes, name: str = "label.png"):
+    return client.put(f"/datastore/label?{query}", files={"label": (name, content)})
+
+
+# -- label saves ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "query, content, name, status, message",
+    [
+        ("image=img_0&tag=../../escaped", None, "label.png", 400, "is not a plain name"),
+        ("image=img_0&tag=%2E%2E%2F%2E%2E%2Fescaped", None, "label.png", 400, "is not a plain name"),
+        ("image=img_0&tag=/abs/path", None, "label.png", 400, "is not a plain name"),
+        ("image=img_0&tag=%2Fabs%2Fpath", None, "label.png", 400, "is not a plain name"),
+        ("image=img_0&tag=..", None, "label.png", 400, "is not a plain name"),
+        ("image=../outside/good&tag=final", None, "label.png", 404, "is not in the datastore"),
+        ("image=%2E%2E%2Foutside%2Fgood&tag=final", None, "label.png", 404, "is not in the datastore"),
+        ("image=nope&tag=final", None, "label.png", 404, "is not in the datastore"),
+        ("image=img_0&tag=final", b"garbage", "label.png", 400, "the label cannot be read"),
+        ("image=img_0&tag=final", b"", "label.png", 400, "the label file is empty"),
+        ("image=img_0&tag=final", "small", "label.png", 400, "has shape (10, 10)"),
+        ("image=img_0&tag=final", "png", "label.nii.gz", 400, "must be one too"),
+        ("image=vol_0&tag=final", "png_as_nifti", "label.nii.gz", 400, "the label cannot be read"),
+        ("image=img_0&tag=final", "values", "label.png", 400, "not label values"),
+        ("image=img_0&tag=final", "colour", "label.png", 400, "is a colour picture"),
+        ("image=img_0&tag=final", "png", "label.exe", 400, "is not one of"),
+    ],
+)
+def test_bad_label_saves_are_refused_and_nothing_is_stored(server, unchanged, query, content, name, status, message):
+    contents = {
+        None: _label_png(),
+        "small": _png(np.zeros((10, 10), np.uint8)),
+        "png": _label_png(),
+        "png_as_nifti": _label_png(),
+        "values": _label_png(value=255),
+        "colour": _png(np.stack([np.zeros(SHAPE, np.uint8), np.ones(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8)], -1)),
+    }
+    response = _put_label(server["client"], query, contents.get(content, content), name)
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+
+
+# -- infers -------------------------------------------------------------------------------------------------
+def _infer(client, query: str, params=None, **files):
+    data = {"params": params if isinstance(params, str) else json.dumps(params or {"box": [10, 10, 60, 50]})}
+    return client.post(f"/infer/imedsam?{query}", data=data, files=files or None)
+
+
+@pytest.mark.parametrize(
+    "image",
+    ["../outside/good.png", "%2E%2E%2Foutside%2Fgood.png", "OUTSIDE", "ENCODED_OUTSIDE", "/etc/passwd", "%2Fetc%2Fpasswd",
+     "/etc/shadow", "/proc/self/environ", "/etc", "/does/not/exist", "img_0.png", "img_0/..", "."],
+)  # fmt: skip
+def test_an_image_id_names_an_image_in_the_datastore_and_nothing_else(server, unchanged, image):
+    outside = str(server["outside"] / "good.png")
+    image = {"OUTSIDE": outside, "ENCODED_OUTSIDE": outside.replace("/", "%2F")}.get(image, image)
+    response = _infer(server["client"], f"image={image}&output=json")
+    assert response.status_code == 404, response.text
+    # the same answer whether or not a file of that name exists on the server
+    assert response.json()["detail"].endswith("is not in the datastore")
+
+
+@pytest.mark.parametrize(
+    "query, params, status, message",
+    [
+        ("image=img_0&output=json", {"box": [10, 10, 60, 50], "image": "/etc/passwd"}, 400, "params may not set 'image'"),
+        ("image=img_0&output=json", {"box": [10, 10, 60, 50], "save_label": True, "label_tag": "../../../../tmp/x"}, 400,
+         "is not a plain name"),
+        ("image=img_0&output=json", "{not json", 400, "params is not valid JSON"),
+        ("image=img_0&output=json", "[1, 2]", 400, "params must be a JSON object"),
+        ("image=img_0&output=json", "[" * 100_000 + "]" * 100_000, 400, "nested too deeply"),
+        ("image=img_0&output=json", {"box": [10, 10, 60, 50], "device": "nonsense"}, 400, "device must be"),
+        ("output=json", {"box": [10, 10, 60, 50]}, 400, "no image"),
+        ("image=img_0&output=json", {"box": [10, 10, 10, 50]}, 400, "zero area"),
+        ("image=img_0&output=json", {"box": [200, 10, 300, 50]}, 400, "lies outside the image"),
+        ("image=img_0&output=xml", {"box": [10, 10, 60, 50]}, 400, "output must be"),
+        ("image=img_0&session_id=../../x&output=json", {"box": [10, 10, 60, 50]}, 404, "session '../../x' not found"),
+    ],
+)  # fmt: skip
+def test_malformed_infer_requests_get_a_4xx_that_names_the_problem(server, unchanged, query, params, status, message):
+    response = _infer(server["client"], query, params)
+    assert response.status_code == status, response.text
+    if message:
+        assert message in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("bomb.png", _forged_png(60_000, 60_000), "too large to decode"),
+        ("big.png", _forged_png(2500, 2000), "above the limit of 4,000,000 pixels"),
+        ("image.exe", b"MZ", "is not one of"),
+        ("broken.png", b"garbage", "could not read image"),
+    ],
+)
+def test_bad_uploads_are_refused(server, unchanged, name, content, message):
+    response = _infer(server["client"], "output=json", None, file=(name, content))
+    assert response.status_code == 400, response.text
+    assert message in response.json()["detail"]
+
+
+def test_good_requests_still_work_and_leave_nothing_behind(server, unchanged):
+    client = server["client"]
+    assert _infer(client, "image=img_1&output=json").status_code == 200
+    assert _infer(client, "image=img_1&output=image").status_code == 200
+    upload = _infer(client, "output=json", None, file=("good.png", (server["outside"] / "good.png").read_bytes()))
+    assert upload.status_code == 200, upload.text
+
+
+def test_a_good_label_is_stored_atomically_and_overwrites_cleanly(server):
+    client, studies = server["client"], server["studies"]
+    assert _put_label(client, "image=img_2&tag=final", _label_png()).status_code == 200
+    assert _put_label(client, "image=img_2&tag=final", _label_png(value=1)).status_code == 200
+    stored = np.asarray(Image.open(studies / "labels" / "final" / "img_2.png"))
+    assert stored.shape == SHAPE and set(np.unique(stored)) == {0, 1}
+    assert not [p for p in (studies / "labels" / "final").iterdir() if p.name.startswith(".")], "staging file left"
+    assert json.loads((studies / "datastore_v2.json").read_text())["objects"]["img_2"]["labels"]["final"]["ext"] == ".png"
+
+
+def test_info_answers_within_a_second_while_a_large_infer_runs(server):
+    client = server["client"]
+    picture = np.asarray(Image.open(server["outside"] / "good.png").resize((1800, 1350)))
+    content = _png(picture)
+    result = {}
+
+    def run():
+        with httpx.Client(base_url=str(client.base_url), timeout=300) as other:
+            start = time.monotonic()
+            response = other.post("/infer/imedsam?output=json", data={"params": json.dumps({"box": [200, 200, 1400, 1100]})},
+                                  files={"file": ("large.png", content)})  # fmt: skip
+            result.update(status=response.status_code, seconds=time.monotonic() - start)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(1.0)  # the upload is in and the decoder is running
+    latencies = []
+    while worker.is_alive() and len(latencies) < 5:
+        start = time.monotonic()
+        assert client.get("/info/").status_code == 200
+        latencies.append(time.monotonic() - start)
+        time.sleep(0.3)
+    worker.join(timeout=300)
+    assert result["status"] == 200
+    assert latencies, f"the infer took {result['seconds']:.1f} s: too short to measure /info/ beside it"
+    assert max(latencies) < 1.0, latencies
