@@ -40,7 +40,7 @@ def server(tmp_path_factory):
     for i in range(5):
         image, mask = synthetic_polyp((72, 96), seed=i)
         Image.fromarray(image).save(studies / f"img_{i}.png")
-        Image.fromarray(mask.astype(np.uint8)).save(masks / f"img_{i}.png")  # labels as MONAI Label stores them: 0/1
+        Image.fromarray((mask > 0).astype(np.uint8)).save(masks / f"img_{i}.png")  # labels as MONAI Label stores them: 0/1
     volume = np.random.default_rng(0).normal(0, 100, (40, 32, 6)).astype(np.float32)
     nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 2.5, 1.0])), studies / "vol_0.nii.gz")
 

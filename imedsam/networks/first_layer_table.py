@@ -139,7 +139,9 @@ class DenseTapsCache:
         self._taps: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, table: FirstLayerTable) -> tuple[torch.Tensor, torch.Tensor]:
-        if not table.pixel_grid:  # a training sub-lattice, drawn afresh at every step
+        # a training sub-lattice is drawn afresh at every step; a trace must record the computation, not a
+        # tensor cached by an earlier call (the tracer would bake it in as a constant)
+        if not table.pixel_grid or torch.jit.is_tracing():
             return _whole_grid_taps(table)
         key = (table.height, table.width, table.box_size, table.image_size, table.prompts,
                table.values.device, table.values.dtype, table.extent)  # fmt: skip
