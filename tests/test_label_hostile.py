@@ -241,3 +241,28 @@ def test_info_answers_within_a_second_while_a_large_infer_runs(server):
     assert result["status"] == 200
     assert latencies, f"the infer took {result['seconds']:.1f} s: too short to measure /info/ beside it"
     assert max(latencies) < 1.0, latencies
+
+
+def test_simultaneous_infers_all_answer_and_match_sequential_ones(server, unchanged):
+    client = server["client"]
+    prompts = [("img_0", [5, 5, 60, 50]), ("img_1", [20, 10, 80, 60]), ("img_2", [0, 0, 96, 72]), ("img_1", [30, 20, 50, 40])]
+
+    def mask(http, image_id, box):
+        response = http.post(f"/infer/imedsam?image={image_id}&output=image", data={"params": json.dumps({"box": box})})
+        assert response.status_code == 200, response.text
+        return np.asarray(Image.open(io.BytesIO(response.content)))
+
+    sequential = [mask(client, *prompt) for prompt in prompts]
+    answers = [None] * (3 * len(prompts))
+
+    def run(index):
+        with httpx.Client(base_url=str(client.base_url), timeout=120) as other:
+            answers[index] = mask(other, *prompts[index % len(prompts)])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(answers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    for index, answer in enumerate(answers):
+        np.testing.assert_array_equal(answer, sequential[index % len(prompts)])

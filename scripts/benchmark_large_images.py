@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Large images: peak memory and time of ``imedsam predict`` on a big picture, and what the capped decode
+size (``--max-decode-side``, the label app's ``max_decode_side``) costs in Dice on real images.
+
+    python scripts/benchmark_large_images.py                          # 4000 x 4000, then Kvasir-Sessile test
+    python scripts/benchmark_large_images.py --checkpoint runs/main/models/model.pt --caps 0 512 256
+
+Part 1 runs the CLI in a child process on a ``--side`` x ``--side`` picture (a real image resized up) and
+prints its wall time and peak RSS (the child's ru_maxrss). Part 2 segments every image of the test split
+with its tight ground-truth box, decoding at each cap in ``--caps`` (0: every pixel) and upsampling to the
+image's size, and prints the mean Dice against the full-resolution mask and the mean decode time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def large_image_run(image_path: str, side: int, max_decode_side: int, checkpoint: str | None) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        big = os.path.join(folder, "big.png")
+        Image.open(image_path).convert("RGB").resize((side, side), Image.BILINEAR).save(big)
+        box = [str(round(side * f)) for f in (0.3, 0.3, 0.7, 0.7)]
+        command = [sys.executable, "-m", "imedsam.cli", "predict", "--image", big, "--box", *box,
+                   "--output", os.path.join(folder, "mask.png"), "--max-decode-side", str(max_decode_side)]  # fmt: skip
+        if checkpoint:
+            command += ["--checkpoint", checkpoint]
+        start = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if result.returncode != 0:
+            raise SystemExit(f"imedsam predict failed:\n{result.stderr[-2000:]}")
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+        print(f"{side} x {side} picture, imedsam predict --max-decode-side {max_decode_side}: {seconds:.1f} s, peak RSS {peak:.2f} GiB")
+
+
+def capped_dice(dataset_dir: str, split_file: str, caps: list[int], checkpoint: str | None, limit: int | None) -> None:
+    import torch
+
+    from imedsam.data import box_from_mask, polyp_datalist, read_mask
+    from imedsam.inference import Predictor
+    from imedsam.metrics import binary_metrics
+    from imedsam.networks import IMedSAM
+
+    model = IMedSAM()
+    if checkpoint:
+        model.load_checkpoint(checkpoint)
+    items = polyp_datalist(dataset_dir, "test", split_file)[:limit]
+    predictors = {cap: Predictor(model, max_decode_side=cap or None) for cap in caps}
+    dice = {cap: [] for cap in caps}
+    seconds = {cap: [] for cap in caps}
+    with torch.no_grad():
+        for item in items:
+            image = np.asarray(Image.open(item["image"]).convert("RGB"))
+            target = read_mask(item["label"])
+            box = box_from_mask(target)
+            for cap, predictor in predictors.items():
+                predictor.set_image(image)
+                start = time.perf_counter()
+                probability, _ = predictor.predict(box)
+                seconds[cap].append(time.perf_counter() - start)
+                dice[cap].append(binary_metrics(probability > 0.5, target)["dice"])
+    name = os.path.basename(os.path.normpath(dataset_dir))
+    print(f"{name} test split, {len(items)} images ({checkpoint or 'pretrained lite_medsam'}), tight boxes, Dice at full resolution:")
+    for cap in caps:
+        print(f"  max decode side {cap or 'none':>5}: Dice {np.mean(dice[cap]):.4f}, decode {np.median(seconds[cap]):.2f} s (median)")
+    print(json.dumps({str(cap): {"dice": float(np.mean(dice[cap])), "decode_s": float(np.median(seconds[cap]))} for cap in caps}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shared = os.path.join(ROOT, "..", "shared", "data")
+    parser.add_argument("--dataset_dir", default=os.path.join(shared, "kvasir_sessile"))
+    parser.add_argument("--split_file", default=os.path.join(shared, "splits", "kvasir_sessile_split.json"))
+    parser.add_argument("--checkpoint", default=None, help="a trained I-MedSAM (default: the pretrained lite_medsam start)")
+    parser.add_argument("--side", type=int, default=4000)
+    parser.add_argument("--max_decode_side", type=int, default=1024)
+    parser.add_argument("--caps", type=int, nargs="+", default=[0, 512, 384, 256, 128])
+    parser.add_argument("--limit", type=int, default=None, help="only the first N test images")
+    args = parser.parse_args()
+    first = sorted(os.listdir(os.path.join(args.dataset_dir, "images")))[0]
+    large_image_run(os.path.join(args.dataset_dir, "images", first), args.side, args.max_decode_side, args.checkpoint)
+    capped_dice(args.dataset_dir, args.split_file, args.caps, args.checkpoint, args.limit)
+
+
+if __name__ == "__main__":
+    main()
