@@ -17,6 +17,23 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(timer.timeit(1).median for _ in range(repeats))
 
 
+def cpu_summary() -> str:
+    """The CPU's model name and the vector flags that decide matmul speed, from /proc/cpuinfo."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown CPU":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    return f"{name}, flags: {' '.join(flag for flag in wanted if flag in flags) or 'none of ' + '/'.join(wanted)}"
+
+
 def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10) -> float:
     """GFLOP/s of a ``size x size`` matmul in ``dtype``: what this machine's cores do at best."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)

@@ -1,91 +1,108 @@
 #!/usr/bin/env python
-"""Inference benchmark of I-MedSAM: encoder, decoder (exact and adaptive, float32 and bfloat16) at several
-output sizes, re-prompt with a cached encoding, memory, and achieved GFLOP/s against this machine's matmul.
+"""Inference benchmark of I-MedSAM on this CPU, read against LiteMedSAM's own forward and this machine's matmul.
 
-    python scripts/benchmark_inference.py                      # vit_b at 384 on CPU, the default
-    python scripts/benchmark_inference.py --encoder vit_tiny --repeats 3
+    python scripts/benchmark_inference.py                       # lite_medsam, a 600 x 500 picture, 3 repeats
+    python scripts/benchmark_inference.py --encoder vit_b --image-size 384 --repeats 5
 
-Times are medians over --repeats runs after one warm-up run; the model is random-init (speed does not
-depend on the weights). GFLOP/s is the FLOP count of a call (torch's FlopCounterMode: matmuls and
-convolutions) over its time; "ratio" divides it by a 2048 x 2048 matmul in the same precision, measured in
-this run. Peak RSS is the process's high-water mark (ru_maxrss). With glibc's default, freed decoder chunks
-stay in the heap, so the mark overstates the working set; run with MALLOC_MMAP_THRESHOLD_=65536 to see the
-working set itself.
+Rows (medians over --repeats calls after one warm-up call; times also as a ratio to the fp32 matmul):
+- LiteMedSAM's reference forward on the picture and one box (the baseline a user compares with);
+- the first prompt on a new picture through ``Predictor``: encoder plus decode at the picture's own size;
+- a re-prompt with another box on the cached picture;
+- the encoder alone, with its achieved GFLOP/s and its ratio to the matmul rate;
+- the decoder, exact and adaptive, at several output sizes, in float32 and, where this CPU runs it natively,
+  bfloat16 (elsewhere the bfloat16 rows are skipped with the reason: emulated bfloat16 is several times slower).
+
+GFLOP counts are torch's FlopCounterMode (matmuls and convolutions). The model is random-init except for the
+lite_medsam backbone's pretrained weights; speed does not depend on the weights. Peak RSS is ru_maxrss.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import platform
 import resource
 
 import numpy as np
 import torch
-from benchmark_common import count_gflop, matmul_gflops, median_seconds
+from benchmark_common import count_gflop, cpu_summary, matmul_gflops, median_seconds
 
 from imedsam.inference import Predictor
 from imedsam.networks import IMedSAM
+from imedsam.networks.precision import cpu_runs_bfloat16_natively
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", default="vit_b")
-    parser.add_argument("--image-size", type=int, default=384)
-    parser.add_argument("--output-sizes", type=int, nargs="+", default=[128, 384, 896])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--encoder", default="lite_medsam")
+    parser.add_argument("--image-size", type=int, default=None, help="encoder input (default 256 for lite_medsam, else 384)")
+    parser.add_argument("--picture", type=int, nargs=2, default=[500, 600], metavar=("H", "W"))
+    parser.add_argument("--output-sizes", type=int, nargs="+", default=[256, 896])
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    image_size = args.image_size or (256 if args.encoder == "lite_medsam" else 384)
+    model = IMedSAM(encoder=args.encoder, image_size=image_size, decoder_precision="float32").eval()
+    height, width = args.picture
+    rng = np.random.default_rng(0)
+    pictures = iter(lambda: (rng.random((height, width, 3)) * 255).astype(np.uint8), None)  # a new picture per call
+    box = [0.2 * width, 0.25 * height, 0.7 * width, 0.8 * height]
+    boxes = iter(rng.uniform([0, 0, 0.5, 0.5], [0.4, 0.4, 1, 1], (100000, 4)) * [width, height, width, height])
+    native_bf16 = cpu_runs_bfloat16_natively()
+    fp32 = matmul_gflops(torch.float32)
+    print(f"I-MedSAM inference benchmark: encoder={args.encoder} image_size={image_size} picture {width}x{height} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__} repeats={args.repeats} (medians)")  # fmt: skip
+    print(f"CPU: {cpu_summary()} ({platform.machine()}); native bfloat16: {'yes' if native_bf16 else 'no'}")
+    matmul_seconds = 2 * 2048**3 / fp32 / 1e9
+    print(f"2048^2 matmul float32: {fp32:.0f} GFLOP/s, {matmul_seconds:.3f} s. 'matmuls': a time in those; "
+          "'ratio': achieved GFLOP/s over the matmul's")  # fmt: skip
+    print(f"{'':44s} {'seconds':>8s} {'matmuls':>8s} {'GFLOP':>7s} {'GFLOP/s':>8s} {'ratio':>6s}")
 
-    model = IMedSAM(encoder=args.encoder, image_size=args.image_size).eval()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    size = args.image_size
-    image = torch.rand(1, 3, size, size)
-    box = torch.tensor([[[0.2 * size, 0.25 * size, 0.7 * size, 0.8 * size]]])
-    rates = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
+    def row(name: str, seconds: float, gflop: float | None = None) -> None:
+        rate = f"{gflop:7.1f} {gflop / seconds:8.1f} {gflop / seconds / fp32:6.2f}" if gflop else ""
+        print(f"{name:44s} {seconds:8.3f} {seconds / matmul_seconds:8.1f} {rate}")
 
-    print(f"I-MedSAM inference benchmark: encoder={args.encoder} image_size={size} threads={torch.get_num_threads()} "
-          f"torch={torch.__version__} repeats={args.repeats} (medians)")
-    print(f"parameters: trainable {trainable:,}  total {total:,}")
-    print(f"2048^2 matmul: float32 {rates['float32']:.0f} GFLOP/s, bfloat16 {rates['bfloat16']:.0f} GFLOP/s")
-    print(f"{'':34s} {'seconds':>8s} {'GFLOP':>7s} {'GFLOP/s':>8s} {'ratio':>6s}")
+    results = {}
+    if args.encoder == "lite_medsam":
+        from imedsam.networks.lite_medsam import LiteMedSAMReference
 
-    def report(name: str, fn, precision: str = "float32") -> float:
-        seconds = median_seconds(fn, args.repeats)
-        gflop = count_gflop(fn, inference=True)
-        print(f"{name:34s} {seconds:8.3f} {gflop:7.1f} {gflop / seconds:8.1f} {gflop / seconds / rates[precision]:6.2f}")
-        return seconds
+        reference = LiteMedSAMReference()
+        picture = next(pictures)
+        results["reference"] = median_seconds(lambda: reference(picture, box), args.repeats)
+        row("LiteMedSAM reference forward", results["reference"], count_gflop(lambda: reference(picture, box), inference=True))
 
+    predictor = Predictor(model, cache_size=1)
+
+    def first_prompt():
+        predictor.set_image(next(pictures))
+        return predictor.predict(box)
+
+    results["first"] = median_seconds(first_prompt, args.repeats)
+    row(f"first prompt (encoder + decode {width}x{height})", results["first"])
+    results["again"] = median_seconds(lambda: predictor.predict(next(boxes)), args.repeats)
+    row(f"re-prompt (decode {width}x{height})", results["again"])
+    tensor = torch.rand(1, 3, height, width)
     with torch.no_grad():
-        encode = report("encoder", lambda: model.encode(image))
-        encoding = model.encode(image)
+        encode = median_seconds(lambda: model.encode(tensor), args.repeats)
+        row("encoder", encode, count_gflop(lambda: model.encode(tensor), inference=True))
+        encoding = model.encode(tensor)
+        prompt = torch.tensor([[box]], dtype=torch.float32)
         for precision in ("float32", "bfloat16"):
+            if precision == "bfloat16" and not native_bf16:
+                print("decoder bfloat16 rows skipped: this CPU has no native bfloat16 (no avx512_bf16 / amx_bf16 flag); "
+                      "emulated, it is several times slower than float32")  # fmt: skip
+                continue
             model.decoder.precision = precision
             for mode in ("exact", "adaptive"):
-                for out in args.output_sizes:
-                    report(f"decode {mode:8s} {precision:8s} {out:4d}^2",
-                           lambda: model.decode(encoding, box, (out, out), mode=mode), precision)
+                for size in args.output_sizes:
+                    call = lambda: model.decode(encoding, prompt, (size, size), mode=mode)  # noqa: E731
+                    row(f"decode {mode:8s} {precision:8s} {size:4d}^2", median_seconds(call, args.repeats), count_gflop(call, inference=True))
         model.decoder.precision = "float32"
-
-    picture = (np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)
-    predictor = Predictor(model)
-    predictor.set_image(picture)
-    boxes = iter(np.random.default_rng(1).uniform([0, 0, 0.5, 0.5], [0.4, 0.4, 1, 1], (10000, 4)) * size)
-    for precision in ("float32", "bfloat16"):
-        model.decoder.precision = precision
-        for mode in ("exact", "adaptive"):
-            model.decode_mode = mode
-            for out in (size, 896):
-                report(f"re-prompt {mode:8s} {precision:8s} {out:4d}^2",
-                       lambda: predictor.predict(next(boxes), output_size=(out, out)), precision)
-    assert predictor.encoder_calls == 1
-    print(f"(re-prompt: cached encoding of a {size}x{size} image; exact decoding at {size}^2 plus the encoder: "
-          f"see 'encoder' above, {encode:.3f} s)")
-    allocator = os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:8.0f} MiB (MALLOC_MMAP_THRESHOLD_={allocator})")
+    if "reference" in results:
+        print(f"first prompt / LiteMedSAM reference forward: {results['first'] / results['reference']:.2f}")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:8.0f} MiB")
 
 
 if __name__ == "__main__":

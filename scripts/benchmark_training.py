@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Training-step benchmark of I-MedSAM: time, peak memory and achieved GFLOP/s of one optimiser step.
 
-    python scripts/benchmark_training.py                                  # vit_b, 384, batch 1 and 4
-    python scripts/benchmark_training.py --encoder vit_tiny --label-sizes 128 384 --batch-sizes 1
-    python scripts/benchmark_training.py --label-sizes 384 --query-sizes all 192   # every pixel, sub-lattice
+    python scripts/benchmark_training.py              # the bundle's defaults: lite_medsam, label 256, 128^2 queries, batch 2
+    python scripts/benchmark_training.py --encoder vit_b --image-size 384 --label-sizes 384 --batch-sizes 1 4 --query-sizes all
 
 A step is what the bundle's trainer does: encode, decode every box with UGS at ``label_size`` x
 ``label_size`` query points (or, with a query size, on a random sub-lattice of that many rows and columns
 of that grid, as the bundle's ``train_query_size`` does), the coarse + fine loss, backward, AdamW. SAM's
-weights are frozen as with an official checkpoint (random weights here: speed does not depend on them).
+weights are frozen (lite_medsam's are the pretrained ones; the vit_* presets are random here: speed does not
+depend on the weights). The last column estimates an epoch: its steps times the median step.
 Each configuration runs in its own process so that its peak RSS is its own. Times are medians over
 --repeats steps after one warm-up step. GFLOP/s is the step's FLOP count (torch's FlopCounterMode) over
 its time, beside a 2048 x 2048 fp32 matmul measured in the same process.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -77,13 +78,14 @@ def run_one(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", default="vit_b")
-    parser.add_argument("--image-size", type=int, default=384)
-    parser.add_argument("--label-sizes", type=int, nargs="+", default=[384])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--query-sizes", nargs="+", default=["all"],
+    parser.add_argument("--encoder", default="lite_medsam")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--label-sizes", type=int, nargs="+", default=[256])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2])
+    parser.add_argument("--query-sizes", nargs="+", default=["128"],
                         help="rows and columns of the label grid decoded per step: 'all' (every pixel) or a number")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epoch-images", type=int, default=118, help="images of an epoch, for its estimate (Kvasir-Sessile train: 118)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a single configuration, as JSON
     parser.add_argument("--label-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
@@ -103,7 +105,7 @@ def main() -> None:
         if query is not None and not 1 <= query <= min(args.label_sizes):
             parser.error(f"query size {query} must be between 1 and the smallest label grid, {min(args.label_sizes)}")
     print(f"{'batch':>5s} {'label grid':>10s} {'queries':>9s} {'step s':>8s} {'s/image':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} "
-          f"{'matmul GFLOP/s':>15s} {'ratio':>6s} {'peak RSS MiB':>13s}")
+          f"{'matmul GFLOP/s':>15s} {'ratio':>6s} {'peak RSS MiB':>13s} {'epoch min':>10s}")
     for label, query, batch in itertools.product(args.label_sizes, queries, args.batch_sizes):
         command = [sys.executable, __file__, "--one", "--encoder", args.encoder, "--image-size", str(args.image_size),
                    "--label-size", str(label), "--batch-size", str(batch), "--repeats", str(args.repeats)]
@@ -112,7 +114,9 @@ def main() -> None:
         result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         print(f"{batch:5d} {label:>6d}^2   {result['query_points']:9d} {result['step_s']:8.2f} {result['step_s'] / batch:8.2f} "
               f"{result['gflop']:8.0f} {result['gflops']:8.1f} {result['matmul_gflops']:15.1f} "
-              f"{result['gflops'] / result['matmul_gflops']:6.2f} {result['peak_rss_mib']:13.0f}")
+              f"{result['gflops'] / result['matmul_gflops']:6.2f} {result['peak_rss_mib']:13.0f} "
+              f"{math.ceil(args.epoch_images / batch) * result['step_s'] / 60:10.1f}")
+    print(f"epoch min: steps of one epoch over {args.epoch_images} images times the median step (no validation, no data loading)")
 
 if __name__ == "__main__":
     main()

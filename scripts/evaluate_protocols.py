@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train_size", type=int, default=256, help="the training output resolution: the in-domain row")
     parser.add_argument("--label_sizes", type=int, nargs="+", default=[256, 384, 896])
     parser.add_argument("--decode_mode", default="exact", choices=["exact", "adaptive"])
-    parser.add_argument("--decoder_precision", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--decoder_precision", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument(
         "--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
         help="a bundle key for every evaluation, as the model was trained (e.g. --set fa_mode none --set lora_rank 0)",

@@ -1,4 +1,5 @@
-"""The optimised implicit decoder against a plain implementation of the same maths."""
+"""The optimised implicit decoder against a plain implementation of the same maths (in float32, where the
+two must agree to 1e-5), and the precision setting."""
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ def test_bilinear_taps_blend_to_grid_sample():
 
 
 def test_optimised_decoder_matches_reference():
-    decoder = ImplicitSegmentationDecoder(mc_samples=4, chunk_size=97).eval()
+    decoder = ImplicitSegmentationDecoder(mc_samples=4, chunk_size=97, precision="float32").eval()
     _randomise_batch_norm(decoder)
     box_features = torch.randn(2, 32, 16, 16)
     image_features = torch.randn(2, 256, 4, 4)
@@ -59,7 +60,7 @@ def test_optimised_decoder_matches_reference():
 
 
 def test_sub_lattice_matches_reference_at_its_points():
-    decoder = ImplicitSegmentationDecoder(mc_samples=4, chunk_size=64).eval()
+    decoder = ImplicitSegmentationDecoder(mc_samples=4, chunk_size=64, precision="float32").eval()
     _randomise_batch_norm(decoder)
     box_features, image_features = torch.randn(2, 32, 16, 16), torch.randn(2, 256, 4, 4)
     lines = (torch.tensor([0, 2, 3, 7, 11, 22]), torch.tensor([1, 4, 5, 9, 16, 20, 30]))
@@ -73,7 +74,7 @@ def test_sub_lattice_matches_reference_at_its_points():
 
 
 def test_chunk_size_does_not_change_the_output():
-    decoder = ImplicitSegmentationDecoder(mc_samples=3).eval()
+    decoder = ImplicitSegmentationDecoder(mc_samples=3, precision="float32").eval()
     _randomise_batch_norm(decoder)
     inputs = (torch.randn(3, 32, 8, 8), torch.randn(3, 256, 2, 2), (17, 13))
     with torch.no_grad():
@@ -115,7 +116,7 @@ def test_training_trunk_matches_reference_with_batch_statistics():
 
 
 def test_bfloat16_decoding_stays_close_to_float32():
-    decoder = ImplicitSegmentationDecoder(mc_samples=4).eval()
+    decoder = ImplicitSegmentationDecoder(mc_samples=4, precision="float32").eval()
     _randomise_batch_norm(decoder)
     inputs = (torch.randn(2, 32, 16, 16), torch.randn(2, 256, 4, 4), (40, 36))
     with torch.no_grad():
@@ -130,7 +131,7 @@ def test_bfloat16_decoding_stays_close_to_float32():
 
 
 def test_adaptive_mode_is_exact_where_it_evaluates():
-    decoder = ImplicitSegmentationDecoder(mc_samples=4, adaptive_coarse_size=8, adaptive_points=10**6).eval()
+    decoder = ImplicitSegmentationDecoder(mc_samples=4, adaptive_coarse_size=8, adaptive_points=10**6, precision="float32").eval()
     _randomise_batch_norm(decoder)
     inputs = (torch.randn(2, 32, 16, 16), torch.randn(2, 256, 4, 4), (30, 27))
     with torch.no_grad():
@@ -147,7 +148,7 @@ def test_adaptive_mode_is_exact_where_it_evaluates():
 
 
 def test_adaptive_mode_evaluates_a_bounded_set_near_the_boundary():
-    decoder = ImplicitSegmentationDecoder(mc_samples=4, adaptive_coarse_size=16, adaptive_points=100).eval()
+    decoder = ImplicitSegmentationDecoder(mc_samples=4, adaptive_coarse_size=16, adaptive_points=100, precision="float32").eval()
     _randomise_batch_norm(decoder)
     inputs = (torch.randn(1, 32, 16, 16), torch.randn(1, 256, 4, 4), (64, 64))
     with torch.no_grad():
@@ -169,7 +170,7 @@ def test_adaptive_mode_evaluates_a_bounded_set_near_the_boundary():
 
 
 def test_mask_prior_extent_and_classes_match_reference():
-    decoder = ImplicitSegmentationDecoder(mc_samples=4, chunk_size=50, num_classes=2, mask_prior=True).eval()
+    decoder = ImplicitSegmentationDecoder(mc_samples=4, chunk_size=50, num_classes=2, mask_prior=True, precision="float32").eval()
     _randomise_batch_norm(decoder)
     with torch.no_grad():  # move the zero-initialised corrections off zero so that they count
         for module in (*decoder.coarse_heads, *(head.output for head in decoder.fine_heads)):
@@ -186,3 +187,45 @@ def test_mask_prior_extent_and_classes_match_reference():
     torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="decoder.eval"):
         reference_decode(decoder.train(), box_features, image_features, (19, 25), **arguments)
+
+
+@pytest.mark.parametrize(
+    "flags, measured_faster, expected",
+    [
+        ({"avx2", "fma"}, None, "float32"),  # emulated bfloat16: several times slower than float32
+        ({"avx2", "avx512f", "avx512_bf16"}, None, "bfloat16"),
+        ({"avx2", "amx_bf16"}, None, "bfloat16"),
+        (None, True, "bfloat16"),  # no /proc/cpuinfo: one timed matmul of each decides
+        (None, False, "float32"),
+    ],
+)
+def test_auto_precision_takes_bfloat16_only_where_the_cpu_runs_it_natively(monkeypatch, flags, measured_faster, expected):
+    from imedsam.networks import precision
+
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(precision, "_bfloat16_matmul_is_faster", lambda: measured_faster)
+    precision.cpu_runs_bfloat16_natively.cache_clear()
+    try:
+        assert precision.resolve_precision("auto", "cpu") == expected
+        assert precision.resolve_precision("float32", "cpu") == "float32"
+        assert precision.resolve_precision("bfloat16", "cpu") == "bfloat16"
+        decoder = ImplicitSegmentationDecoder(mc_samples=2).eval()  # "auto" is the default
+        plan = decoder.plan("exact", 1, 10, torch.device("cpu"), torch.float32)
+        assert plan.dtype == (torch.bfloat16 if expected == "bfloat16" else torch.float32)
+        assert decoder.train().plan("exact", 1, 10, torch.device("cpu"), torch.float32).dtype == torch.float32
+    finally:
+        precision.cpu_runs_bfloat16_natively.cache_clear()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        precision.resolve_precision("float16", "cpu")
+
+
+def test_bfloat16_decoding_with_per_class_heads():
+    decoder = ImplicitSegmentationDecoder(mc_samples=3, num_classes=3, precision="bfloat16").eval()
+    inputs = (torch.randn(4, 32, 8, 8), torch.randn(4, 256, 2, 2), (12, 10))
+    class_ids = torch.tensor([0, 2, 1, 2])
+    with torch.no_grad():
+        reduced = decoder(*inputs, class_ids=class_ids)
+        decoder.precision = "float32"
+        exact = decoder(*inputs, class_ids=class_ids)
+    assert reduced.logits.dtype == torch.float32
+    assert (reduced.coarse_logits - exact.coarse_logits).abs().max() < 0.02 * exact.coarse_logits.abs().max()

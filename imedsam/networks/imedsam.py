@@ -82,7 +82,8 @@ class IMedSAM(nn.Module):
         decode_mode: ``"exact"`` (every pixel through the coarse INR, the method) or ``"adaptive"`` (a
             coarser grid, then full resolution only near the predicted boundary; inference only, much
             faster at large outputs); :meth:`decode` can override it per call.
-        decoder_precision: ``"float32"`` or ``"bfloat16"`` for the implicit decoder's matmuls at inference.
+        decoder_precision: ``"auto"`` (bfloat16 where the hardware runs it natively, else float32),
+            ``"float32"`` or ``"bfloat16"``, for the implicit decoder's matmuls at inference.
         adaptive_coarse_size, adaptive_points: the adaptive mode's first-grid side and points per level.
         freeze_sam: keep SAM's own weights frozen (the method). False trains them too, which is what a
             random-init encoder such as ``vit_tiny`` needs: adapting frozen random features teaches little.
@@ -120,7 +121,7 @@ class IMedSAM(nn.Module):
         num_frequencies: int = 10,
         chunk_size: int = 8192,
         decode_mode: str = "exact",
-        decoder_precision: str = "float32",
+        decoder_precision: str = "auto",
         adaptive_coarse_size: int = 128,
         adaptive_points: int = 8192,
         freeze_sam: bool = True,

@@ -24,6 +24,7 @@ from .first_layer_table import (
     table_taps,
 )
 from .inr_layers import FineHead, INRTrunk, rows_through
+from .precision import PRECISIONS, resolve_precision
 from .validation import check_query_lines
 
 __all__ = ["ImplicitDecoderOutput", "ImplicitSegmentationDecoder"]
@@ -78,7 +79,9 @@ class ImplicitSegmentationDecoder(nn.Module):
         num_classes: number of per-class heads; a prompt's class picks its coarse and fine head.
         chunk_size: points decoded at once (over all prompts) at inference.
         mc_seed: seed of the inference dropout masks.
-        precision: ``"float32"`` or ``"bfloat16"`` for the trunks' matmuls at inference.
+        precision: ``"auto"`` (bfloat16 where the hardware runs it natively, else float32: see
+            :mod:`~imedsam.networks.precision`), ``"float32"`` or ``"bfloat16"``, for the trunks' matmuls at
+            inference.
         adaptive_coarse_size: largest side of the first grid of ``mode="adaptive"``.
         adaptive_points: points per prompt evaluated at each finer level of ``mode="adaptive"``.
         mask_prior: refine SAM's mask logit (``forward`` then needs ``mask_weights``); False is the paper's
@@ -115,15 +118,15 @@ class ImplicitSegmentationDecoder(nn.Module):
         num_classes: int = 1,
         chunk_size: int = 8192,
         mc_seed: int = 0,
-        precision: str = "float32",
+        precision: str = "auto",
         adaptive_coarse_size: int = 128,
         adaptive_points: int = 8192,
         mask_prior: bool = False,
         prior_dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        if precision not in ("float32", "bfloat16"):
-            raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if adaptive_coarse_size < 1 or adaptive_points < 1:
             raise ValueError(f"adaptive_coarse_size and adaptive_points must be positive, got {adaptive_coarse_size}, {adaptive_points}")
         if not 0.0 <= ugs_top_k <= 1.0:
@@ -203,7 +206,7 @@ class ImplicitSegmentationDecoder(nn.Module):
         """
         width = self.mc_masks.shape[1]
         if not self.training:
-            compute = torch.bfloat16 if self.precision == "bfloat16" else dtype
+            compute = torch.bfloat16 if resolve_precision(self.precision, device) == "bfloat16" else dtype
             draw = DropoutDraw(None, None, self.mc_masks, self.prior_mc_masks if self.mask_prior else None)
             return DecodePlan(False, mode, compute, max(1, self.chunk_size // prompts), draw)
         keep = 1.0 - self.dropout_p
@@ -249,10 +252,13 @@ class ImplicitSegmentationDecoder(nn.Module):
         """``fn(cls, x_of_its_prompts, their_assignment)`` for each class present; ``[P, N, out_dim]``."""
         if self.num_classes == 1:
             return fn(0, x, assignment)
-        out = x.new_zeros(*x.shape[:-1], out_dim)
+        out = None
         for cls in torch.unique(class_ids).tolist():
             rows = class_ids == cls
-            out[rows] = fn(cls, x[rows], None if assignment is None else assignment[rows])
+            result = fn(cls, x[rows], None if assignment is None else assignment[rows])
+            if out is None:  # the heads' dtype, which differs from a bfloat16 trunk's
+                out = result.new_zeros(*x.shape[:-1], out_dim)
+            out[rows] = result
         return out
 
     def coarse_logit(self, plan: DecodePlan, trunk: torch.Tensor, class_ids, assignment=None) -> torch.Tensor:

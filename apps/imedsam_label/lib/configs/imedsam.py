@@ -40,7 +40,7 @@ class IMedSAMConfig(TaskConfig):
       (default: the project's ``bundle/``);
     - ``encoder`` (``lite_medsam``), ``image_size`` (256 for lite_medsam, else 384), ``sam_checkpoint``: the
       network, as in the bundle;
-    - ``decode_mode`` (``exact`` or ``adaptive``) and ``decoder_precision`` (``float32`` or ``bfloat16``):
+    - ``decode_mode`` (``exact`` or ``adaptive``) and ``decoder_precision`` (``auto``, ``float32`` or ``bfloat16``):
       how prompts are decoded (adaptive and bfloat16 answer several times faster on CPU);
     - ``model_checkpoint``: a trained I-MedSAM state dict; without it (and before the first training run)
       ``lite_medsam`` serves LiteMedSAM's pretrained weights (I-MedSAM's warm start, which segments as
@@ -77,7 +77,7 @@ class IMedSAMConfig(TaskConfig):
             "sam_checkpoint": os.path.abspath(sam_checkpoint) if sam_checkpoint else None,
             # how prompts are decoded: the bundle's keys, see its train.yaml
             "decode_mode": conf.get("decode_mode", "exact"),
-            "decoder_precision": conf.get("decoder_precision", "float32"),
+            "decoder_precision": conf.get("decoder_precision", "auto"),
         }
         self.network = self._build_network(int(conf.get("seed", 0)))
 
