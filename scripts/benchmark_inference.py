@@ -6,7 +6,8 @@
 
 Rows (medians over --repeats calls after one warm-up call; times also as a ratio to the fp32 matmul):
 - LiteMedSAM's reference forward on the picture and one box (the baseline a user compares with);
-- the first prompt on a new picture through ``Predictor``: encoder plus decode at the picture's own size;
+- the first prompt on a new picture through ``Predictor``: encoder plus decode at the picture's own size, in
+  the default decoder precision (``auto``: what it means on this CPU is printed);
 - a re-prompt with another box on the cached picture;
 - the encoder alone, with its achieved GFLOP/s and its ratio to the matmul rate;
 - the decoder, exact and adaptive, at several output sizes, in float32 and, where this CPU runs it natively,
@@ -28,7 +29,7 @@ from benchmark_common import count_gflop, cpu_summary, matmul_gflops, median_sec
 
 from imedsam.inference import Predictor
 from imedsam.networks import IMedSAM
-from imedsam.networks.precision import cpu_runs_bfloat16_natively
+from imedsam.networks.precision import cpu_runs_bfloat16_natively, resolve_precision
 
 
 def main() -> None:
@@ -44,10 +45,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     image_size = args.image_size or (256 if args.encoder == "lite_medsam" else 384)
-    model = IMedSAM(encoder=args.encoder, image_size=image_size, decoder_precision="float32").eval()
+    model = IMedSAM(encoder=args.encoder, image_size=image_size).eval()  # decoder_precision "auto", the default
+    default_precision = resolve_precision("auto", "cpu")
     height, width = args.picture
     rng = np.random.default_rng(0)
-    pictures = iter(lambda: (rng.random((height, width, 3)) * 255).astype(np.uint8), None)  # a new picture per call
+    pictures = ((rng.random((height, width, 3)) * 255).astype(np.uint8) for _ in iter(int, 1))  # a new picture per call
     box = [0.2 * width, 0.25 * height, 0.7 * width, 0.8 * height]
     boxes = iter(rng.uniform([0, 0, 0.5, 0.5], [0.4, 0.4, 1, 1], (100000, 4)) * [width, height, width, height])
     native_bf16 = cpu_runs_bfloat16_natively()
@@ -80,9 +82,9 @@ def main() -> None:
         return predictor.predict(box)
 
     results["first"] = median_seconds(first_prompt, args.repeats)
-    row(f"first prompt (encoder + decode {width}x{height})", results["first"])
+    row(f"first prompt, encoder + decode {width}x{height} ({default_precision})", results["first"])
     results["again"] = median_seconds(lambda: predictor.predict(next(boxes)), args.repeats)
-    row(f"re-prompt (decode {width}x{height})", results["again"])
+    row(f"re-prompt, decode {width}x{height} ({default_precision})", results["again"])
     tensor = torch.rand(1, 3, height, width)
     with torch.no_grad():
         encode = median_seconds(lambda: model.encode(tensor), args.repeats)
@@ -99,7 +101,7 @@ def main() -> None:
                 for size in args.output_sizes:
                     call = lambda: model.decode(encoding, prompt, (size, size), mode=mode)  # noqa: E731
                     row(f"decode {mode:8s} {precision:8s} {size:4d}^2", median_seconds(call, args.repeats), count_gflop(call, inference=True))
-        model.decoder.precision = "float32"
+        model.decoder.precision = "auto"
     if "reference" in results:
         print(f"first prompt / LiteMedSAM reference forward: {results['first'] / results['reference']:.2f}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:8.0f} MiB")
