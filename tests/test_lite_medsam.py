@@ -93,7 +93,7 @@ def test_encoder_reproduces_lite_medsam_until_trained_and_each_fa_mode_then_diff
     image = torch.rand(1, 3, 256, 256)
     outputs = {}
     for mode in ("amplitude", "phase", "none"):
-        encoder = AdaptedTinyViT(copy.deepcopy(vit), fa_mode=mode).eval()
+        encoder = AdaptedTinyViT(copy.deepcopy(vit), fa_mode=mode, fold_conv_bn=False).eval()
         with torch.no_grad():
             assert torch.equal(encoder(image), reference(image))
             for adapter in encoder.frequency_adapters:
@@ -263,3 +263,34 @@ def test_training_mode_keeps_the_frozen_tinyvits_batchnorm_statistics():
     assert norms and all(not m.training for m in norms)
     assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before))
     torch.testing.assert_close(trained, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_folded_convolutions_match_tinyvits_own_and_follow_new_weights():
+    vit = _parts()[0]
+    plain = AdaptedTinyViT(copy.deepcopy(vit), fold_conv_bn=False)
+    folded = AdaptedTinyViT(copy.deepcopy(vit))
+    folded.load_state_dict(plain.state_dict())  # the same keys: folding changes no checkpoint
+    with torch.no_grad():
+        for adapter in (*plain.frequency_adapters, *folded.frequency_adapters):
+            adapter.up.weight.fill_(0.01)  # let the frequency stream (which runs the folded downsamplers) count
+    image = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(folded.eval()(image), plain.eval()(image), atol=1e-4, rtol=1e-4)
+    # in training (frozen BatchNorms stay in eval) the outputs and the trainable parameters' gradients agree
+    for encoder in (plain, folded):
+        encoder.train()
+        encoder(image).square().mean().backward()
+    trainable = [name for name, p in plain.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for name, p in plain.named_parameters() if name in trainable)
+    folded_params = dict(folded.named_parameters())
+    for name, parameter in plain.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(folded_params[name].grad, parameter.grad, atol=1e-5, rtol=1e-3)
+    # new BatchNorm statistics loaded into the folded encoder are used at once
+    state = plain.state_dict()
+    for key in [k for k in state if k.endswith("bn.running_var")]:
+        state[key] = state[key] * 2.0
+    plain.load_state_dict(state)
+    folded.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(folded.eval()(image), plain.eval()(image), atol=1e-4, rtol=1e-4)

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .folded_conv import fold_conv_bn_pairs
 from .frequency_adapter import frequency_adapters, frequency_image
 from .lora import add_lora_to_attention
 
@@ -58,6 +59,8 @@ class AdaptedTinyViT(nn.Module):
         lora_rank, lora_alpha: the q/v updates; rank 0 disables LoRA.
         fa_mode: ``"amplitude"``, ``"phase"`` or ``"none"``.
         fa_hidden_dim: bottleneck width of each frequency adapter.
+        fold_conv_bn: run each frozen convolution + BatchNorm pair as one convolution (exact; False runs them
+            as TinyViT does, the reference the tests compare with).
 
     Shapes: input ``[B, 3, 256, 256]`` (a :func:`letterbox` canvas in [0, 1]); output ``[B, 256, 64, 64]``.
 
@@ -79,10 +82,16 @@ class AdaptedTinyViT(nn.Module):
         lora_alpha: float | None = None,
         fa_mode: str = "amplitude",
         fa_hidden_dim: int = 4,
+        fold_conv_bn: bool = True,
     ) -> None:
         super().__init__()
         self.vit = tiny_vit
         self.vit.requires_grad_(False)
+        self.fold_conv_bn = fold_conv_bn
+        if fold_conv_bn:
+            # TinyViT's frozen convolutions and their BatchNorms run as single channels-last convolutions:
+            # exact, and the encoder's largest cost on CPU (docs/speed.md); the state dict is unchanged
+            fold_conv_bn_pairs(self.vit)
         self.fa_mode = fa_mode
         self.attention_stages = list(self.vit.layers[1:])
         if lora_rank > 0:
@@ -109,6 +118,8 @@ class AdaptedTinyViT(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         vit = self.vit
+        if self.fold_conv_bn:  # the folded convolutions' weights are channels-last: so is their input
+            image = image.contiguous(memory_format=torch.channels_last)
         x = vit.layers[0](vit.patch_embed(image))
         if self.fa_mode == "none":
             for stage in self.attention_stages:
