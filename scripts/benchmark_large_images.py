@@ -58,7 +58,7 @@ def capped_dice(dataset_dir: str, split_file: str, caps: list[int], checkpoint: 
     if checkpoint:
         model.load_checkpoint(checkpoint)
     items = polyp_datalist(dataset_dir, "test", split_file)[:limit]
-    predictors = {cap: Predictor(model, max_decode_side=cap or None) for cap in caps}
+    predictor = Predictor(model)
     dice = {cap: [] for cap in caps}
     seconds = {cap: [] for cap in caps}
     with torch.no_grad():
@@ -66,8 +66,9 @@ def capped_dice(dataset_dir: str, split_file: str, caps: list[int], checkpoint: 
             image = np.asarray(Image.open(item["image"]).convert("RGB"))
             target = read_mask(item["label"])
             box = box_from_mask(target)
-            for cap, predictor in predictors.items():
-                predictor.set_image(image)
+            predictor.set_image(image)  # once: every cap decodes the same encoding
+            for cap in caps:
+                predictor.max_decode_side = cap or None
                 start = time.perf_counter()
                 probability, _ = predictor.predict(box)
                 seconds[cap].append(time.perf_counter() - start)

@@ -32,10 +32,18 @@ class DatastoreRequestError(ValueError):
         self.status = status
 
 
+def _check_plain(value: str, what: str) -> str:
+    if not isinstance(value, str) or not PLAIN_NAME.match(value):
+        raise DatastoreRequestError(400, f"{what} {value!r} is not a plain name: use letters, digits, '_' and '-'")
+    return value
+
+
 def check_tag(tag: str) -> str:
-    if not isinstance(tag, str) or not PLAIN_NAME.match(tag):
-        raise DatastoreRequestError(400, f"label tag {tag!r} is not a plain name: use letters, digits, '_' and '-'")
-    return tag
+    return _check_plain(tag, "label tag")
+
+
+def check_new_image_id(image_id: str) -> str:
+    return _check_plain(image_id, "image id")
 
 
 class CheckedDatastore(LocalDatastore):
@@ -83,9 +91,7 @@ class CheckedDatastore(LocalDatastore):
         return uri
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
-        if not isinstance(image_id, str) or not PLAIN_NAME.match(image_id):
-            raise DatastoreRequestError(400, f"image id {image_id!r} is not a plain name: use letters, digits, '_' and '-'")
-        return super().add_image(image_id, image_filename, image_info)
+        return super().add_image(check_new_image_id(image_id), image_filename, image_info)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         check_tag(label_tag)

@@ -32,7 +32,7 @@ from monailabel.endpoints.infer import send_response
 from monailabel.endpoints.user.auth import RBAC, User
 from starlette.concurrency import run_in_threadpool
 
-from lib.datastore import PLAIN_NAME, CheckedDatastore, DatastoreRequestError, check_tag
+from lib.datastore import PLAIN_NAME, CheckedDatastore, DatastoreRequestError, check_new_image_id, check_tag
 
 logger = logging.getLogger(__name__)
 
@@ -110,20 +110,20 @@ class RequestGuard:
         path = path[len(self.prefix) :] if self.prefix and path.startswith(self.prefix) else path
         if not (path.startswith("/datastore") or path.startswith("/infer")):
             return None
-        for tag in query.get("tag", []):
-            if tag and not PLAIN_NAME.match(tag):
-                return 400, f"label tag {tag!r} is not a plain name: use letters, digits, '_' and '-'"
         adding_image = method == "PUT" and path.rstrip("/") in ("/datastore", "/datastore/image")
+        checks = [(check_tag, tag) for tag in query.get("tag", []) if tag]
         for key in ("image", "label", "id"):
             for value in query.get(key, []):
                 if adding_image:
-                    if value and not PLAIN_NAME.match(value):
-                        return 400, f"image id {value!r} is not a plain name: use letters, digits, '_' and '-'"
+                    if value:
+                        checks.append((check_new_image_id, value))
                 elif value or path.startswith("/datastore"):
-                    try:
-                        self.datastore.image_uri_or_404(value)
-                    except DatastoreRequestError as exc:
-                        return exc.status, str(exc)
+                    checks.append((self.datastore.image_uri_or_404, value))
+        try:
+            for check, value in checks:
+                check(value)
+        except DatastoreRequestError as exc:
+            return exc.status, str(exc)
         return None
 
     async def __call__(self, scope, receive, send) -> None:
@@ -182,9 +182,7 @@ def _save_label_route(instance, upload_root: str):
         user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
     ):
         info = parse_params(params)
-        datastore: CheckedDatastore = instance.datastore()
-        _to_http(check_tag, tag or "final")
-        _to_http(datastore.image_uri_or_404, image)
+        datastore: CheckedDatastore = instance.datastore()  # its save_label checks the tag, image and label
         with tempfile.TemporaryDirectory(dir=upload_root) as folder:
             path = _save_upload(label, folder, "label")
             if os.path.getsize(path) == 0:
