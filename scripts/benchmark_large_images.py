@@ -23,6 +23,7 @@ import tempfile
 import time
 
 import numpy as np
+from benchmark_common import cpu_summary, matmul_gflops
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--caps", type=int, nargs="+", default=[0, 512, 384, 256, 128])
     parser.add_argument("--limit", type=int, default=None, help="only the first N test images")
     args = parser.parse_args()
+    print(f"CPU: {cpu_summary()}; 2048^2 float32 matmul {matmul_gflops():.0f} GFLOP/s in this run")
     first = sorted(os.listdir(os.path.join(args.dataset_dir, "images")))[0]
     large_image_run(os.path.join(args.dataset_dir, "images", first), args.side, args.max_decode_side, args.checkpoint)
     capped_dice(args.dataset_dir, args.split_file, args.caps, args.checkpoint, args.limit)
