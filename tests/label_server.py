@@ -42,6 +42,8 @@ def label_server(app_dir: Path, studies: Path, workdir: Path, conf: list[str] = 
         MONAI_LABEL_AUTO_UPDATE_SCORING="false",
         MONAI_LABEL_SESSION_PATH=str(workdir / "sessions"),
         PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        # as in an activated environment: the DICOMweb datastore looks up dcmqi's tools on PATH
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     )
     port = free_port()
     command = [

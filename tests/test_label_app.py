@@ -79,6 +79,7 @@ def test_info_lists_infer_scoring_strategy_and_trainer(server):
     info = server["client"].get("/info/").json()
     model = info["models"]["imedsam"]
     assert model["type"] == "deepgrow" and model["dimension"] == 2 and model["labels"] == {"polyp": 1}
+    assert info["labels"] == ["polyp"]  # a list, as OHIF's MONAI Label panel reads it
     assert "ugs" in info["scoring"] and "ugs" in info["strategies"] and "imedsam" in info["trainers"]
     assert info["datastore"]["total"] == 6
 

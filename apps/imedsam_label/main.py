@@ -25,6 +25,7 @@ from imedsam.networks import CheckpointError
 
 from lib.configs.imedsam import IMedSAMConfig
 from lib.datastore import CheckedDatastore, DatastoreRequestError
+from lib.dicomweb import install_store_error_answers
 from lib.guard import install
 from lib.storage import PromptRecords
 from lib.trainers.imedsam import TrainingDataError
@@ -51,7 +52,8 @@ class IMedSAMApp(MONAILabelApp):
             name="I-MedSAM",
             description="Box-prompted segmentation with Segment Anything, LoRA, a frequency adapter and an implicit decoder",
             version=imedsam.__version__,
-            labels=self.task_config.labels,
+            # the app's label names in index order: OHIF's MONAI Label panel reads /info/'s labels as a list
+            labels=sorted(self.task_config.labels, key=self.task_config.labels.get),
         )
 
     def init_datastore(self) -> Datastore:
@@ -67,10 +69,14 @@ class IMedSAMApp(MONAILabelApp):
 
     def server_mode(self, mode: bool):
         super().server_mode(mode)
-        if mode and isinstance(self.datastore(), CheckedDatastore):
-            from monailabel.app import app as server  # the running server: this is called from its startup
+        if not mode:
+            return
+        from monailabel.app import app as server  # the running server: this is called from its startup
 
+        if isinstance(self.datastore(), CheckedDatastore):
             install(server, self, self.upload_root)
+        else:
+            install_store_error_answers(server, self.studies)
 
     def init_infers(self) -> dict[str, InferTask]:
         return self.task_config.infer()
