@@ -2,7 +2,9 @@
 CT Image Storage instances with consistent geometry, and the test knows where the organ is.
 
 The phantom is an elliptical body (soft tissue at 40 HU inside fat at -100 HU, air outside) with one
-contrast-enhanced, kidney-like ellipsoid at 180 HU: a target whose extent on every slice is known exactly.
+contrast-enhanced, kidney-like organ at 180 HU: an ellipsoid sheared along the slices (its centre moves
+``drift`` columns per slice), so each slice's cross-section is different and a mask placed on the wrong
+slice, or read from the wrong one, does not fit.
 """
 
 from __future__ import annotations
@@ -19,18 +21,20 @@ RESCALE_INTERCEPT = -1024.0
 
 @dataclass(frozen=True)
 class Phantom:
-    """The organ's ellipsoid in voxel indices: centre ``(i, j, k)`` and semi-axes ``(ri, rj, rk)``; ``i`` is the
-    column, ``j`` the row, ``k`` the slice."""
+    """The organ in voxel indices: centre ``(i, j, k)`` and semi-axes ``(ri, rj, rk)`` of the ellipsoid, whose
+    centre moves ``drift`` columns per slice; ``i`` is the column, ``j`` the row, ``k`` the slice."""
 
     shape: tuple[int, int, int] = (192, 160, 12)  # columns, rows, slices
     spacing: tuple[float, float, float] = (1.5, 1.5, 3.0)  # mm: column, row, slice
     centre: tuple[float, float, float] = (112.0, 74.0, 5.5)
     radii: tuple[float, float, float] = (22.0, 16.0, 7.0)
+    drift: float = 6.0
 
     def organ(self) -> np.ndarray:
         """``(I, J, K)`` boolean organ mask."""
         i, j, k = np.meshgrid(*(np.arange(n) for n in self.shape), indexing="ij")
         (ci, cj, ck), (ri, rj, rk) = self.centre, self.radii
+        ci = ci + self.drift * (k - ck)
         return ((i - ci) / ri) ** 2 + ((j - cj) / rj) ** 2 + ((k - ck) / rk) ** 2 <= 1.0
 
     def box_on_slice(self, k: int) -> tuple[int, int, int, int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.label_server import free_port
+from label_server import free_port
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
@@ -27,55 +27,69 @@ def orthanc_executable() -> str:
     return executable
 
 
-@contextmanager
-def orthanc(workdir: Path, start_timeout: float = 60):
-    """Run Orthanc in ``workdir``; yields its base URL (``http://127.0.0.1:PORT``), DICOMweb at ``/dicom-web``.
+class Orthanc:
+    """Orthanc on 127.0.0.1 with its configuration in ``workdir``: ``url`` is ``http://127.0.0.1:PORT``,
+    DICOMweb is at ``dicomweb``. :meth:`start` again after :meth:`stop` brings back the same store on the
+    same port.
 
     Orthanc 1.10 has no setting for the address it binds, so ``RemoteAccessAllowed: false`` is what keeps it
     to this machine: it answers only requests from 127.0.0.1.
     """
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    config = {
-        "Name": "imedsam-e2e",
-        "StorageDirectory": str(workdir / "storage"),
-        "IndexDirectory": str(workdir / "storage"),
-        "HttpPort": port,
-        "DicomServerEnabled": False,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "Plugins": [str(DICOMWEB_PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
-    }
-    config_path = workdir / "orthanc.json"
-    config_path.write_text(json.dumps(config, indent=2))
-    log = open(workdir / "orthanc.log", "a")
-    process = subprocess.Popen([orthanc_executable(), str(config_path)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + start_timeout
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir, self.port = workdir, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.dicomweb = f"{self.url}/dicom-web"
+        self.config_path = workdir / "orthanc.json"
+        self.config_path.write_text(json.dumps({
+            "Name": "imedsam-e2e",
+            "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "storage"),
+            "HttpPort": self.port,
+            "DicomServerEnabled": False,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
+        }, indent=2))  # fmt: skip
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 60) -> None:
+        log_path = self.workdir / "orthanc.log"
+        with open(log_path, "a") as log:
+            self.process = subprocess.Popen(
+                [orthanc_executable(), str(self.config_path)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout_s
         while True:
-            if process.poll() is not None:
-                pytest.fail(f"Orthanc exited with {process.returncode}:\n{(workdir / 'orthanc.log').read_text()[-3000:]}")
+            if self.process.poll() is not None:
+                pytest.fail(f"Orthanc exited with {self.process.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{url}/system", timeout=5).status_code == 200:
-                    break
+                if httpx.get(f"{self.url}/system", timeout=5).status_code == 200:
+                    return
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"Orthanc did not answer within {start_timeout:.0f} s")
+                pytest.fail(f"Orthanc did not answer within {timeout_s:.0f} s")
             time.sleep(0.3)
-        yield url
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
+
+
+@contextmanager
+def orthanc(workdir: Path):
+    """Run Orthanc in ``workdir``; yields the :class:`Orthanc`, stopped on exit."""
+    server = Orthanc(workdir)
+    try:
+        server.start()
+        yield server
     finally:
-        stop(process)
-        log.close()
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+        server.stop()
