@@ -1,8 +1,23 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from imedsam.networks import IMedSAM
+
+E2E_DIR = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--e2e", action="store_true", help="run the browser tests in tests/e2e (make e2e), which need Orthanc and Chromium")
+
+
+def pytest_ignore_collect(collection_path, config):
+    # the browser tests need Debian packages and a browser: `make e2e` runs them, `make test` does not
+    if not config.getoption("--e2e") and (collection_path == E2E_DIR or E2E_DIR in collection_path.parents):
+        return True
+    return None
 
 
 @pytest.fixture(autouse=True)

@@ -25,9 +25,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def label_server(app_dir: Path, studies: Path, workdir: Path, conf: list[str] = (), start_timeout: float = 120,
-                 request_timeout: float = 120):  # fmt: skip
-    """Serve ``app_dir`` on ``studies`` with ``--conf`` pairs ``conf``; yields an ``httpx.Client`` on it.
+def label_server(app_dir: Path, studies: Path | str, workdir: Path, conf: list[str] = (), start_timeout: float = 120,
+                 request_timeout: float = 120, env: dict[str, str] | None = None):  # fmt: skip
+    """Serve ``app_dir`` on ``studies`` (a folder or a DICOMweb URL) with ``--conf`` pairs ``conf`` and MONAI
+    Label settings ``env``; yields an ``httpx.Client`` on it.
 
     The server's output goes to ``workdir / "server.log"`` and its temporary files to ``workdir / "tmp"``
     (``TMPDIR``), where a test can count them; it is stopped (SIGTERM, then SIGKILL) on exit. The client's
@@ -44,6 +45,7 @@ def label_server(app_dir: Path, studies: Path, workdir: Path, conf: list[str] = 
         PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         # as in an activated environment: the DICOMweb datastore looks up dcmqi's tools on PATH
         PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        **(env or {}),
     )
     port = free_port()
     command = [
