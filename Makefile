@@ -6,7 +6,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-all
 DEMO_EPOCHS ?= 2
 
-.PHONY: venv demo test benchmark clean
+E2E_STAMP := $(VENV)/.installed-e2e
+# root in CI containers; sudo elsewhere
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: venv demo test e2e e2e-system benchmark clean
 
 venv: $(STAMP)
 
@@ -30,6 +34,24 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q --doctest-modules imedsam tests
+
+# The browser test (tests/e2e): Orthanc + the MONAI Label server + OHIF + headless Chromium, each started and
+# stopped by the test on 127.0.0.1. Debian's packages are installed if missing; Playwright drives the
+# system Chromium (no browser download).
+e2e-system:
+	@if ! command -v Orthanc >/dev/null || [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
+		|| ! command -v chromium >/dev/null; then \
+		echo "e2e: installing orthanc, orthanc-dicomweb and chromium from Debian"; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			orthanc orthanc-dicomweb chromium; \
+	fi
+
+$(E2E_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-cache-dir -e ".[all,e2e]"
+	touch $@
+
+e2e: e2e-system $(E2E_STAMP)
+	$(BIN)/python -m pytest -q -rxX --e2e tests/e2e
 
 benchmark: venv
 	$(BIN)/python scripts/benchmark_inference.py
