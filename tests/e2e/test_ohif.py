@@ -2,16 +2,15 @@
 + OHIF v3 from the monailabel wheel + headless Chromium.
 
 Run with ``make e2e`` (``pytest --e2e tests/e2e``). The tests share one set of services and run in order:
-the user's path (study list, MONAI Label mode, two clicks, the mask, DICOM SEG export), then the bad paths
-(a click outside the volume, the store stopped). Screenshots go to ``docs/ohif/``
-(``IMEDSAM_E2E_SCREENSHOTS`` overrides).
+the user's path (study list, MONAI Label mode, two clicks, the mask; OHIF's DICOM SEG export, a known failure
+of its OHIF build; the label saved to Orthanc as DICOM SEG), then the bad paths (clicks outside the volume,
+the store stopped). Screenshots go to ``docs/ohif/`` (``IMEDSAM_E2E_SCREENSHOTS`` overrides).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,7 +22,10 @@ from ohif_page import OhifSession, chromium_executable, screenshot_dir
 from orthanc import orthanc
 from label_server import ROOT, label_server
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="make e2e installs Playwright (.[e2e])")
+try:
+    from playwright.sync_api import sync_playwright
+except ImportError:
+    pytest.fail("Playwright is not installed: `make e2e` installs it (pip install -e '.[e2e]')", pytrace=False)
 
 PHANTOM = Phantom()
 PATIENT_NAME = "Phantom, Kidney"  # as OHIF's study list shows Phantom^Kidney
@@ -52,7 +54,6 @@ def changed(before: np.ndarray, after: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    sync_playwright = playwright_api.sync_playwright
     work = tmp_path_factory.mktemp("ohif")
     datasets = ct_series(PHANTOM)
     settings = {
@@ -158,7 +159,6 @@ def test_two_clicks_in_monai_label_mode_segment_the_organ_on_that_slice(stack):
 def test_ohif_exports_the_mask_as_dicom_seg(stack):
     assert "k" in stack.state, "needs the mask of the first test"
     outcome = stack.ohif.export_seg("I-MedSAM kidney")
-    stack.state["ohif_export"] = outcome
     assert outcome == "stored", outcome
 
 
@@ -173,13 +173,12 @@ def test_clicks_outside_the_volume_are_refused_and_the_server_keeps_serving(stac
     answer = ohif.run_point_prompt()
     assert answer.status == 400
     detail = answer.json()["detail"]
-    assert "outside" in detail or "click" in detail, detail
+    assert "lies outside the image" in detail, detail  # the message is in the answer; the panel shows its own
     ohif.page.get_by_text("Failed to Run Inference for Point Prompts").wait_for(timeout=10_000)
     ohif.page.wait_for_timeout(500)  # the notice slides in
     ohif.screenshot("7_click_outside")
     assert ohif.labelmap_per_slice() == before
     assert client.get("/info/").status_code == 200
-    stack.state["outside_detail"] = detail
     assert not ohif.uncaught, ohif.uncaught
 
 
