@@ -58,26 +58,37 @@ def label_server(app_dir: Path, studies: Path | str, workdir: Path, conf: list[s
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=request_timeout)
     client.server = process
     try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if client.get("/info/").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not answer /info/ within {start_timeout:.0f} s")
-            time.sleep(0.5)
+        wait_until_answering(process, lambda: client.get("/info/").status_code == 200, log_path, "server", start_timeout)
         yield client
     finally:
         client.close()
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=30)
+        stop_process_group(process)
         log.close()
+
+
+def wait_until_answering(process: subprocess.Popen, answers, log_path: Path, name: str, timeout_s: float) -> None:
+    """Poll ``answers()`` until it is true; fail the test, with the log's tail, if ``process`` exits first or
+    ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"{name} exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if answers():
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{name} did not answer within {timeout_s:.0f} s")
+        time.sleep(0.3)
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group started with ``start_new_session``, then SIGKILL after 30 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)

@@ -4,18 +4,15 @@ folder, a free port, no DICOM listener, and stopped at the end."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from label_server import free_port
+from label_server import free_port, stop_process_group, wait_until_answering
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
@@ -61,27 +58,12 @@ class Orthanc:
             self.process = subprocess.Popen(
                 [orthanc_executable(), str(self.config_path)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"Orthanc exited with {self.process.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/system", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"Orthanc did not answer within {timeout_s:.0f} s")
-            time.sleep(0.3)
+        answers = lambda: httpx.get(f"{self.url}/system", timeout=5).status_code == 200  # noqa: E731
+        wait_until_answering(self.process, answers, log_path, "Orthanc", timeout_s)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=30)
+        if self.process is not None:
+            stop_process_group(self.process)
 
 
 @contextmanager
