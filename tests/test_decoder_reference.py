@@ -229,3 +229,24 @@ def test_bfloat16_decoding_with_per_class_heads():
         exact = decoder(*inputs, class_ids=class_ids)
     assert reduced.logits.dtype == torch.float32
     assert (reduced.coarse_logits - exact.coarse_logits).abs().max() < 0.02 * exact.coarse_logits.abs().max()
+
+
+def test_first_layer_table_is_the_same_written_in_place_and_built_for_autograd():
+    from imedsam.networks.first_layer_table import build_first_layer_table
+
+    layer = torch.nn.Linear(5 + 4 + 2 * (2 * 3 + 1), 16)
+    box_features, image_features = torch.randn(2, 5, 6, 7), torch.randn(2, 4, 3, 3)
+    ys, xs = torch.linspace(-0.9, 0.9, 4), torch.linspace(-0.8, 0.8, 5)
+    fold = (torch.rand(16) + 0.5, torch.randn(16))
+    args = (layer, 5, 4, 3, box_features, image_features, ys, xs, fold)
+    with_autograd = build_first_layer_table(*args).values
+    assert with_autograd.requires_grad
+    with torch.no_grad():
+        in_place = build_first_layer_table(*args).values
+    torch.testing.assert_close(in_place, with_autograd.detach(), rtol=1e-5, atol=1e-6)
+    # the folded BatchNorm scales every row and shifts the box-map rows only (their weights sum to one)
+    with torch.no_grad():
+        unfolded = build_first_layer_table(*args[:-1]).values
+    box_rows = 2 * 6 * 7
+    torch.testing.assert_close(in_place[:box_rows], unfolded[:box_rows] * fold[0] + fold[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(in_place[box_rows:], unfolded[box_rows:] * fold[0], rtol=1e-5, atol=1e-5)

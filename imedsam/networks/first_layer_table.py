@@ -73,22 +73,26 @@ def build_first_layer_table(
         dtype: the table's dtype (the trunk's compute precision); None keeps the maps'.
         pixel_grid, extent, mask_prior: stored with the table, see :class:`FirstLayerTable`.
     """
-    weight = layer.weight
+    weight, bias = layer.weight, layer.bias
+    if fold is not None:
+        # scale the layer instead of every table row: one pass over the table fewer for each of scale and shift
+        scale, shift = fold
+        weight = weight * scale.unsqueeze(1)
+        bias = shift if bias is None else bias * scale + shift
     coordinates_end = box_channels + image_channels + 2 * (2 * num_frequencies + 1)
     box_w = weight[:, :box_channels]
     image_w = weight[:, box_channels : box_channels + image_channels]
     coord_w = weight[:, box_channels + image_channels : coordinates_end]
-    box_map = F.linear(box_features.permute(0, 2, 3, 1), box_w, layer.bias)
-    image_map = F.linear(image_features.permute(0, 2, 3, 1), image_w)
+    inputs = [
+        (box_features.permute(0, 2, 3, 1).reshape(-1, box_channels), box_w, bias),
+        (image_features.permute(0, 2, 3, 1).reshape(-1, image_channels), image_w, None),
+        (fourier_encoding(torch.stack([xs, torch.zeros_like(xs)], -1), num_frequencies), coord_w, None),
+        (fourier_encoding(torch.stack([torch.zeros_like(ys), ys], -1), num_frequencies), coord_w, None),
+    ]
     origin = F.linear(fourier_encoding(xs.new_zeros(1, 2), num_frequencies), coord_w)
-    columns = F.linear(fourier_encoding(torch.stack([xs, torch.zeros_like(xs)], -1), num_frequencies), coord_w) - origin
-    rows = F.linear(fourier_encoding(torch.stack([torch.zeros_like(ys), ys], -1), num_frequencies), coord_w)
-    parts = [box_map.reshape(-1, box_map.shape[-1]), image_map.reshape(-1, image_map.shape[-1]), columns, rows]
-    if fold is not None:
-        scale, shift = fold
-        parts = [part * scale for part in parts]
-        parts[0] = parts[0] + shift
-    values = torch.cat(parts)
+    values = _table_rows(inputs)
+    columns = slice(values.shape[0] - xs.shape[0] - ys.shape[0], values.shape[0] - ys.shape[0])
+    values[columns] -= origin
     return FirstLayerTable(
         values if dtype is None else values.to(dtype),
         tuple(box_features.shape[-2:]),
@@ -100,6 +104,24 @@ def build_first_layer_table(
         extent,
         mask_prior,
     )
+
+
+def _table_rows(inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+    """``cat([x @ w.T + b for x, w, b in inputs])``; without autograd written in place, as the table of a large
+    box map is hundreds of MB and a concatenation would copy it once more."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for part in inputs for t in part):
+        return torch.cat([F.linear(x, w, b) for x, w, b in inputs])
+    first = inputs[0][0]
+    values = first.new_empty(sum(x.shape[0] for x, _, _ in inputs), inputs[0][1].shape[0])
+    start = 0
+    for x, w, b in inputs:
+        rows = values[start : start + x.shape[0]]
+        if b is None:
+            torch.mm(x, w.t(), out=rows)
+        else:
+            torch.addmm(b, x, w.t(), out=rows)
+        start += x.shape[0]
+    return values
 
 
 def table_taps(table: FirstLayerTable, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
