@@ -39,13 +39,14 @@ def main() -> None:
     parser.add_argument("--picture", type=int, nargs=2, default=[500, 600], metavar=("H", "W"))
     parser.add_argument("--output-sizes", type=int, nargs="+", default=[256, 896])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--capped-side", type=int, default=256, help="Predictor(max_decode_side=...) for the capped rows")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     image_size = args.image_size or (256 if args.encoder == "lite_medsam" else 384)
-    model = IMedSAM(encoder=args.encoder, image_size=image_size).eval()  # decoder_precision "auto", the default
+    model = IMedSAM(encoder=args.encoder, image_size=image_size).eval()  # encoder/decoder_precision "auto", the default
     default_precision = resolve_precision("auto", "cpu")
     height, width = args.picture
     rng = np.random.default_rng(0)
@@ -85,10 +86,25 @@ def main() -> None:
     row(f"first prompt, encoder + decode {width}x{height} ({default_precision})", results["first"])
     results["again"] = median_seconds(lambda: predictor.predict(next(boxes)), args.repeats)
     row(f"re-prompt, decode {width}x{height} ({default_precision})", results["again"])
+    capped = Predictor(model, cache_size=1, max_decode_side=args.capped_side)
+
+    def first_prompt_capped():
+        capped.set_image(next(pictures))
+        return capped.predict(box)
+
+    row(f"first prompt, decode capped at {args.capped_side} + upsampled", median_seconds(first_prompt_capped, args.repeats))
+    row(f"re-prompt, decode capped at {args.capped_side} + upsampled", median_seconds(lambda: capped.predict(next(boxes)), args.repeats))
     tensor = torch.rand(1, 3, height, width)
     with torch.no_grad():
-        encode = median_seconds(lambda: model.encode(tensor), args.repeats)
-        row("encoder", encode, count_gflop(lambda: model.encode(tensor), inference=True))
+        model.encoder_precision = "float32"
+        encoder_gflop = count_gflop(lambda: model.encode(tensor), inference=True)
+        row("encoder float32", median_seconds(lambda: model.encode(tensor), args.repeats), encoder_gflop)
+        if native_bf16:  # the same work, so its ratio is the speed over the float32 matmul's
+            model.encoder_precision = "bfloat16"
+            row("encoder bfloat16 (autocast)", median_seconds(lambda: model.encode(tensor), args.repeats), encoder_gflop)
+        else:
+            print("encoder bfloat16 row skipped: this CPU has no native bfloat16")
+        model.encoder_precision = "auto"
         encoding = model.encode(tensor)
         prompt = torch.tensor([[box]], dtype=torch.float32)
         for precision in ("float32", "bfloat16"):

@@ -191,3 +191,32 @@ def test_multi_class_heads_one_mask_per_box(images):
         model.decode(encoding, boxes, class_ids=torch.full((2, 3), 3))
     with pytest.raises(ValueError, match="only 3 classes"):
         model.decode(encoding, torch.cat([boxes, boxes[:, :1]], dim=1))
+
+
+def test_encoder_precision_bfloat16_at_inference_and_float32_in_training_and_on_cpus_without_it(monkeypatch):
+    from imedsam.networks import precision
+
+    with pytest.raises(ValueError, match="precision must be one of"):
+        tiny_model(encoder_precision="float16")
+    model = tiny_model(encoder_precision="bfloat16").eval()
+    image = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        reduced = model.encode(image).embedding
+        model.encoder_precision = "float32"
+        exact = model.encode(image).embedding
+        model.train()
+        model.encoder_precision = "bfloat16"
+        trained = model.encode(image).embedding
+    assert reduced.dtype == torch.float32
+    relative = ((reduced - exact).norm() / exact.norm()).item()
+    assert 0 < relative < 0.05, relative  # bfloat16 rounding, no more (lite_medsam's measured figure: 0.042)
+    assert torch.equal(trained, exact)  # training never autocasts
+
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx2", "fma"})
+    precision.cpu_runs_bfloat16_natively.cache_clear()
+    try:
+        model.eval().encoder_precision = "auto"
+        with torch.no_grad():
+            assert torch.equal(model.encode(image).embedding, exact)
+    finally:
+        precision.cpu_runs_bfloat16_natively.cache_clear()

@@ -15,6 +15,7 @@ from .image_encoder import AdaptedImageEncoder
 from .implicit_decoder import ImplicitSegmentationDecoder
 from .inr_layers import rename_legacy_keys
 from .lite_medsam import LITE_MEDSAM_IMAGE_SIZE, build_lite_medsam_parts, load_lite_medsam_weights
+from .precision import resolve_precision
 from .presets import build_sam_parts
 from .prompt_path import BoxPromptPath
 from .tiny_vit_encoder import AdaptedTinyViT, letterbox
@@ -84,6 +85,8 @@ class IMedSAM(nn.Module):
             faster at large outputs); :meth:`decode` can override it per call.
         decoder_precision: ``"auto"`` (bfloat16 where the hardware runs it natively, else float32),
             ``"float32"`` or ``"bfloat16"``, for the implicit decoder's matmuls at inference.
+        encoder_precision: the same choice for the image encoder at inference (under ``torch.autocast``:
+            convolutions and matmuls in bfloat16, the rest in float32); training always runs it in float32.
         adaptive_coarse_size, adaptive_points: the adaptive mode's first-grid side and points per level.
         freeze_sam: keep SAM's own weights frozen (the method). False trains them too, which is what a
             random-init encoder such as ``vit_tiny`` needs: adapting frozen random features teaches little.
@@ -122,6 +125,7 @@ class IMedSAM(nn.Module):
         chunk_size: int = 8192,
         decode_mode: str = "exact",
         decoder_precision: str = "auto",
+        encoder_precision: str = "auto",
         adaptive_coarse_size: int = 128,
         adaptive_points: int = 8192,
         freeze_sam: bool = True,
@@ -131,6 +135,8 @@ class IMedSAM(nn.Module):
         if decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
         self.decode_mode = decode_mode
+        resolve_precision(encoder_precision, "cpu")  # a bad value is refused here, not at the first image
+        self.encoder_precision = encoder_precision
         self.encoder_name = encoder
         self.image_size = image_size
         self.num_classes = num_classes
@@ -217,7 +223,14 @@ class IMedSAM(nn.Module):
             image, extent = letterbox(image, size)
         elif (height, width) != (size, size):
             image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-        return ImageEncoding(self.image_encoder(image), int(height), int(width), extent)
+        return ImageEncoding(self._run_encoder(image), int(height), int(width), extent)
+
+    def _run_encoder(self, image: torch.Tensor):
+        if self.training or resolve_precision(self.encoder_precision, image.device) == "float32":
+            return self.image_encoder(image)
+        with torch.autocast(image.device.type, dtype=torch.bfloat16):
+            embedding = self.image_encoder(image)
+        return embedding.float()  # the prompt path takes float32 maps; the decoder picks its own precision
 
     # -- decoder ------------------------------------------------------------------------------------------
     def _class_ids(self, boxes: torch.Tensor, class_ids: torch.Tensor | None) -> torch.Tensor:

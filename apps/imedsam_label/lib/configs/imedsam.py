@@ -40,8 +40,9 @@ class IMedSAMConfig(TaskConfig):
       (default: the project's ``bundle/``);
     - ``encoder`` (``lite_medsam``), ``image_size`` (256 for lite_medsam, else 384), ``sam_checkpoint``: the
       network, as in the bundle;
-    - ``decode_mode`` (``exact`` or ``adaptive``) and ``decoder_precision`` (``auto``, ``float32`` or ``bfloat16``):
-      how prompts are decoded (adaptive and bfloat16 answer several times faster on CPU);
+    - ``decode_mode`` (``exact`` or ``adaptive``), ``decoder_precision`` and ``encoder_precision`` (``auto``,
+      ``float32`` or ``bfloat16``): how prompts are decoded and images encoded (adaptive and bfloat16 answer
+      several times faster on CPU);
     - ``model_checkpoint``: a trained I-MedSAM state dict; without it (and before the first training run)
       ``lite_medsam`` serves LiteMedSAM's pretrained weights (I-MedSAM's warm start, which segments as
       LiteMedSAM does) and the random-init presets warn that their masks are meaningless; once training
@@ -78,6 +79,7 @@ class IMedSAMConfig(TaskConfig):
             # how prompts are decoded: the bundle's keys, see its train.yaml
             "decode_mode": conf.get("decode_mode", "exact"),
             "decoder_precision": conf.get("decoder_precision", "auto"),
+            "encoder_precision": conf.get("encoder_precision", "auto"),
         }
         self.network = self._build_network(int(conf.get("seed", 0)))
 
