@@ -111,8 +111,8 @@ def _table_rows(inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | No
     box map is hundreds of MB and a concatenation would copy it once more."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for part in inputs for t in part):
         return torch.cat([F.linear(x, w, b) for x, w, b in inputs])
-    first = inputs[0][0]
-    values = first.new_empty(sum(x.shape[0] for x, _, _ in inputs), inputs[0][1].shape[0])
+    first = inputs[0][0]  # possibly a MONAI MetaTensor, whose new_empty takes other arguments
+    values = torch.empty((sum(x.shape[0] for x, _, _ in inputs), inputs[0][1].shape[0]), dtype=first.dtype, device=first.device)
     start = 0
     for x, w, b in inputs:
         rows = values[start : start + x.shape[0]]
