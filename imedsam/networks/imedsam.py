@@ -226,7 +226,8 @@ class IMedSAM(nn.Module):
         return ImageEncoding(self._run_encoder(image), int(height), int(width), extent)
 
     def _run_encoder(self, image: torch.Tensor):
-        if self.training or resolve_precision(self.encoder_precision, image.device) == "float32":
+        # a trace records float32: autocast's casts do not survive in a TorchScript graph
+        if self.training or torch.jit.is_tracing() or resolve_precision(self.encoder_precision, image.device) == "float32":
             return self.image_encoder(image)
         with torch.autocast(image.device.type, dtype=torch.bfloat16):
             embedding = self.image_encoder(image)
