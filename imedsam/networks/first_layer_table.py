@@ -83,16 +83,15 @@ def build_first_layer_table(
     box_w = weight[:, :box_channels]
     image_w = weight[:, box_channels : box_channels + image_channels]
     coord_w = weight[:, box_channels + image_channels : coordinates_end]
+    # W gamma(x, 0) - W gamma(0, 0) = W (gamma(x, 0) - gamma(0, 0)): the column rows come out of one matmul
+    origin = fourier_encoding(xs.new_zeros(1, 2), num_frequencies)
     inputs = [
         (box_features.permute(0, 2, 3, 1).reshape(-1, box_channels), box_w, bias),
         (image_features.permute(0, 2, 3, 1).reshape(-1, image_channels), image_w, None),
-        (fourier_encoding(torch.stack([xs, torch.zeros_like(xs)], -1), num_frequencies), coord_w, None),
+        (fourier_encoding(torch.stack([xs, torch.zeros_like(xs)], -1), num_frequencies) - origin, coord_w, None),
         (fourier_encoding(torch.stack([torch.zeros_like(ys), ys], -1), num_frequencies), coord_w, None),
     ]
-    origin = F.linear(fourier_encoding(xs.new_zeros(1, 2), num_frequencies), coord_w)
     values = _table_rows(inputs)
-    columns = slice(values.shape[0] - xs.shape[0] - ys.shape[0], values.shape[0] - ys.shape[0])
-    values[columns] -= origin
     return FirstLayerTable(
         values if dtype is None else values.to(dtype),
         tuple(box_features.shape[-2:]),
