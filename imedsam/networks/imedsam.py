@@ -225,7 +225,7 @@ class IMedSAM(nn.Module):
             image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
         return ImageEncoding(self._run_encoder(image), int(height), int(width), extent)
 
-    def _run_encoder(self, image: torch.Tensor):
+    def _run_encoder(self, image: torch.Tensor) -> torch.Tensor:
         # a trace records float32: autocast's casts do not survive in a TorchScript graph
         if self.training or torch.jit.is_tracing() or resolve_precision(self.encoder_precision, image.device) == "float32":
             return self.image_encoder(image)
