@@ -250,3 +250,8 @@ def test_first_layer_table_is_the_same_written_in_place_and_built_for_autograd()
     box_rows = 2 * 6 * 7
     torch.testing.assert_close(in_place[:box_rows], unfolded[:box_rows] * fold[0] + fold[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(in_place[box_rows:], unfolded[box_rows:] * fold[0], rtol=1e-5, atol=1e-5)
+    # built in bfloat16 from the start (the decoder's reduced precision): float32's table, rounded
+    with torch.no_grad():
+        reduced = build_first_layer_table(*args, dtype=torch.bfloat16).values
+    assert reduced.dtype == torch.bfloat16
+    assert ((reduced.float() - in_place).norm() / in_place.norm()).item() < 1e-2

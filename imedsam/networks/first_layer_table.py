@@ -91,9 +91,8 @@ def build_first_layer_table(
         (fourier_encoding(torch.stack([xs, torch.zeros_like(xs)], -1), num_frequencies) - origin, coord_w, None),
         (fourier_encoding(torch.stack([torch.zeros_like(ys), ys], -1), num_frequencies), coord_w, None),
     ]
-    values = _table_rows(inputs)
     return FirstLayerTable(
-        values if dtype is None else values.to(dtype),
+        _table_rows(inputs, dtype),
         tuple(box_features.shape[-2:]),
         tuple(image_features.shape[-2:]),
         ys,
@@ -105,20 +104,24 @@ def build_first_layer_table(
     )
 
 
-def _table_rows(inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
-    """``cat([x @ w.T + b for x, w, b in inputs])``; without autograd written in place, as the table of a large
-    box map is hundreds of MB and a concatenation would copy it once more."""
+def _table_rows(inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], dtype: torch.dtype | None) -> torch.Tensor:
+    """``cat([x @ w.T + b for x, w, b in inputs])``, in ``dtype`` (None: the inputs').
+
+    Without autograd the table is written in place, in ``dtype`` from the start: the table of a large box map
+    is hundreds of MB, and concatenating, filling the bias in and converting would each pass over it again.
+    The bias rides along as a column of ones times the bias, as addmm would first copy it into every row.
+    """
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for part in inputs for t in part):
-        return torch.cat([F.linear(x, w, b) for x, w, b in inputs])
+        values = torch.cat([F.linear(x, w, b) for x, w, b in inputs])
+        return values if dtype is None else values.to(dtype)
     first = inputs[0][0]  # possibly a MONAI MetaTensor, whose new_empty takes other arguments
-    values = torch.empty((sum(x.shape[0] for x, _, _ in inputs), inputs[0][1].shape[0]), dtype=first.dtype, device=first.device)
+    dtype = dtype or first.dtype
+    values = torch.empty((sum(x.shape[0] for x, _, _ in inputs), inputs[0][1].shape[0]), dtype=dtype, device=first.device)
     start = 0
     for x, w, b in inputs:
-        rows = values[start : start + x.shape[0]]
-        if b is None:
-            torch.mm(x, w.t(), out=rows)
-        else:
-            torch.addmm(b, x, w.t(), out=rows)
+        if b is not None:
+            x, w = torch.cat([x, x.new_ones(x.shape[0], 1)], 1), torch.cat([w, b.unsqueeze(1)], 1)
+        torch.mm(x.to(dtype), w.t().to(dtype), out=values[start : start + x.shape[0]])
         start += x.shape[0]
     return values
 
