@@ -74,7 +74,7 @@ def stack(tmp_path_factory):
                 page.set_default_timeout(60_000)
                 ohif = OhifSession(page, str(client.base_url), screenshot_dir(ROOT))
                 try:
-                    yield SimpleNamespace(store=store, client=client, datasets=datasets, ohif=ohif, work=work, state={})
+                    yield SimpleNamespace(store=store, client=client, datasets=datasets, ohif=ohif, state={})
                 finally:
                     browser.close()
 
