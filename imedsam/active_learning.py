@@ -1,21 +1,29 @@
 """Simulated annotation rounds: which unlabeled images should be labeled next?
 
 A pool of labeled images (e.g. a training split) is treated as unlabeled except for a small seed set. Each
-round a strategy picks ``query_size`` images, their masks are "revealed", the model is retrained from
-scratch with the same number of optimiser steps, and scored on a fixed test split. Training and evaluation
-go through the bundle's ``train.yaml`` and ``evaluate.yaml``, so a round is what
-``python -m monai.bundle run`` does on that labeled set.
+round a strategy picks ``query_size`` images, their masks are "revealed", the model is trained again from
+the same start (the bundle's initial network: the pretrained ``lite_medsam``, or random init for
+``vit_tiny``) with the same number of optimiser steps, and scored on a fixed test split. Two runners:
 
-Strategies (:data:`STRATEGIES`):
+* :class:`BundleRunner` trains and evaluates through the bundle's ``train.yaml`` and ``evaluate.yaml``, so a
+  round is what ``python -m monai.bundle run`` does on that labeled set;
+* :class:`EmbeddingRunner` keeps the encoder frozen (no LoRA, no adapter), computes each image's embedding
+  once, and fine-tunes the parts after it (the implicit decoder and the box-proposal head) on the cached
+  embeddings: the same model and loss at a fraction of the cost, which is what makes a many-round,
+  many-seed study fit on a CPU.
+
+Strategies (:data:`STRATEGIES`). The unlabeled images have no box yet, so a scored strategy needs one:
 
 * ``ugs``: the highest UGS score (:func:`imedsam.metrics.ugs_score`: the implicit decoder's MC-dropout
-  variance over the predicted region in the box), what the MONAI Label app's ``ugs`` strategy ranks by;
+  variance over the predicted region in the box) in the box the model's head proposes, as the MONAI Label
+  app scores an image nobody has prompted;
+* ``ugs_whole_image``: the same score with the whole image as the box (the app's rule before the head);
 * ``epistemic``: the highest MC-dropout entropy (:func:`imedsam.metrics.mc_dropout_entropy`), the score
-  of MONAI Label's epistemic strategy, from ``mc_passes`` stochastic passes;
+  of MONAI Label's epistemic strategy, from ``mc_passes`` stochastic passes, in the proposed box;
 * ``random``: uniform, seeded.
 
-Box prompts are the tight boxes of the ground truth: the annotator draws the box in any case, the mask is
-what costs.
+Training and evaluation use the tight boxes of the ground truth: once an image is picked the annotator
+draws its box, and the mask is what costs.
 """
 
 from __future__ import annotations
@@ -31,23 +39,33 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
+from PIL import Image
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from imedsam.data import polyp_datalist
 from imedsam.metrics import mc_dropout_entropy, ugs_score
-from imedsam.networks import IMedSAM
+from imedsam.engine import parameter_groups
+from imedsam.losses import CoarseFineLoss, coarse_weight_at
+from imedsam.networks import IMedSAM, ImageEncoding
+from imedsam.networks.coordinates import stratified_lines
 
 __all__ = ["STRATEGIES", "SCORED_STRATEGIES", "BundleRunner", "score_images", "select_images", "simulate_active_learning"]
 
-STRATEGIES = ("ugs", "epistemic", "random")
-SCORED_STRATEGIES = ("ugs", "epistemic")
-RESULT_FIELDS = ("seed", "strategy", "round", "labeled", "test_dice", "test_dice_std", "val_dice", "train_s", "score_s", "added")
+STRATEGIES = ("ugs", "ugs_whole_image", "epistemic", "random")
+#: strategy -> (score, box the unlabeled image is scored in)
+SCORED_STRATEGIES = {"ugs": ("ugs", "proposed"), "ugs_whole_image": ("ugs", "whole_image"), "epistemic": ("epistemic", "proposed")}
+SCORE_METHODS = ("ugs", "epistemic")
+BOX_SOURCES = ("given", "proposed", "whole_image")
+RESULT_FIELDS = (
+    "seed", "strategy", "round", "labeled", "test_dice", "test_dice_std", "cross_dice", "cross_dice_std", "val_dice",
+    "train_s", "score_s", "added",
+)  # fmt: skip
 
 
 def select_images(strategy: str, unlabeled: Sequence[str], k: int, scores: dict[str, float] | None = None, rng=None) -> list[str]:
     """The ``k`` images of ``unlabeled`` to label next.
 
-    ``ugs`` and ``epistemic`` take the ``k`` highest ``scores`` (ties by name); ``random`` draws with ``rng``
+    A scored strategy (``ugs``, ``ugs_whole_image``, ``epistemic``) takes the ``k`` highest ``scores`` (ties by name); ``random`` draws with ``rng``
     (a ``numpy.random.Generator``).
 
     Example::
@@ -79,39 +97,89 @@ def _mc_dropout_mode(network: IMedSAM) -> None:
             module.eval()
 
 
+def _square_encoding(network: IMedSAM, item: dict) -> ImageEncoding:
+    # The bundle's frame: the image letterboxed into the encoder's square (the item's "image" is already
+    # padded), so boxes and maps are in pixels of that square. A cached "embedding" skips the encoder.
+    if "embedding" in item:
+        embedding = item["embedding"].unsqueeze(0)
+    else:
+        embedding = network.encode(item["image"].unsqueeze(0).float()).embedding
+    side = network.image_size
+    return ImageEncoding(embedding, side, side)
+
+
+def scoring_box(network: IMedSAM, item: dict, source: str) -> torch.Tensor:
+    """The ``[1, 4]`` box (pixels of the encoder's square) an unlabeled item is scored in.
+
+    ``given``: the item's own ``box``; ``whole_image``: the part of the square the image fills (its
+    ``extent``, ``(fy, fx)``; the padding is left out); ``proposed``: the model's box proposal
+    (:meth:`~imedsam.networks.IMedSAM.propose_boxes`) within that part.
+    """
+    if source not in BOX_SOURCES:
+        raise ValueError(f"box source must be one of {BOX_SOURCES}, got {source!r}")
+    if source == "given":
+        return item["box"].reshape(1, 4).float()
+    side = network.image_size
+    fy, fx = item.get("extent", (1.0, 1.0))
+    height, width = max(1, round(side * fy)), max(1, round(side * fx))
+    if source == "whole_image":
+        return torch.tensor([[0.0, 0.0, float(width), float(height)]])
+    encoding = _square_encoding(network, item)
+    return network.propose_boxes(ImageEncoding(encoding.embedding, height, width, (fy, fx))).boxes.reshape(1, 4).cpu()
+
+
 @torch.no_grad()
-def score_images(network: IMedSAM, items: Sequence[dict], method: str, label_size: int, mc_passes: int = 10) -> dict[str, float]:
-    """Score preprocessed items (``image [3, S, S]``, ``box [1, 4]`` in image pixels, ``name``) with ``method``.
+def score_images(
+    network: IMedSAM, items: Sequence[dict], method: str, label_size: int, mc_passes: int = 10, box_source: str = "given"
+) -> dict[str, float]:
+    """Score preprocessed items (``image [3, S, S]`` or a cached ``embedding``, ``box [1, 4]`` in image pixels,
+    ``extent``, ``name``) with ``method`` in the box :func:`scoring_box` gives for ``box_source``.
 
     ``ugs``: one decoding at ``label_size``, :func:`~imedsam.metrics.ugs_score` of its uncertainty map over the
     predicted mask in the box. ``epistemic``: ``mc_passes`` decodings with dropout on,
     :func:`~imedsam.metrics.mc_dropout_entropy` of their probabilities. Higher means less sure.
     """
-    if method not in SCORED_STRATEGIES:
-        raise ValueError(f"method must be one of {SCORED_STRATEGIES}, got {method!r}")
+    if method not in SCORE_METHODS:
+        raise ValueError(f"method must be one of {SCORE_METHODS}, got {method!r}")
     if network.decoder is None:
         raise ValueError("uncertainty scores need the implicit decoder; this model has use_inr=False")
     was_training = network.training
     size = (label_size, label_size)
+    scale = label_size / network.image_size
     scores = {}
     try:
-        if method == "ugs":
-            network.eval()
-        else:
-            _mc_dropout_mode(network)
+        network.eval()
         for item in items:
-            image, box = item["image"].unsqueeze(0).float(), item["box"].reshape(1, 1, 4).float()
+            box = scoring_box(network, item, box_source).reshape(1, 1, 4)
             if method == "ugs":
-                out = network(image, box, size, return_all=True)
-                scale = label_size / image.shape[-1]
+                encoding = _square_encoding(network, item)
+                out = network.decode_all(encoding, box, size)
                 scores[item["name"]] = ugs_score(out.uncertainty[0, 0], out.logits[0, 0] > 0, (box[0, 0] * scale).tolist())
             else:
-                encoding = network.encode(image)
+                encoding = _square_encoding(network, item)
+                _mc_dropout_mode(network)
                 passes = [torch.sigmoid(network.decode(encoding, box, size)[0, 0]) for _ in range(mc_passes)]
+                network.eval()
                 scores[item["name"]] = mc_dropout_entropy(torch.stack(passes))
     finally:
         network.train(was_training)
     return scores
+
+
+def image_extent(path: str, image_size: int) -> tuple[float, float]:
+    """``(fy, fx)``: the part of the ``image_size`` square that the image at ``path`` fills once its longest
+    side is resized to ``image_size`` (the bundle's framing)."""
+    with Image.open(path) as image:
+        width, height = image.size
+    scale = image_size / max(height, width)
+    return round(height * scale) / image_size, round(width * scale) / image_size
+
+
+def dice_of(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """Dice of ``logits > 0`` against a binary ``target`` of the same shape (1.0 when both are empty)."""
+    prediction, truth = logits > 0, target > 0.5
+    total = int(prediction.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else 2.0 * int((prediction & truth).sum()) / total
 
 
 @dataclass
@@ -192,7 +260,152 @@ class BundleRunner:
         """The validation transforms of ``train.yaml`` (image at ``image_size``, tight box, label at
         ``label_size``) on each item."""
         transform = self._parser().get_parsed_content("validate#preprocessing")
-        return [{**transform(dict(item)), "name": item["name"]} for item in datalist]
+        size = int(self.overrides.get("image_size", 256))
+        return [{**transform(dict(item)), "name": item["name"], "extent": image_extent(item["image"], size)} for item in datalist]
+
+
+class EmbeddingRunner(BundleRunner):
+    """Fine-tune the parts after a frozen encoder on embeddings computed once per image, in this process.
+
+    The network is the bundle's (``network_def`` of ``train.yaml`` with ``overrides``), and must have no
+    trainable encoder part: pass ``lora_rank=0``, ``fa_mode="none"`` and ``freeze_sam=True``. Each :meth:`train` starts again from
+    that network's initial weights (for ``lite_medsam``, LiteMedSAM's), draws batches of labeled images with
+    the bundle's loss (:class:`~imedsam.losses.CoarseFineLoss`, the coarse weight decaying over the first half
+    of the steps, the box-proposal term included), AdamW with a linear decay, a fresh ``query_size``
+    sub-lattice of the ``train_label_size`` grid per step, and the tight box jittered outwards by up to
+    ``box_jitter`` pixels. No augmentation of the image: the embedding is cached. Checkpoints hold only
+    the trained parts (and the head's counter), on top of the initial network.
+
+    :meth:`evaluate` decodes the test split (and every image of ``cross_domain_dir`` when given) at
+    ``label_size`` in the bundle's evaluation frame and writes ``eval/per_image.csv`` and
+    ``eval/summary.json`` as ``evaluate.yaml`` does.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str,
+        dataset_dir: str,
+        overrides: dict | None = None,
+        cross_domain_dir: str | None = None,
+        train_label_size: int = 128,
+        query_size: int = 64,
+        box_jitter: int = 5,
+    ) -> None:
+        super().__init__(bundle_dir, dataset_dir, dict(overrides or {}))
+        self.cross_domain_dir = cross_domain_dir
+        self.train_label_size = train_label_size
+        self.query_size = query_size
+        self.box_jitter = box_jitter
+        self.network: IMedSAM = self._parser().get_parsed_content("network_init", lazy=False)
+        trainable_encoder = [n for n, p in self.network.image_encoder.named_parameters() if p.requires_grad]
+        if trainable_encoder:
+            raise ValueError(
+                f"EmbeddingRunner caches the encoder's output, so the encoder must be frozen; {len(trainable_encoder)} "
+                f"of its parameters train (e.g. {trainable_encoder[0]}): pass lora_rank=0, fa_mode='none' and freeze_sam=True"
+            )
+        self.trained_keys = [n for n, p in self.network.named_parameters() if p.requires_grad]
+        if self.network.box_proposal is not None:
+            self.trained_keys.append("box_proposal.trained_steps")
+        self.initial_state = {k: v.clone() for k, v in self.network.state_dict().items() if k in set(self.trained_keys)}
+        self.items: dict[str, dict] = {}
+
+    def preprocess(self, datalist: Sequence[dict]) -> list[dict]:
+        """The bundle's validation transforms, then the encoder once per image (kept as ``embedding``)."""
+        missing = [item for item in datalist if item["name"] not in self.items]
+        self.network.eval()
+        for item in super().preprocess(missing):
+            with torch.no_grad():
+                item["embedding"] = self.network.encode(item.pop("image").unsqueeze(0).float()).embedding[0]
+            label = item["label"].float().reshape(1, 1, *item["label"].shape[-2:])
+            small = torch.nn.functional.interpolate(label, size=(self.train_label_size,) * 2, mode="area")
+            item["train_label"] = (small[0] >= 0.5).float()
+            self.items[item["name"]] = item
+        return [self.items[item["name"]] for item in datalist]
+
+    def load_network(self, checkpoint: str) -> IMedSAM:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        self.network.load_state_dict(state, strict=False)
+        return self.network
+
+    def train(self, split: dict[str, list[str]], run_dir: str, steps: int, seed: int) -> tuple[str, float]:
+        """Fine-tune for ``steps`` steps on ``split["train"]`` from the initial network; no validation
+        (the last model is the one evaluated), so the second value is NaN."""
+        os.makedirs(run_dir, exist_ok=True)
+        items = self.preprocess(polyp_datalist(self.dataset_dir, "train", self._split_file(split, run_dir), check_files=False))
+        network = self.network
+        network.load_state_dict(self.initial_state, strict=False)
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        batch_size = int(self.overrides.get("batch_size", 2))
+        learning_rate = float(self.overrides.get("learning_rate", 2e-4))
+        optimizer = torch.optim.AdamW(parameter_groups(network, learning_rate, float(self.overrides.get("encoder_lr_scale", 0.25))), weight_decay=0.01)
+        schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.01, total_iters=steps)
+        loss_function = CoarseFineLoss()
+        size = network.image_size
+        order: list[int] = []
+        network.train()
+        for step in range(steps):
+            if len(order) < batch_size:
+                order += list(rng.permutation(len(items)))
+            batch = [items[order.pop(0)] for _ in range(min(batch_size, len(items)))]
+            embedding = torch.stack([item["embedding"] for item in batch])
+            boxes = torch.stack([item["box"].reshape(4).float() for item in batch])
+            jitter = torch.from_numpy(rng.integers(0, self.box_jitter + 1, size=boxes.shape)).float()
+            boxes = torch.stack([boxes[:, 0] - jitter[:, 0], boxes[:, 1] - jitter[:, 1], boxes[:, 2] + jitter[:, 2], boxes[:, 3] + jitter[:, 3]], 1).clamp(0, size)
+            target = torch.stack([item["train_label"] for item in batch])
+            lines = tuple(stratified_lines(self.train_label_size, self.query_size, "cpu") for _ in range(2))
+            loss_function.coarse_weight = coarse_weight_at(step, decay_epochs=max(1, steps // 2))
+            out = network.decode_all(ImageEncoding(embedding, size, size), boxes.unsqueeze(1), (self.train_label_size,) * 2, query_lines=lines)
+            if network.box_proposal is not None:
+                out = out._replace(proposal_logits=network.box_proposal(embedding))
+            loss = loss_function(out, target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        network.eval()
+        checkpoint = os.path.join(run_dir, "models", "model.pt")
+        os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
+        torch.save({k: v for k, v in network.state_dict().items() if k in set(self.trained_keys)}, checkpoint)
+        return checkpoint, float("nan")
+
+    @staticmethod
+    def _split_file(split: dict, run_dir: str) -> str:
+        path = os.path.join(run_dir, "split.json")
+        with open(path, "w") as f:
+            json.dump(split, f, indent=1)
+        return path
+
+    @torch.no_grad()
+    def _dice(self, items: Sequence[dict]) -> list[float]:
+        size = int(self.overrides.get("label_size", 256))
+        network = self.network.eval()
+        dice = []
+        for item in items:
+            encoding = ImageEncoding(item["embedding"].unsqueeze(0), network.image_size, network.image_size)
+            logits = network.decode(encoding, item["box"].reshape(1, 1, 4).float(), (size, size))[0, 0]
+            dice.append(dice_of(logits, item["label"].reshape(size, size)))
+        return dice
+
+    def evaluate(self, checkpoint: str, split_file: str, run_dir: str) -> dict:
+        """Dice of the checkpoint on the test split (``dice``) and on ``cross_domain_dir`` (``cross_dice``)."""
+        self.load_network(checkpoint)
+        sets = {"dice": polyp_datalist(self.dataset_dir, "test", split_file, check_files=False)}
+        if self.cross_domain_dir:
+            sets["cross_dice"] = [{**item, "name": "cross:" + item["name"]} for item in polyp_datalist(self.cross_domain_dir, "all", check_files=False)]
+        os.makedirs(os.path.join(run_dir, "eval"), exist_ok=True)
+        summary, rows = {}, []
+        for key, datalist in sets.items():
+            dice = self._dice(self.preprocess(datalist))
+            summary[key] = {"mean": float(np.mean(dice)), "std": float(np.std(dice)), "count": len(dice)}
+            rows += [{"name": item["name"], "dice": value} for item, value in zip(datalist, dice)]
+        with open(os.path.join(run_dir, "eval", "per_image.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=("name", "dice"))
+            writer.writeheader()
+            writer.writerows(rows)
+        with open(os.path.join(run_dir, "eval", "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        return summary
 
 
 def _write_row(path: str, row: dict) -> None:
@@ -216,6 +429,7 @@ def simulate_active_learning(
     steps: int = 120,
     mc_passes: int = 10,
     on_row: Callable[[dict], None] | None = None,
+    score_size: int | None = None,
 ) -> list[dict]:
     """Run every strategy for ``rounds`` rounds from the same seed set, for each seed.
 
@@ -224,6 +438,7 @@ def simulate_active_learning(
     model, and round ``r`` trains with the same training seed whichever strategy chose the data, so the
     strategies differ only in the images they picked. Each result row is appended to
     ``work_dir/results.csv`` as soon as it exists; ``work_dir/selections.json`` lists the picked images.
+    The scored strategies decode the unlabeled images at ``score_size`` (default: the runner's label size).
     A ``work_dir`` that already holds a ``results.csv`` is refused rather than overwritten.
     """
     for strategy in strategies:
@@ -255,9 +470,10 @@ def simulate_active_learning(
     rows, selections = [], {}
 
     def record(seed, strategy, round_index, labeled, test, val_dice, train_s, score_s, added):
+        cross = test.get("cross_dice") or {}
         row = {"seed": seed, "strategy": strategy, "round": round_index, "labeled": len(labeled), "test_dice": test["dice"]["mean"],
-               "test_dice_std": test["dice"]["std"], "val_dice": val_dice, "train_s": round(train_s, 1),
-               "score_s": round(score_s, 1), "added": " ".join(added)}
+               "test_dice_std": test["dice"]["std"], "cross_dice": cross.get("mean", ""), "cross_dice_std": cross.get("std", ""),
+               "val_dice": val_dice, "train_s": round(train_s, 1), "score_s": round(score_s, 1), "added": " ".join(added)}
         rows.append(row)
         _write_row(results_csv, row)
         if on_row:
@@ -284,7 +500,10 @@ def simulate_active_learning(
                 if strategy in SCORED_STRATEGIES:
                     key = (checkpoint, strategy)
                     if key not in scores_by_model:
-                        scores_by_model[key] = score_images(runner.load_network(checkpoint), items(unlabeled), strategy, label_size, mc_passes)
+                        method, box_source = SCORED_STRATEGIES[strategy]
+                        scores_by_model[key] = score_images(
+                            runner.load_network(checkpoint), items(unlabeled), method, score_size or label_size, mc_passes, box_source
+                        )
                     scores = scores_by_model[key]
                 added = select_images(strategy, unlabeled, query_size, scores, rng)
                 score_s = time.perf_counter() - start

@@ -95,6 +95,12 @@ def _predict(args: argparse.Namespace) -> None:
         logger.info("box from %s: %s", args.box_from_mask, args.box)
     predictor = Predictor(model, max_decode_side=args.max_decode_side or None)
     predictor.set_image(image)
+    if args.auto_box:
+        box, confidence = predictor.propose_box()
+        args.box = [round(float(v), 1) for v in box]
+        logger.info("proposed box %s (confidence %.2f)", args.box, confidence)
+        if confidence < 0.5:
+            logger.warning("the proposal is unsure (peak foreground probability %.2f < 0.5): check the box, or draw one with --box", confidence)
     probability, uncertainty = predictor.predict(args.box, output_size=args.output_size, class_id=args.class_id)
     if predictor.decode_size != probability.shape:
         logger.info("decoded at %dx%d (--max-decode-side %d), upsampled to %dx%d", predictor.decode_size[1],
@@ -132,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = predict.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"), help="box in image pixels")
     prompt.add_argument("--box-from-mask", metavar="MASK", help="take the tight box of this mask's foreground (> 127)")
+    prompt.add_argument(
+        "--auto-box", action="store_true",
+        help="no box: the model's box-proposal head proposes one from the image (needs a checkpoint trained with the head)",
+    )  # fmt: skip
     predict.add_argument("--output", required=True, help="mask PNG (0/255)")
     predict.add_argument("--uncertainty", help="uncertainty heat map PNG")
     predict.add_argument("--overlay", help="overlay PNG: image, prediction, box and uncertainty")

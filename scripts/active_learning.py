@@ -1,16 +1,20 @@
 #!/usr/bin/env python
 """Simulated active learning on a labeled pool: UGS against random and MONAI Label's epistemic ranking.
 
-    python scripts/active_learning.py --dataset_dir ../shared/data/kvasir_sessile \
-        --split_file ../shared/data/splits/kvasir_sessile_split.json --work_dir runs/active_learning \
+    python scripts/active_learning.py --runner embeddings --dataset_dir ../shared/data/kvasir_sessile \
+        --split_file ../shared/data/splits/kvasir_sessile_split.json \
+        --cross_domain_dir ../shared/data/cvc_clinicdb_sample --work_dir runs/active_learning \
         --output docs/results/active_learning.csv
 
 The pool is the split's ``train`` list. For each ``--seeds`` value, a seed set of ``--seed_size`` images is
-labeled; each round, each strategy picks ``--query_size`` more, the bundle's model is trained from scratch
-for ``--steps`` optimiser steps on what is labeled, and evaluated on the ``test`` list (see
-:mod:`imedsam.active_learning`). Writes ``--output`` (one row per seed, strategy and round), a PNG of mean
-test Dice against labeled count with the spread across seeds, and a Markdown summary (``.md``) with the
-per-count means and the paired UGS-minus-other differences.
+labeled; each round, each strategy picks ``--query_size`` more, the bundle's model is trained again from its
+initial network (the pretrained ``lite_medsam`` by default) for ``--steps`` optimiser steps on what is
+labeled, and evaluated on the ``test`` list, and on every image of ``--cross_domain_dir`` when given (see
+:mod:`imedsam.active_learning`). ``--runner bundle`` trains through ``train.yaml``; ``--runner embeddings``
+freezes the whole encoder and fine-tunes the parts after it on cached embeddings, far cheaper. Writes
+``--output`` (one row per seed, strategy and round), a PNG of mean test Dice against labeled count with the
+spread across seeds, and a Markdown summary (``.md``) with the per-count means and the paired
+UGS-minus-other differences.
 """
 
 from __future__ import annotations
@@ -25,28 +29,39 @@ from collections import defaultdict
 
 import numpy as np
 
-from imedsam.active_learning import STRATEGIES, BundleRunner, simulate_active_learning
+from imedsam.active_learning import STRATEGIES, BundleRunner, EmbeddingRunner, simulate_active_learning
 from imedsam.data import polyp_datalist
 from imedsam.metrics import score_box_baselines
 
 BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")
 
 
-def dice_by_count(rows: list[dict]) -> dict[str, dict[int, dict[int, float]]]:
-    """``{strategy: {labeled: {seed: test Dice}}}``."""
+def dice_by_count(rows: list[dict], key: str = "test_dice") -> dict[str, dict[int, dict[int, float]]]:
+    """``{strategy: {labeled: {seed: rows' key (test Dice)}}}``."""
     table: dict[str, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for row in rows:
-        table[row["strategy"]][row["labeled"]][row["seed"]] = row["test_dice"]
+        if row.get(key) not in (None, ""):
+            table[row["strategy"]][row["labeled"]][row["seed"]] = float(row[key])
     return table
 
 
 def markdown_summary(rows: list[dict], box_dice: float | None, command: str) -> str:
-    table = dice_by_count(rows)
+    lines = dice_table(rows, "test_dice", "test")
+    if any(row.get("cross_dice") not in (None, "") for row in rows):
+        lines += [""] + dice_table(rows, "cross_dice", "cross-domain")
+    if box_dice is not None:
+        lines += ["", f"The tight box filled scores {box_dice:.4f} on the same test images (no model)."]
+    lines += ["", "Command:", "", "```", command, "```", ""]
+    return "\n".join(lines)
+
+
+def dice_table(rows: list[dict], key: str, what: str) -> list[str]:
+    table = dice_by_count(rows, key)
     strategies = [s for s in STRATEGIES if s in table]
     counts = sorted({row["labeled"] for row in rows})
     seeds = sorted({row["seed"] for row in rows})
     lines = [
-        f"Mean test Dice ± std across seeds ({', '.join(map(str, seeds))}), by labeled images; the paired differences "
+        f"Mean {what} Dice ± std across seeds ({', '.join(map(str, seeds))}), by labeled images; the paired differences "
         "are per seed (same seed set, same training seed), with their standard error.",
         "",
         "| labeled | " + " | ".join(strategies) + " | " + " | ".join(f"ugs − {s} (paired, mean ± s.e.)" for s in strategies if s != "ugs") + " |",
@@ -65,10 +80,7 @@ def markdown_summary(rows: list[dict], box_dice: float | None, command: str) -> 
             else:
                 cells.append(f"{diffs[0]:+.4f} (one seed)" if diffs else "")
         lines.append(f"| {count} | " + " | ".join(cells) + " |")
-    if box_dice is not None:
-        lines += ["", f"The tight box filled scores {box_dice:.4f} on the same test images (no model)."]
-    lines += ["", "Command:", "", "```", command, "```", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def plot(rows: list[dict], path: str, box_dice: float | None, title: str) -> None:
@@ -112,12 +124,17 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=120, help="optimiser steps per training, the same every round")
     parser.add_argument("--mc_passes", type=int, default=10, help="stochastic passes of the epistemic score (MONAI Label's default)")
+    parser.add_argument("--runner", default="bundle", choices=("bundle", "embeddings"),
+                        help="bundle: train.yaml every round; embeddings: frozen encoder, cached embeddings (lora_rank 0, fa_mode none)")
+    parser.add_argument("--cross_domain_dir", help="a second dataset (images/ + masks/) every model is also evaluated on, all of it")
+    parser.add_argument("--score_size", type=int, help="output size the scored strategies decode the unlabeled images at (default: label_size)")
     parser.add_argument("--encoder", default="vit_tiny")
     parser.add_argument("--sam_checkpoint")
     parser.add_argument("--initial_checkpoint", help="an I-MedSAM state dict every training starts from (the bundle's initial_checkpoint)")
     parser.add_argument("--image_size", type=int, default=128)
     parser.add_argument("--label_size", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--train_label_size", type=int, help="output grid the decoder trains at (default: label_size)")
     parser.add_argument("--train_query_size", type=int,
                         help="rows and columns of the label grid each training step decodes "
                              "(default: every pixel, as in docs/results.md)")
@@ -137,12 +154,24 @@ def main(argv=None) -> int:
 
     overrides = {"encoder": args.encoder, "image_size": args.image_size, "label_size": args.label_size, "batch_size": args.batch_size,
                  "learning_rate": args.learning_rate, "encoder_lr_scale": args.encoder_lr_scale,
-                 "train_query_size": args.train_query_size or args.label_size}
+                 "train_label_size": args.train_label_size or args.label_size,
+                 "train_query_size": args.train_query_size or args.train_label_size or args.label_size}
     if args.sam_checkpoint:
         overrides["sam_checkpoint"] = args.sam_checkpoint
     if args.initial_checkpoint:
         overrides["initial_checkpoint"] = os.path.abspath(args.initial_checkpoint)
-    runner = BundleRunner(os.path.abspath(args.bundle_dir), os.path.abspath(args.dataset_dir), overrides)
+    if args.runner == "embeddings":
+        if args.cross_domain_dir and not os.path.isdir(args.cross_domain_dir):
+            parser.exit(2, f"active_learning: error: not found: {args.cross_domain_dir}\n")
+        overrides.update(lora_rank=0, fa_mode="none", freeze_sam=True)
+        runner = EmbeddingRunner(
+            os.path.abspath(args.bundle_dir), os.path.abspath(args.dataset_dir), overrides, args.cross_domain_dir,
+            train_label_size=overrides["train_label_size"], query_size=overrides["train_query_size"],
+        )
+    else:
+        if args.cross_domain_dir:
+            parser.exit(2, "active_learning: error: --cross_domain_dir needs --runner embeddings\n")
+        runner = BundleRunner(os.path.abspath(args.bundle_dir), os.path.abspath(args.dataset_dir), overrides)
     started = time.perf_counter()
 
     def report(row):
@@ -151,7 +180,7 @@ def main(argv=None) -> int:
 
     rows = simulate_active_learning(
         runner, os.path.abspath(args.split_file), args.work_dir, args.strategies, args.seeds, args.seed_size,
-        args.query_size, args.rounds, args.steps, args.mc_passes, on_row=report,
+        args.query_size, args.rounds, args.steps, args.mc_passes, on_row=report, score_size=args.score_size,
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     shutil.copyfile(os.path.join(args.work_dir, "results.csv"), args.output)

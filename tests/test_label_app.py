@@ -163,7 +163,8 @@ def test_labels_scoring_active_learning_and_retraining(server, tmp_path):
     assert all(value > 0 for value in scores["scored"].values())
     info = client.get("/datastore/image/info?image=img_3").json()
     assert info["ugs_box_source"] == "last_prompt" and info["ugs_box"] == [20, 10, 61, 51]
-    assert client.get("/datastore/image/info?image=img_4").json()["ugs_box"] == [0, 0, 96, 72]
+    unprompted = client.get("/datastore/image/info?image=img_4").json()
+    assert unprompted["ugs_box"] == [0, 0, 96, 72] and unprompted["ugs_box_source"] == "whole_image"  # the head is untrained
     again = client.post("/scoring/ugs?run_sync=true").json()
     assert again["scored"] == {} and again["up_to_date"] == 4  # nothing changed: nothing recomputed
 
@@ -189,6 +190,11 @@ def test_labels_scoring_active_learning_and_retraining(server, tmp_path):
     np.testing.assert_array_equal(mask > 0, direct_prediction(server["studies"] / "img_3.png", [20, 10, 61, 51], published))
     rescored = client.post("/scoring/ugs?run_sync=true").json()
     assert rescored["model"].startswith("imedsam.pt@") and set(rescored["scored"]) == {"img_2", "img_3", "img_4", "vol_0"}
+    # training trained the box-proposal head too: an image nobody prompted is now scored in the box it proposes
+    unprompted = client.get("/datastore/image/info?image=img_4").json()
+    assert unprompted["ugs_box_source"] == "proposed_box" and 0 <= unprompted["ugs_box_confidence"] <= 1
+    x0, y0, x1, y1 = unprompted["ugs_box"]
+    assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 72
 
 
 def _trainers_module(app_dir):

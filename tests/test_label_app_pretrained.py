@@ -24,7 +24,9 @@ from label_server import label_server  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 KVASIR = ROOT.parent / "shared" / "data" / "kvasir_sessile"
 SPLIT = ROOT.parent / "shared" / "data" / "splits" / "kvasir_sessile_split.json"
-IMAGES = 3
+IMAGES = 3  # held-out test images
+TO_LABEL = 4  # train images a user labels before retraining
+UNPROMPTED = 1  # a train image nobody prompts or labels: UGS scores it in a box it must find
 
 pytestmark = pytest.mark.skipif(not KVASIR.is_dir(), reason="../shared/data/kvasir_sessile is not beside the project")
 
@@ -38,14 +40,35 @@ def server(tmp_path_factory):
     os.symlink(ROOT / "bundle", project / "bundle")
     studies = tmp / "studies"
     studies.mkdir()
-    masks = {}
-    for item in polyp_datalist(str(KVASIR), "test", str(SPLIT))[:IMAGES]:
-        name = Path(item["image"]).stem
-        shutil.copy(item["image"], studies / Path(item["image"]).name)
-        masks[name] = np.asarray(Image.open(item["label"]).convert("L")) > 127
+    groups = {"masks": {}, "to_label": {}, "unprompted": {}}
+    train = polyp_datalist(str(KVASIR), "train", str(SPLIT))
+    picked = {"masks": polyp_datalist(str(KVASIR), "test", str(SPLIT))[:IMAGES], "to_label": train[:TO_LABEL],
+              "unprompted": train[TO_LABEL : TO_LABEL + UNPROMPTED]}  # fmt: skip
+    for group, items in picked.items():
+        for item in items:
+            name = Path(item["image"]).stem
+            shutil.copy(item["image"], studies / Path(item["image"]).name)
+            groups[group][name] = np.asarray(Image.open(item["label"]).convert("L")) > 127
 
-    with label_server(project / "apps" / "imedsam_label", studies, tmp, start_timeout=180, request_timeout=300) as client:
-        yield {"client": client, "masks": masks, "log": tmp / "server.log"}
+    with label_server(project / "apps" / "imedsam_label", studies, tmp, start_timeout=180, request_timeout=600) as client:
+        yield {"client": client, **groups, "log": tmp / "server.log"}
+
+
+def tight_box(mask: np.ndarray) -> list[int]:
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def held_out_dice(client, masks: dict[str, np.ndarray]) -> dict[str, float]:
+    """The served model's Dice on each held-out image, prompted with the tight box of its mask."""
+    dice = {}
+    for name, truth in masks.items():
+        response = client.post(f"/infer/imedsam?image={name}&output=image", data={"params": json.dumps({"box": tight_box(truth)})})
+        assert response.status_code == 200, response.text
+        mask = np.asarray(Image.open(io.BytesIO(response.content))) > 0
+        assert mask.shape == truth.shape
+        dice[name] = 2 * np.logical_and(mask, truth).sum() / (mask.sum() + truth.sum())
+    return dice
 
 
 def test_default_server_serves_the_pretrained_model_without_an_untrained_warning(server):
@@ -56,14 +79,36 @@ def test_default_server_serves_the_pretrained_model_without_an_untrained_warning
 
 
 def test_a_box_on_a_real_polyp_gives_a_mask_better_than_the_box(server):
-    client = server["client"]
-    dice = {}
-    for name, truth in server["masks"].items():
-        ys, xs = np.nonzero(truth)
-        box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-        response = client.post(f"/infer/imedsam?image={name}&output=image", data={"params": json.dumps({"box": box})})
-        assert response.status_code == 200, response.text
-        mask = np.asarray(Image.open(io.BytesIO(response.content))) > 0
-        assert mask.shape == truth.shape
-        dice[name] = 2 * np.logical_and(mask, truth).sum() / (mask.sum() + truth.sum())
+    dice = held_out_dice(server["client"], server["masks"])
     assert min(dice.values()) >= 0.8, dice
+
+
+def test_retraining_on_four_labels_keeps_the_held_out_dice_and_learns_to_propose_boxes(server):
+    """A user labels four images and retrains with the trainer's defaults: the served model is fine-tuned from
+    the pretrained start, the held-out Dice does not drop, and unprompted images are then scored in a box the
+    model proposes (before training, its head is untrained and the whole image is the box)."""
+    client = server["client"]
+    before = held_out_dice(client, server["masks"])
+    scores = client.post("/scoring/ugs?run_sync=true").json()
+    assert set(scores["scored"]) == set(server["masks"]) | set(server["to_label"]) | set(server["unprompted"])
+    for name, truth in server["unprompted"].items():
+        info = client.get(f"/datastore/image/info?image={name}").json()
+        assert info["ugs_box_source"] == "whole_image" and info["ugs_box"] == [0, 0, truth.shape[1], truth.shape[0]]
+
+    for name, truth in server["to_label"].items():
+        buffer = io.BytesIO()
+        Image.fromarray(truth.astype(np.uint8)).save(buffer, format="PNG")
+        saved = client.put(f"/datastore/label?image={name}&tag=final", files={"label": (f"{name}.png", buffer.getvalue())})
+        assert saved.status_code == 200, saved.text
+    stats = client.post("/train/imedsam?run_sync=true", json={}).json()
+    assert stats["final_labels"] == TO_LABEL and stats["started_from"] is None, stats  # None: the pretrained start
+    after = held_out_dice(client, server["masks"])
+    assert np.mean(list(after.values())) >= np.mean(list(before.values())), (before, after)
+
+    rescored = client.post("/scoring/ugs?run_sync=true").json()
+    assert set(rescored["scored"]) == set(server["masks"]) | set(server["unprompted"])
+    assert rescored["model"].startswith("imedsam.pt@")
+    for name, truth in server["unprompted"].items():
+        info = client.get(f"/datastore/image/info?image={name}").json()
+        assert info["ugs_box_source"] == "proposed_box" and 0 <= info["ugs_box_confidence"] <= 1
+        assert info["ugs_box"] != [0, 0, truth.shape[1], truth.shape[0]]

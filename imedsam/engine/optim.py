@@ -8,14 +8,15 @@ __all__ = ["parameter_groups"]
 
 
 def parameter_groups(network: nn.Module, lr: float, encoder_lr_scale: float = 0.05) -> list[dict]:
-    """Trainable parameters in two groups, as in the official recipe: the implicit decoder at ``lr``, everything
+    """Trainable parameters in two groups, as in the official recipe: the implicit decoder (and the box-proposal
+    head, which starts from random weights too) at ``lr``, everything
     else (LoRA, frequency adapters, prompt path, and SAM itself when it is not frozen) at ``lr * encoder_lr_scale``.
     Frozen parameters are left out. A DistributedDataParallel wrapper is looked through."""
     module = getattr(network, "module", network)
     decoder, other = [], []
     for name, param in module.named_parameters():
         if param.requires_grad:
-            (decoder if name.startswith("decoder.") else other).append(param)
+            (decoder if name.startswith(("decoder.", "box_proposal.")) else other).append(param)
     if not decoder and not other:
         raise ValueError("the network has no trainable parameter")
     groups = [{"params": decoder, "lr": lr}] if decoder else []

@@ -110,6 +110,17 @@ class Predictor:
         self._encoding = self._cache[key]
         return cached
 
+    def propose_box(self) -> tuple[np.ndarray, float]:
+        """The box the model's box-proposal head proposes for the current image, ``[x0, y0, x1, y1]`` in its
+        pixels, and the proposal's confidence in [0, 1] (see :meth:`~imedsam.networks.IMedSAM.propose_boxes`).
+
+        Raises ``RuntimeError`` before :meth:`set_image`, and when the model's head is missing or untrained.
+        """
+        if self._encoding is None:
+            raise RuntimeError("call set_image() before propose_box()")
+        proposal = self.model.propose_boxes(self._encoding)
+        return proposal.boxes[0].cpu().numpy(), float(proposal.confidence[0])
+
     def predict(
         self, box, output_size: tuple[int, int] | None = None, class_id: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:

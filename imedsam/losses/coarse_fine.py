@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.losses import DiceLoss
 
 __all__ = ["DiceBCELoss", "CoarseFineLoss", "coarse_weight_at"]
@@ -45,18 +46,26 @@ class DiceBCELoss(nn.Module):
 
 
 class CoarseFineLoss(nn.Module):
-    """``w * L(coarse) + (1 - w) * L(final)`` with ``L`` = :class:`DiceBCELoss`.
+    """``w * L(coarse) + (1 - w) * L(final) + p * L(proposal)`` with ``L`` = :class:`DiceBCELoss`.
 
     ``coarse_weight`` is an attribute so that a training handler can follow :func:`coarse_weight_at`.
     The prediction is an :class:`~imedsam.networks.IMedSAMOutput` or a mapping with ``logits`` and
     ``coarse_logits``; a plain tensor is treated as both (the ``use_inr=False`` ablation). When the
     prediction covers only a sub-lattice of the output grid (its ``query_lines``), the full-resolution
     target is read at those rows and columns.
+
+    When the prediction carries ``proposal_logits`` (the box-proposal head's coarse map over the encoder's
+    square input, in training), they are upsampled to the target's grid and scored against the union of
+    the image's targets, with weight ``proposal_weight``. The head sees the embedding with gradients
+    stopped, so this term trains the head alone.
     """
 
-    def __init__(self, coarse_weight: float = 0.8, dice_weight: float = 0.5, bce_weight: float = 0.5) -> None:
+    def __init__(
+        self, coarse_weight: float = 0.8, dice_weight: float = 0.5, bce_weight: float = 0.5, proposal_weight: float = 1.0
+    ) -> None:
         super().__init__()
         self.coarse_weight = coarse_weight
+        self.proposal_weight = proposal_weight
         self.loss = DiceBCELoss(dice_weight, bce_weight)
 
     def forward(self, prediction, target: torch.Tensor) -> torch.Tensor:
@@ -64,11 +73,18 @@ class CoarseFineLoss(nn.Module):
             return self.loss(prediction, target)
         if isinstance(prediction, Mapping):
             final, coarse, lines = prediction["logits"], prediction["coarse_logits"], prediction.get("query_lines")
+            proposal = prediction.get("proposal_logits")
         else:
             final, coarse, lines = prediction.logits, prediction.coarse_logits, prediction.query_lines
+            proposal = getattr(prediction, "proposal_logits", None)
+        loss = final.new_zeros(())
+        if proposal is not None and self.proposal_weight:
+            foreground = target.amax(dim=1, keepdim=True)
+            upsampled = F.interpolate(proposal, size=foreground.shape[-2:], mode="bilinear", align_corners=False)
+            loss = loss + self.proposal_weight * self.loss(upsampled, foreground)
         if lines is not None:
             target = self.target_at(target, lines)
-        loss = (1.0 - self.coarse_weight) * self.loss(final, target)
+        loss = loss + (1.0 - self.coarse_weight) * self.loss(final, target)
         if self.coarse_weight:
             loss = loss + self.coarse_weight * self.loss(coarse, target)
         return loss

@@ -1,5 +1,6 @@
 """The I-MedSAM network and its parts."""
 
+from .box_proposal import BoxProposal, BoxProposalHead, boxes_from_foreground
 from .checkpoint import CheckpointError, load_sam_checkpoint, read_state_dict, resize_sam_state_dict
 from .frequency_adapter import FrequencyAdapter, frequency_image
 from .image_encoder import AdaptedImageEncoder
@@ -12,6 +13,8 @@ from .prompt_path import BoxPromptPath
 __all__ = [
     "AdaptedImageEncoder",
     "BoxPromptPath",
+    "BoxProposal",
+    "BoxProposalHead",
     "CheckpointError",
     "ENCODER_PRESETS",
     "FrequencyAdapter",
@@ -23,6 +26,7 @@ __all__ = [
     "ImplicitSegmentationDecoder",
     "LoRAQKV",
     "OFFICIAL_SAM_CHECKPOINTS",
+    "boxes_from_foreground",
     "build_sam_parts",
     "frequency_image",
     "load_sam_checkpoint",

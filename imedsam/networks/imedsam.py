@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .box_proposal import BoxProposal, BoxProposalHead, boxes_from_foreground
 from .checkpoint import load_sam_checkpoint, load_state_dict_checked, read_state_dict
 from .image_encoder import AdaptedImageEncoder
 from .implicit_decoder import ImplicitSegmentationDecoder
@@ -51,6 +52,8 @@ class IMedSAMOutput(NamedTuple):
     uncertainty: torch.Tensor | None  #: MC-dropout logit variance; None for ``use_inr=False``
     refined_index: torch.Tensor | None  #: ``[B, N, K]`` raster indices refined by the fine INR
     query_lines: tuple[torch.Tensor, torch.Tensor] | None = None  #: ``(rows, columns)`` decoded, None: all
+    #: ``[B, 1, g, g]`` the box-proposal head's foreground logits over the encoder's input (training only)
+    proposal_logits: torch.Tensor | None = None
 
 
 class IMedSAM(nn.Module):
@@ -93,6 +96,9 @@ class IMedSAM(nn.Module):
         mask_prior: the implicit decoder refines SAM's own mask logit (a correction that starts at zero, so
             the untrained model segments as the pretrained SAM does); False is the paper's plain decoder.
             None: True for ``lite_medsam``, False for the SAM presets.
+        box_proposal: add the box-proposal head (:class:`~imedsam.networks.box_proposal.BoxProposalHead`),
+            trained beside the decoder on the embedding with gradients stopped; :meth:`propose_boxes` then
+            proposes a box for an image nobody has prompted.
 
     Shapes: ``image [B, 3, h, w]`` RGB in [0, 1]; ``boxes [B, N, 4]`` x0, y0, x1, y1 in pixels of ``image``;
     output logits ``[B, N, H, W]`` with ``(H, W) = output_size`` (default ``(h, w)``).
@@ -130,6 +136,7 @@ class IMedSAM(nn.Module):
         adaptive_points: int = 8192,
         freeze_sam: bool = True,
         mask_prior: bool | None = None,
+        box_proposal: bool = True,
     ) -> None:
         super().__init__()
         if decode_mode not in DECODE_MODES:
@@ -176,6 +183,7 @@ class IMedSAM(nn.Module):
             if use_inr
             else None
         )
+        self.box_proposal = BoxProposalHead(mask_decoder.transformer_dim) if box_proposal else None
         if not use_inr and num_classes != 1:
             raise ValueError("use_inr=False (SAM's mask decoder) predicts one mask per box: set num_classes=1")
         if not freeze_sam:
@@ -207,6 +215,11 @@ class IMedSAM(nn.Module):
     def load_checkpoint(self, path: str | os.PathLike) -> IMedSAM:
         """Load a plain state dict of this whole model (as ``torch.save(model.state_dict(), path)`` writes)."""
         state = rename_legacy_keys(read_state_dict(path))
+        if self.box_proposal is not None and not any(key.startswith("box_proposal.") for key in state):
+            # a checkpoint from before the head: everything else loads, and the head stays untrained
+            # (trained_steps 0), which propose_boxes refuses
+            logger.info("%s has no box-proposal head; the model's head is untrained", os.fspath(path))
+            state.update({f"box_proposal.{key}": value for key, value in self.box_proposal.state_dict().items()})
         hint = f" (this model: encoder={self.encoder_name!r}, image_size={self.image_size}, num_classes={self.num_classes})"
         load_state_dict_checked(self, state, os.fspath(path), hint)
         return self
@@ -336,8 +349,30 @@ class IMedSAM(nn.Module):
             raise ValueError("query_lines need return_all=True: the output must carry the lines its maps cover")
         encoding = self.encode(image)
         if return_all:
-            return self.decode_all(encoding, boxes, output_size, query_lines=query_lines)
+            out = self.decode_all(encoding, boxes, output_size, query_lines=query_lines)
+            if self.training and self.box_proposal is not None:
+                out = out._replace(proposal_logits=self.box_proposal(encoding.embedding.detach()))
+            return out
         return self.decode(encoding, boxes, output_size)
+
+    def propose_boxes(self, encoding: ImageEncoding) -> BoxProposal:
+        """A box for each image of ``encoding``, from the image alone: ``boxes [B, 4]`` in its pixels and a
+        ``confidence [B]`` (see :func:`~imedsam.networks.box_proposal.boxes_from_foreground`).
+
+        Raises ``RuntimeError`` when the model has no head or its head was never trained.
+        """
+        if self.box_proposal is None:
+            raise RuntimeError("this model was built with box_proposal=False: it cannot propose boxes")
+        if not self.box_proposal.is_trained:
+            raise RuntimeError(
+                "the box-proposal head is untrained (the checkpoint predates it, or the model was never fine-tuned): "
+                "train the model with the bundle or the app's trainer, which train the head, or draw a box"
+            )
+        embedding, height, width, extent = encoding
+        with torch.no_grad():
+            logits = self.box_proposal(embedding.float())
+        proposal = boxes_from_foreground(logits, extent, height, width)
+        return BoxProposal(proposal.boxes.to(embedding.device), proposal.confidence.to(embedding.device))
 
 
 class IMedSAMBoxMask(IMedSAM):

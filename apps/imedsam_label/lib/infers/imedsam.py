@@ -102,12 +102,30 @@ class IMedSAMInfer(BasicInferTask):
             super().clear_cache()
             self._predictor = None
 
+    def _plane_predictor(self, device) -> Predictor:
+        network = self._get_network(device, None)
+        if self._predictor is None or self._predictor.model is not network:
+            self._predictor = Predictor(network, cache_size=self.cache_size, max_decode_side=self.max_decode_side)
+        return self._predictor
+
+    def can_propose_boxes(self, device="cpu") -> bool:
+        """Whether the served model has a trained box-proposal head."""
+        head = self._get_network(device, None).box_proposal
+        return head is not None and head.is_trained
+
+    def propose_box(self, data: dict[str, Any], device="cpu") -> tuple[list[float], float]:
+        """The served model's proposed box for ``data["plane"]`` (``[x0, y0, x1, y1]`` in its pixels) and its
+        confidence; the plane's encoding stays cached for the prompt that follows."""
+        with self._lock:
+            predictor = self._plane_predictor(device)
+            predictor.set_image(data["plane"])
+            box, confidence = predictor.propose_box()
+        return [float(v) for v in box], confidence
+
     def predict_plane(self, data: dict[str, Any], device="cpu") -> dict[str, Any]:
         """Run the model on ``data["plane"]`` with ``data["box"]``; probability and uncertainty, ``H x W``."""
-        network = self._get_network(device, data)
         with self._lock:
-            if self._predictor is None or self._predictor.model is not network:
-                self._predictor = Predictor(network, cache_size=self.cache_size, max_decode_side=self.max_decode_side)
+            self._plane_predictor(device)
             start = time.perf_counter()
             cached = self._predictor.set_image(data["plane"])
             encoded = time.perf_counter()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
+
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.utils.others.generic import name_to_device
@@ -23,19 +25,23 @@ MODEL_KEY = "ugs_model"
 
 
 def prompt_for(last: dict | None) -> tuple[dict, str]:
-    """The prompt used to score an image: its last user prompt if any, else the whole image (or slice)."""
+    """The prompt used to score an image: its last user prompt if any, else none (``"unprompted"``): the
+    scorer then proposes a box, or takes the whole image when the model cannot propose one."""
     if last and last.get("box") is not None:
         return {"box": last["box"], "slice": last.get("slice")}, "last_prompt"
-    return {}, "whole_image"  # PromptPlaned then takes the whole image (a volume's middle slice)
+    return {}, "unprompted"  # PromptPlaned gives the whole image (a volume's middle slice) as the plane
 
 
 class UGSScoring(ScoringMethod):
     """Score unlabeled images by the mean UGS (MC-dropout) variance over the predicted region in the box.
 
-    The box is the last box a user prompted on the image (the app's :class:`PromptRecords`), or the
-    whole image for an image nobody has prompted (the middle slice of a volume). The score is stored in
-    the image's info as ``ugs_score`` with ``ugs_model``, the model version it was computed with; an image
-    is scored again only when the model changes or its prompt does.
+    The box is the last box a user prompted on the image (the app's :class:`PromptRecords`). For an image
+    nobody has prompted (a volume: its middle slice) it is the box the model's box-proposal head proposes,
+    the kind of prompt the model sees in use; a model whose head is untrained (a checkpoint from before the
+    head, or the pretrained start before any training) scores it in the whole image instead. The image's
+    info records which: ``ugs_box_source`` is ``last_prompt``, ``proposed_box`` (with
+    ``ugs_box_confidence``) or ``whole_image``, beside ``ugs_score`` and ``ugs_model``, the model version the
+    score was computed with; an image is scored again only when the model changes or its prompt does.
     """
 
     def __init__(self, infer: IMedSAMInfer, prompt_records: PromptRecords) -> None:
@@ -56,21 +62,31 @@ class UGSScoring(ScoringMethod):
                 skipped += 1
                 continue
             try:
-                score, box, slice_index = self._score(datastore.get_image_uri(image_id), prompt, device)
+                score, box, slice_index, source, confidence = self._score(datastore.get_image_uri(image_id), prompt, source, device)
             except (PromptError, ImageReadError) as exc:
                 logger.warning("UGS: cannot score %s: %s", image_id, exc)
                 failed[image_id] = str(exc)
                 continue
             datastore.update_image_info(
                 image_id,
-                {SCORE_KEY: score, MODEL_KEY: stamp, "ugs_box": box, "ugs_slice": slice_index, "ugs_box_source": source},
-            )
+                {SCORE_KEY: score, MODEL_KEY: stamp, "ugs_box": box, "ugs_slice": slice_index, "ugs_box_source": source,
+                 "ugs_box_confidence": confidence},
+            )  # fmt: skip
             scored[image_id] = score
         logger.info("UGS: scored %d images in %.1f s (%d up to date, %d failed)", len(scored), time.time() - start, skipped, len(failed))
         return {"scored": scored, "up_to_date": skipped, "failed": failed, "model": version}
 
-    def _score(self, path: str, prompt: dict, device: str) -> tuple[float, list[float], int | None]:
+    def _score(self, path: str, prompt: dict, source: str, device: str):
+        """``(score, box, slice, box source, proposal confidence or None)`` of one image."""
         data = PromptPlaned(window=self.infer.window, whole_image_if_unprompted=True)({"image": path, **prompt})
+        confidence = None
+        if source == "unprompted":
+            if self.infer.can_propose_boxes(device):
+                box, confidence = self.infer.propose_box(data, device)
+                data["box"], source = np.asarray(box, dtype=np.float32), "proposed_box"
+            else:
+                source = "whole_image"
         out = self.infer.predict_plane(data, device)
         mask = out["probability"] > 0.5
-        return ugs_score(out["uncertainty"], mask, data["box"]), data["box"].tolist(), data["slice"]
+        box = [round(float(v), 2) for v in data["box"]]
+        return ugs_score(out["uncertainty"], mask, data["box"]), box, data["slice"], source, confidence
