@@ -45,10 +45,29 @@ def dice_by_count(rows: list[dict], key: str = "test_dice") -> dict[str, dict[in
     return table
 
 
+def labels_to_reach_random(rows: list[dict], key: str = "test_dice") -> list[str]:
+    """For each strategy: the fewest labeled images at which its mean Dice reaches random selection's mean
+    Dice at random's largest labeled count, and that count as a fraction of random's."""
+    table = dice_by_count(rows, key)
+    if "random" not in table:
+        return []
+    final_count = max(table["random"])
+    target = float(np.mean(list(table["random"][final_count].values())))
+    lines = [f"Random selection's final mean Dice ({key}): {target:.4f} at {final_count} labeled images."]
+    for strategy in (s for s in STRATEGIES if s in table and s != "random"):
+        reached = [c for c in sorted(table[strategy]) if np.mean(list(table[strategy][c].values())) >= target]
+        if reached:
+            lines.append(f"- {strategy} reaches it at {reached[0]} labeled images ({reached[0] / final_count:.0%} of random's labels).")
+        else:
+            best = max(np.mean(list(v.values())) for v in table[strategy].values())
+            lines.append(f"- {strategy} does not reach it (its best mean: {best:.4f}).")
+    return lines
+
+
 def markdown_summary(rows: list[dict], box_dice: float | None, command: str) -> str:
-    lines = dice_table(rows, "test_dice", "test")
+    lines = dice_table(rows, "test_dice", "test") + [""] + labels_to_reach_random(rows, "test_dice")
     if any(row.get("cross_dice") not in (None, "") for row in rows):
-        lines += [""] + dice_table(rows, "cross_dice", "cross-domain")
+        lines += [""] + dice_table(rows, "cross_dice", "cross-domain") + [""] + labels_to_reach_random(rows, "cross_dice")
     if box_dice is not None:
         lines += ["", f"The tight box filled scores {box_dice:.4f} on the same test images (no model)."]
     lines += ["", "Command:", "", "```", command, "```", ""]
@@ -84,30 +103,36 @@ def dice_table(rows: list[dict], key: str, what: str) -> list[str]:
 
 
 def plot(rows: list[dict], path: str, box_dice: float | None, title: str) -> None:
+    """Mean Dice against labeled images, one line per strategy with the spread across seeds shaded and
+    each seed's point drawn; a second panel for the cross-domain set when the rows have one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = dice_by_count(rows)
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for strategy in (s for s in STRATEGIES if s in table):
-        counts = sorted(table[strategy])
-        values = [list(table[strategy][c].values()) for c in counts]
-        mean = np.array([np.mean(v) for v in values])
-        std = np.array([np.std(v) for v in values])
-        (line,) = axes.plot(counts, mean, marker="o", label=strategy)
-        axes.fill_between(counts, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-        for count, per_seed in zip(counts, values):
-            axes.scatter([count] * len(per_seed), per_seed, color=line.get_color(), s=8, alpha=0.5)
-    if box_dice is not None:
-        axes.axhline(box_dice, color="gray", linestyle="--", linewidth=1, label="box filled (no model)")
-    axes.set_xticks(sorted({row["labeled"] for row in rows}))
-    axes.set_xlabel("labeled images")
-    axes.set_ylabel("test Dice (mean ± std across seeds)")
-    axes.set_title(title, fontsize=9)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    panels = [("test_dice", "test Dice")]
+    if any(row.get("cross_dice") not in (None, "") for row in rows):
+        panels.append(("cross_dice", "cross-domain Dice"))
+    figure, axes_list = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for axes, (key, label) in zip(axes_list[0], panels):
+        table = dice_by_count(rows, key)
+        for strategy in (s for s in STRATEGIES if s in table):
+            counts = sorted(table[strategy])
+            values = [list(table[strategy][c].values()) for c in counts]
+            mean = np.array([np.mean(v) for v in values])
+            std = np.array([np.std(v) for v in values])
+            (line,) = axes.plot(counts, mean, marker="o", label=strategy)
+            axes.fill_between(counts, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+            for count, per_seed in zip(counts, values):
+                axes.scatter([count] * len(per_seed), per_seed, color=line.get_color(), s=8, alpha=0.5)
+        if box_dice is not None and key == "test_dice":
+            axes.axhline(box_dice, color="gray", linestyle="--", linewidth=1, label="box filled (no model)")
+        axes.set_xticks(sorted({row["labeled"] for row in rows}))
+        axes.set_xlabel("labeled images")
+        axes.set_ylabel(f"{label} (mean ± std across seeds)")
+        axes.set_title(title, fontsize=9)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

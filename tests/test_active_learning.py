@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_model
-from imedsam.active_learning import BundleRunner, score_images, select_images, simulate_active_learning
+from imedsam.active_learning import BundleRunner, EmbeddingRunner, score_images, scoring_box, select_images, simulate_active_learning
 from imedsam.data import polyp_datalist, write_synthetic_dataset
 from imedsam.metrics import ENTROPY_FLOOR, mc_dropout_entropy, ugs_score
 
@@ -177,11 +177,11 @@ def test_active_learning_script_runs_rounds_and_ugs_picks_the_most_uncertain(tmp
 
     with open(output, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * 3 * 2  # seeds x strategies x (seed round + 1 round)
+    assert len(rows) == 2 * 4 * 2  # seeds x strategies x (seed round + 1 round)
     for seed in ("0", "1"):
         first = [r for r in rows if r["seed"] == seed and r["round"] == "0"]
         assert len({(r["test_dice"], r["labeled"]) for r in first}) == 1  # one seed-set model serves every strategy
-        for strategy in ("ugs", "epistemic", "random"):
+        for strategy in ("ugs", "ugs_whole_image", "epistemic", "random"):
             ours = [r for r in rows if r["seed"] == seed and r["strategy"] == strategy]
             assert [int(r["labeled"]) for r in ours] == [2, 4]
             # each row reports the test evaluation of its own round's model
@@ -198,20 +198,25 @@ def test_active_learning_script_runs_rounds_and_ugs_picks_the_most_uncertain(tmp
         picked = record["seed_set"] + [name for added in record["rounds"] for name in added]
         assert len(picked) == len(set(picked)) == 4 and set(picked) <= pool
 
-    # Round 1 of ugs took the two highest UGS scores of the seed-set model.
+    # Round 1 of ugs took the two highest UGS scores of the seed-set model, in the boxes its head proposes.
     runner = BundleRunner(os.path.join(ROOT, "bundle"), str(data), {"encoder": "vit_tiny", "image_size": 32, "label_size": 16, "batch_size": 2})
     record = selections["seed0/ugs"]
     unlabeled = sorted(pool - set(record["seed_set"]))
     items = runner.preprocess([i for i in polyp_datalist(str(data), "train", str(data / "split.json")) if i["name"] in unlabeled])
-    scores = score_images(runner.load_network(str(work / "seed0" / "round0" / "models" / "model.pt")), items, "ugs", 16)
+    network = runner.load_network(str(work / "seed0" / "round0" / "models" / "model.pt"))
+    assert network.box_proposal.is_trained  # the bundle's training trains the head
+    scores = score_images(network, items, "ugs", 16, box_source="proposed")
     assert record["rounds"][0] == select_images("ugs", unlabeled, 2, scores)
+    whole = score_images(network, items, "ugs", 16, box_source="whole_image")
+    assert selections["seed0/ugs_whole_image"]["rounds"][0] == select_images("ugs_whole_image", unlabeled, 2, whole)
 
     png = output.with_suffix(".png")
     with Image.open(png) as image:
         assert image.size[0] > 100 and image.size[1] > 100
     summary = output.with_suffix(".md").read_text()
-    assert "| labeled | ugs | epistemic | random |" in summary and "| 4 |" in summary
+    assert "| labeled | ugs | ugs_whole_image | epistemic | random |" in summary and "| 4 |" in summary
     assert "box filled" in summary and "scripts/active_learning.py" in summary
+    assert "Random selection's final mean Dice (test_dice)" in summary and "- ugs " in summary
     assert "round 1" in capsys.readouterr().out
 
 
@@ -245,3 +250,55 @@ def test_active_learning_script_names_a_missing_input(tmp_path, capsys):
         ])
     assert stop.value.code == 2 and "missing.pt" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()  # nothing started
+
+
+# -- the embedding runner: frozen encoder, cached embeddings ----------------------------------------------
+EMBEDDING_OVERRIDES = {"encoder": "vit_tiny", "image_size": 32, "label_size": 16, "batch_size": 2, "lora_rank": 0, "fa_mode": "none",
+                       "freeze_sam": True, "learning_rate": 1e-2}  # fmt: skip
+
+
+def test_embedding_runner_trains_only_after_the_encoder_and_restarts_every_training(tmp_path):
+    data, cross = tmp_path / "data", tmp_path / "cross"
+    write_synthetic_dataset(data, count=10, size=(48, 40), fractions=(0.6, 0.2))
+    write_synthetic_dataset(cross, count=3, size=(36, 52), seed=4)
+    with pytest.raises(ValueError, match="encoder must be frozen"):
+        EmbeddingRunner(os.path.join(ROOT, "bundle"), str(data), {**EMBEDDING_OVERRIDES, "lora_rank": 2})
+    runner = EmbeddingRunner(os.path.join(ROOT, "bundle"), str(data), EMBEDDING_OVERRIDES, str(cross), train_label_size=16, query_size=8)
+    encoder = {k: v.clone() for k, v in runner.network.image_encoder.state_dict().items()}
+    split = json.loads((data / "split.json").read_text())
+    checkpoint, _ = runner.train({**split, "train": split["train"][:4]}, str(tmp_path / "a"), steps=3, seed=1)
+    state = torch.load(checkpoint, weights_only=True)
+    assert state and all(k.startswith(("decoder.", "box_proposal.", "prompt_path.")) for k in state)
+    assert int(state["box_proposal.trained_steps"]) == 3
+    assert any(not torch.equal(state[k], runner.initial_state[k]) for k in state if k.startswith("decoder."))
+    for key, value in runner.network.image_encoder.state_dict().items():
+        assert torch.equal(value, encoder[key])
+    # the same labeled set and seed give the same model: each training starts again from the initial weights
+    again, _ = runner.train({**split, "train": split["train"][:4]}, str(tmp_path / "b"), steps=3, seed=1)
+    for key, value in torch.load(again, weights_only=True).items():
+        assert torch.equal(value, state[key]), key
+
+    summary = runner.evaluate(checkpoint, str(tmp_path / "a" / "split.json"), str(tmp_path / "a"))
+    assert summary["dice"]["count"] == len(split["test"]) and summary["cross_dice"]["count"] == 3
+    with open(tmp_path / "a" / "eval" / "per_image.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(split["test"]) + 3
+    tests = [float(r["dice"]) for r in rows if not r["name"].startswith("cross:")]
+    assert summary["dice"]["mean"] == pytest.approx(np.mean(tests))
+
+
+def test_scoring_boxes_given_whole_image_and_proposed(tmp_path):
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, count=6, size=(40, 60), fractions=(0.6, 0.2))
+    runner = EmbeddingRunner(os.path.join(ROOT, "bundle"), str(data), EMBEDDING_OVERRIDES)
+    item = runner.preprocess(polyp_datalist(str(data), "train", str(data / "split.json"))[:1])[0]
+    assert item["extent"] == pytest.approx((21 / 32, 1.0))  # 40 x 60 letterboxed into 32: 21 rows of 32
+    assert scoring_box(runner.network, item, "given").tolist() == item["box"].reshape(1, 4).tolist()
+    assert scoring_box(runner.network, item, "whole_image").tolist() == [[0.0, 0.0, 32.0, 21.0]]
+    with pytest.raises(RuntimeError, match="untrained"):
+        scoring_box(runner.network, item, "proposed")
+    runner.network.box_proposal.trained_steps.fill_(1)
+    x0, y0, x1, y1 = scoring_box(runner.network, item, "proposed")[0].tolist()
+    assert 0 <= x0 < x1 <= 32 and 0 <= y0 < y1 <= 21  # inside the image, never in the padding
+    with pytest.raises(ValueError, match="box source"):
+        scoring_box(runner.network, item, "center")
