@@ -430,6 +430,7 @@ def simulate_active_learning(
     mc_passes: int = 10,
     on_row: Callable[[dict], None] | None = None,
     score_size: int | None = None,
+    full_pool: bool = False,
 ) -> list[dict]:
     """Run every strategy for ``rounds`` rounds from the same seed set, for each seed.
 
@@ -439,6 +440,8 @@ def simulate_active_learning(
     strategies differ only in the images they picked. Each result row is appended to
     ``work_dir/results.csv`` as soon as it exists; ``work_dir/selections.json`` lists the picked images.
     The scored strategies decode the unlabeled images at ``score_size`` (default: the runner's label size).
+    With ``full_pool``, each seed also trains once on the whole pool with the same budget (strategy
+    ``full_pool``): what labeling everything would give, the ceiling the strategies approach.
     A ``work_dir`` that already holds a ``results.csv`` is refused rather than overwritten.
     """
     for strategy in strategies:
@@ -518,4 +521,11 @@ def simulate_active_learning(
             selections[f"seed{seed}/{strategy}"] = {"seed_set": seed_set, "rounds": picks}
             with open(os.path.join(work_dir, "selections.json"), "w") as f:
                 json.dump(selections, f, indent=1)
+        if full_pool:
+            run_dir = os.path.join(work_dir, f"seed{seed}", "full_pool")
+            start = time.perf_counter()
+            checkpoint, val_dice = runner.train(round_split(pool), run_dir, steps, seed=seed * 1000 + rounds)
+            train_s = time.perf_counter() - start
+            test = runner.evaluate(checkpoint, os.path.join(run_dir, "split.json"), run_dir)
+            record(seed, "full_pool", rounds, pool, test, val_dice, train_s, 0.0, [])
     return rows

@@ -64,10 +64,19 @@ def labels_to_reach_random(rows: list[dict], key: str = "test_dice") -> list[str
     return lines
 
 
+def full_pool_line(rows: list[dict], key: str) -> list[str]:
+    values = [float(row[key]) for row in rows if row["strategy"] == "full_pool" and row.get(key) not in (None, "")]
+    if not values:
+        return []
+    count = next(row["labeled"] for row in rows if row["strategy"] == "full_pool")
+    return [f"- the whole pool ({count} images), same budget: {np.mean(values):.4f} ± {np.std(values):.4f} ({len(values)} seeds)."]
+
+
 def markdown_summary(rows: list[dict], box_dice: float | None, command: str) -> str:
-    lines = dice_table(rows, "test_dice", "test") + [""] + labels_to_reach_random(rows, "test_dice")
+    lines = dice_table(rows, "test_dice", "test") + [""] + labels_to_reach_random(rows, "test_dice") + full_pool_line(rows, "test_dice")
     if any(row.get("cross_dice") not in (None, "") for row in rows):
         lines += [""] + dice_table(rows, "cross_dice", "cross-domain") + [""] + labels_to_reach_random(rows, "cross_dice")
+        lines += full_pool_line(rows, "cross_dice")
     if box_dice is not None:
         lines += ["", f"The tight box filled scores {box_dice:.4f} on the same test images (no model)."]
     lines += ["", "Command:", "", "```", command, "```", ""]
@@ -77,7 +86,9 @@ def markdown_summary(rows: list[dict], box_dice: float | None, command: str) -> 
 def dice_table(rows: list[dict], key: str, what: str) -> list[str]:
     table = dice_by_count(rows, key)
     strategies = [s for s in STRATEGIES if s in table]
-    counts = sorted({row["labeled"] for row in rows})
+    if not strategies:
+        return []
+    counts = sorted({row["labeled"] for row in rows if row["strategy"] in STRATEGIES})
     seeds = sorted({row["seed"] for row in rows})
     lines = [
         f"Mean {what} Dice ± std across seeds ({', '.join(map(str, seeds))}), by labeled images; the paired differences "
@@ -125,9 +136,12 @@ def plot(rows: list[dict], path: str, box_dice: float | None, title: str) -> Non
             axes.fill_between(counts, mean - std, mean + std, color=line.get_color(), alpha=0.15)
             for count, per_seed in zip(counts, values):
                 axes.scatter([count] * len(per_seed), per_seed, color=line.get_color(), s=8, alpha=0.5)
+        ceiling = [float(row[key]) for row in rows if row["strategy"] == "full_pool" and row.get(key) not in (None, "")]
+        if ceiling:
+            axes.axhline(np.mean(ceiling), color="black", linestyle=":", linewidth=1, label="whole pool, same budget")
         if box_dice is not None and key == "test_dice":
             axes.axhline(box_dice, color="gray", linestyle="--", linewidth=1, label="box filled (no model)")
-        axes.set_xticks(sorted({row["labeled"] for row in rows}))
+        axes.set_xticks(sorted({row["labeled"] for row in rows if row["strategy"] in STRATEGIES}))
         axes.set_xlabel("labeled images")
         axes.set_ylabel(f"{label} (mean ± std across seeds)")
         axes.set_title(title, fontsize=9)
@@ -142,7 +156,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_dir", required=True)
     parser.add_argument("--split_file", required=True, help="JSON with train (the pool), val and test lists")
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--full_pool", action="store_true",
+                        help="also train once per seed on the whole pool with the same budget (the ceiling of labeling everything)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--seed_size", type=int, default=8)
     parser.add_argument("--query_size", type=int, default=8, help="images labeled per round")
@@ -206,6 +222,7 @@ def main(argv=None) -> int:
     rows = simulate_active_learning(
         runner, os.path.abspath(args.split_file), args.work_dir, args.strategies, args.seeds, args.seed_size,
         args.query_size, args.rounds, args.steps, args.mc_passes, on_row=report, score_size=args.score_size,
+        full_pool=args.full_pool,
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     shutil.copyfile(os.path.join(args.work_dir, "results.csv"), args.output)

@@ -171,13 +171,16 @@ def test_active_learning_script_runs_rounds_and_ugs_picks_the_most_uncertain(tmp
     args = [
         "--dataset_dir", str(data), "--split_file", str(data / "split.json"), "--seeds", "0", "1", "--seed_size", "2",
         "--query_size", "2", "--rounds", "1", "--steps", "1", "--mc_passes", "2", "--image_size", "32", "--label_size", "16",
-        "--batch_size", "2", "--work_dir", str(work), "--output", str(output),
+        "--batch_size", "2", "--work_dir", str(work), "--output", str(output), "--full_pool",
     ]
     assert _script().main(args) == 0
 
     with open(output, newline="") as f:
         rows = list(csv.DictReader(f))
+    full = [r for r in rows if r["strategy"] == "full_pool"]
+    rows = [r for r in rows if r["strategy"] != "full_pool"]
     assert len(rows) == 2 * 4 * 2  # seeds x strategies x (seed round + 1 round)
+    assert [(r["seed"], r["labeled"]) for r in full] == [("0", "7"), ("1", "7")]  # once per seed, on the whole pool
     for seed in ("0", "1"):
         first = [r for r in rows if r["seed"] == seed and r["round"] == "0"]
         assert len({(r["test_dice"], r["labeled"]) for r in first}) == 1  # one seed-set model serves every strategy
@@ -217,6 +220,7 @@ def test_active_learning_script_runs_rounds_and_ugs_picks_the_most_uncertain(tmp
     assert "| labeled | ugs | ugs_whole_image | epistemic | random |" in summary and "| 4 |" in summary
     assert "box filled" in summary and "scripts/active_learning.py" in summary
     assert "Random selection's final mean Dice (test_dice)" in summary and "- ugs " in summary
+    assert "the whole pool (7 images), same budget" in summary and "| 7 |" not in summary
     assert "round 1" in capsys.readouterr().out
 
 

@@ -103,6 +103,7 @@ def test_retraining_on_four_labels_keeps_the_held_out_dice_and_learns_to_propose
     stats = client.post("/train/imedsam?run_sync=true", json={}).json()
     assert stats["final_labels"] == TO_LABEL and stats["started_from"] is None, stats  # None: the pretrained start
     after = held_out_dice(client, server["masks"])
+    print(f"held-out Dice before {np.mean(list(before.values())):.4f}, after {np.mean(list(after.values())):.4f}; training {stats}")
     assert np.mean(list(after.values())) >= np.mean(list(before.values())), (before, after)
 
     rescored = client.post("/scoring/ugs?run_sync=true").json()
