@@ -8,9 +8,10 @@ the same start (the bundle's initial network: the pretrained ``lite_medsam``, or
 * :class:`BundleRunner` trains and evaluates through the bundle's ``train.yaml`` and ``evaluate.yaml``, so a
   round is what ``python -m monai.bundle run`` does on that labeled set;
 * :class:`EmbeddingRunner` keeps the encoder frozen (no LoRA, no adapter), computes each image's embedding
-  once, and fine-tunes the parts after it (the implicit decoder and the box-proposal head) on the cached
-  embeddings: the same model and loss at a fraction of the cost, which is what makes a many-round,
-  many-seed study fit on a CPU.
+  once, and fine-tunes the parts after it (the prompt path's trainable parts, the implicit decoder and the
+  box-proposal head) on the cached embeddings, with the bundle's loss: the method without its encoder
+  adapters (the ``lora_rank 0, fa_mode none`` variant), at a fraction of the cost, which is what makes a
+  many-round, many-seed study fit on a CPU.
 
 Strategies (:data:`STRATEGIES`). The unlabeled images have no box yet, so a scored strategy needs one:
 
@@ -43,13 +44,16 @@ from PIL import Image
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from imedsam.data import polyp_datalist
-from imedsam.metrics import mc_dropout_entropy, ugs_score
 from imedsam.engine import parameter_groups
 from imedsam.losses import CoarseFineLoss, coarse_weight_at
+from imedsam.metrics import mc_dropout_entropy, ugs_score
 from imedsam.networks import IMedSAM, ImageEncoding
 from imedsam.networks.coordinates import stratified_lines
 
-__all__ = ["STRATEGIES", "SCORED_STRATEGIES", "BundleRunner", "score_images", "select_images", "simulate_active_learning"]
+__all__ = [
+    "STRATEGIES", "SCORED_STRATEGIES", "BundleRunner", "EmbeddingRunner", "score_images", "scoring_box", "select_images",
+    "simulate_active_learning",
+]  # fmt: skip
 
 STRATEGIES = ("ugs", "ugs_whole_image", "epistemic", "random")
 #: strategy -> (score, box the unlabeled image is scored in)
@@ -65,8 +69,8 @@ RESULT_FIELDS = (
 def select_images(strategy: str, unlabeled: Sequence[str], k: int, scores: dict[str, float] | None = None, rng=None) -> list[str]:
     """The ``k`` images of ``unlabeled`` to label next.
 
-    A scored strategy (``ugs``, ``ugs_whole_image``, ``epistemic``) takes the ``k`` highest ``scores`` (ties by name); ``random`` draws with ``rng``
-    (a ``numpy.random.Generator``).
+    A scored strategy (``ugs``, ``ugs_whole_image``, ``epistemic``) takes the ``k`` highest ``scores`` (ties by
+    name); ``random`` draws with ``rng`` (a ``numpy.random.Generator``).
 
     Example::
 

@@ -6,7 +6,6 @@ import logging
 import time
 
 import numpy as np
-
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.utils.others.generic import name_to_device
