@@ -20,6 +20,7 @@ UGS-minus-other differences.
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import shlex
 import shutil
@@ -184,6 +185,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bundle_dir", default=BUNDLE)
     parser.add_argument("--work_dir", default="runs/active_learning", help="each round's split, checkpoint and evaluation")
     parser.add_argument("--output", default="runs/active_learning/active_learning.csv")
+    parser.add_argument("--combine", nargs="+", metavar="CSV",
+                        help="train nothing: write --output, its plot and summary from the rows of these earlier results "
+                             "(studies of one setting run in parts, e.g. one seed per process)")
     args = parser.parse_args(argv)
     for path in (args.dataset_dir, args.split_file, args.bundle_dir, *([args.initial_checkpoint] if args.initial_checkpoint else [])):
         if not os.path.exists(path):
@@ -214,6 +218,17 @@ def main(argv=None) -> int:
             parser.exit(2, "active_learning: error: --cross_domain_dir needs --runner embeddings\n")
         runner = BundleRunner(os.path.abspath(args.bundle_dir), os.path.abspath(args.dataset_dir), overrides)
     started = time.perf_counter()
+    command = shlex.join(["python", "scripts/active_learning.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.combine:
+        rows = combined_rows(args.combine)
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        write_report(rows, args, command)
+        print(f"results: {args.output} ({len(rows)} rows from {len(args.combine)} files)")
+        return 0
 
     def report(row):
         print(f"seed {row['seed']} {row['strategy']:>9} round {row['round']} ({row['labeled']:>3} labeled): test Dice {row['test_dice']:.4f}, "
@@ -226,16 +241,39 @@ def main(argv=None) -> int:
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     shutil.copyfile(os.path.join(args.work_dir, "results.csv"), args.output)
+    write_report(rows, args, command)
+    stem = os.path.splitext(args.output)[0]
+    print(f"results: {args.output}, {stem}.png, {stem}.md ({time.perf_counter() - started:.0f} s in all)")
+    return 0
+
+
+def combined_rows(paths: list[str]) -> list[dict]:
+    """The rows of earlier results files; a (seed, strategy, round) found twice is refused."""
+    rows, seen = [], {}
+    for path in paths:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                key = (row["seed"], row["strategy"], row["round"])
+                if key in seen:
+                    raise ValueError(f"seed {key[0]}, {key[1]}, round {key[2]} is in both {seen[key]} and {path}")
+                seen[key] = path
+                rows.append({**row, "seed": int(row["seed"]), "round": int(row["round"]), "labeled": int(row["labeled"])})
+    if not rows:
+        raise ValueError(f"no result rows in {', '.join(paths)}")
+    return sorted(rows, key=lambda row: (row["seed"], row["strategy"], row["round"]))
+
+
+def write_report(rows: list[dict], args: argparse.Namespace, command: str) -> None:
+    """The plot (``.png``) and the Markdown summary (``.md``) beside ``args.output``."""
     test_items = polyp_datalist(args.dataset_dir, "test", args.split_file)
     box_dice = score_box_baselines(test_items, args.label_size)["box_filled"]["dice"]["mean"]
     stem = os.path.splitext(args.output)[0]
+    seeds = sorted({row["seed"] for row in rows})
     title = (f"{args.encoder} at {args.image_size}², {args.steps} steps per training, "
-             f"{args.query_size} images per round, seeds {' '.join(map(str, args.seeds))}")
+             f"{args.query_size} images per round, seeds {' '.join(map(str, seeds))}")
     plot(rows, stem + ".png", box_dice, title)
     with open(stem + ".md", "w") as f:
-        f.write(markdown_summary(rows, box_dice, shlex.join(["python", "scripts/active_learning.py", *(argv if argv is not None else sys.argv[1:])])))
-    print(f"results: {args.output}, {stem}.png, {stem}.md ({time.perf_counter() - started:.0f} s in all)")
-    return 0
+        f.write(markdown_summary(rows, box_dice, command))
 
 
 if __name__ == "__main__":

@@ -223,6 +223,25 @@ def test_active_learning_script_runs_rounds_and_ugs_picks_the_most_uncertain(tmp
     assert "the whole pool (7 images), same budget" in summary and "| 7 |" not in summary
     assert "round 1" in capsys.readouterr().out
 
+    # a study run in parts (here: one file per seed) gives the same summary once combined
+    with open(output, newline="") as f:
+        everything = list(csv.DictReader(f))
+    parts = []
+    for seed in ("0", "1"):
+        part = tmp_path / f"seed{seed}.csv"
+        with open(part, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(everything[0]))
+            writer.writeheader()
+            writer.writerows(r for r in everything if r["seed"] == seed)
+        parts.append(str(part))
+    combined = tmp_path / "combined" / "al.csv"
+    base = ["--dataset_dir", str(data), "--split_file", str(data / "split.json"), "--label_size", "16"]
+    assert _script().main([*base, "--combine", *parts, "--output", str(combined)]) == 0
+    tables = [text.split("Command:")[0] for text in (summary, combined.with_suffix(".md").read_text())]
+    assert tables[0] == tables[1]
+    with pytest.raises(ValueError, match="in both"):
+        _script().main([*base, "--combine", parts[0], parts[0], "--output", str(tmp_path / "twice.csv")])
+
 
 def test_simulation_refuses_a_small_pool_an_unknown_strategy_and_an_earlier_study(tmp_path):
     data = tmp_path / "data"
