@@ -99,13 +99,15 @@ def test_prompt_inferer_modes(images, boxes):
         PromptInferer()(images, model, boxes=boxes, output_size=torch.tensor([[10, 12], [11, 12]]))
 
 
-def test_parameter_groups_split_decoder_and_the_rest():
+def test_parameter_groups_split_the_decoder_and_head_from_the_rest():
     model = tiny_model()
     decoder, other = parameter_groups(model, 1e-3, 0.1)
     assert decoder["lr"] == 1e-3 and other["lr"] == pytest.approx(1e-4)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(p.numel() for p in decoder["params"] + other["params"]) == trainable
-    assert sum(p.numel() for p in decoder["params"]) == sum(p.numel() for p in model.decoder.parameters())
+    # the box-proposal head starts from random weights, as the decoder does: it trains at the decoder's rate
+    head = sum(p.numel() for p in model.box_proposal.parameters())
+    assert sum(p.numel() for p in decoder["params"]) == sum(p.numel() for p in model.decoder.parameters()) + head
 
 
 def test_freeze_sam_false_trains_sam_weights_too():
