@@ -102,7 +102,8 @@ def dice_table(rows: list[dict], key: str, what: str) -> list[str]:
         cells = []
         for strategy in strategies:
             values = list(table[strategy][count].values())
-            cells.append(f"{np.mean(values):.4f} ± {np.std(values):.4f}" if values else "")
+            partial = f" (n={len(values)})" if 0 < len(values) < len(seeds) else ""  # fewer seeds ran this strategy
+            cells.append(f"{np.mean(values):.4f} ± {np.std(values):.4f}{partial}" if values else "")
         for other in (s for s in strategies if s != "ugs"):
             common = sorted(set(table["ugs"][count]) & set(table[other][count])) if "ugs" in table else []
             diffs = [table["ugs"][count][seed] - table[other][count][seed] for seed in common]
