@@ -46,7 +46,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from imedsam.data import polyp_datalist
 from imedsam.engine import parameter_groups
 from imedsam.losses import CoarseFineLoss, coarse_weight_at
-from imedsam.metrics import mc_dropout_entropy, ugs_score
+from imedsam.metrics import dice, mc_dropout_entropy, ugs_score
 from imedsam.networks import IMedSAM, ImageEncoding
 from imedsam.networks.coordinates import stratified_lines
 
@@ -112,12 +112,13 @@ def _square_encoding(network: IMedSAM, item: dict) -> ImageEncoding:
     return ImageEncoding(embedding, side, side)
 
 
-def scoring_box(network: IMedSAM, item: dict, source: str) -> torch.Tensor:
+def scoring_box(network: IMedSAM, item: dict, source: str, encoding: ImageEncoding | None = None) -> torch.Tensor:
     """The ``[1, 4]`` box (pixels of the encoder's square) an unlabeled item is scored in.
 
     ``given``: the item's own ``box``; ``whole_image``: the part of the square the image fills (its
     ``extent``, ``(fy, fx)``; the padding is left out); ``proposed``: the model's box proposal
-    (:meth:`~imedsam.networks.IMedSAM.propose_boxes`) within that part.
+    (:meth:`~imedsam.networks.IMedSAM.propose_boxes`) within that part, from ``encoding`` when the caller
+    already has the item's square encoding.
     """
     if source not in BOX_SOURCES:
         raise ValueError(f"box source must be one of {BOX_SOURCES}, got {source!r}")
@@ -128,7 +129,7 @@ def scoring_box(network: IMedSAM, item: dict, source: str) -> torch.Tensor:
     height, width = max(1, round(side * fy)), max(1, round(side * fx))
     if source == "whole_image":
         return torch.tensor([[0.0, 0.0, float(width), float(height)]])
-    encoding = _square_encoding(network, item)
+    encoding = encoding or _square_encoding(network, item)
     return network.propose_boxes(ImageEncoding(encoding.embedding, height, width, (fy, fx))).boxes.reshape(1, 4).cpu()
 
 
@@ -154,13 +155,12 @@ def score_images(
     try:
         network.eval()
         for item in items:
-            box = scoring_box(network, item, box_source).reshape(1, 1, 4)
+            encoding = _square_encoding(network, item)
+            box = scoring_box(network, item, box_source, encoding).reshape(1, 1, 4).to(encoding.embedding.device)
             if method == "ugs":
-                encoding = _square_encoding(network, item)
                 out = network.decode_all(encoding, box, size)
                 scores[item["name"]] = ugs_score(out.uncertainty[0, 0], out.logits[0, 0] > 0, (box[0, 0] * scale).tolist())
             else:
-                encoding = _square_encoding(network, item)
                 _mc_dropout_mode(network)
                 passes = [torch.sigmoid(network.decode(encoding, box, size)[0, 0]) for _ in range(mc_passes)]
                 network.eval()
@@ -179,11 +179,13 @@ def image_extent(path: str, image_size: int) -> tuple[float, float]:
     return round(height * scale) / image_size, round(width * scale) / image_size
 
 
-def dice_of(logits: torch.Tensor, target: torch.Tensor) -> float:
-    """Dice of ``logits > 0`` against a binary ``target`` of the same shape (1.0 when both are empty)."""
-    prediction, truth = logits > 0, target > 0.5
-    total = int(prediction.sum()) + int(truth.sum())
-    return 1.0 if total == 0 else 2.0 * int((prediction & truth).sum()) / total
+def write_split(split: dict[str, list[str]], run_dir: str) -> str:
+    """Write a round's split as ``run_dir/split.json`` (the folder made if missing); its path."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "split.json")
+    with open(path, "w") as f:
+        json.dump(split, f, indent=1)
+    return path
 
 
 @dataclass
@@ -221,10 +223,7 @@ class BundleRunner:
         """Train for about ``steps`` optimiser steps on ``split["train"]``, from the bundle's initial network
         (random init, or ``initial_checkpoint`` when the overrides name one); the model is validated once, at
         the end, on ``split["val"]``. Returns the checkpoint and that validation Dice."""
-        os.makedirs(run_dir, exist_ok=True)
-        split_file = os.path.join(run_dir, "split.json")
-        with open(split_file, "w") as f:
-            json.dump(split, f, indent=1)
+        split_file = write_split(split, run_dir)
         batch_size = int(self.overrides.get("batch_size", 2))
         epochs = max(1, math.ceil(steps / math.ceil(len(split["train"]) / batch_size)))
         workflow = self._workflow(
@@ -307,10 +306,10 @@ class EmbeddingRunner(BundleRunner):
                 f"EmbeddingRunner caches the encoder's output, so the encoder must be frozen; {len(trainable_encoder)} "
                 f"of its parameters train (e.g. {trainable_encoder[0]}): pass lora_rank=0, fa_mode='none' and freeze_sam=True"
             )
-        self.trained_keys = [n for n, p in self.network.named_parameters() if p.requires_grad]
+        self.trained_keys = {n for n, p in self.network.named_parameters() if p.requires_grad}
         if self.network.box_proposal is not None:
-            self.trained_keys.append("box_proposal.trained_steps")
-        self.initial_state = {k: v.clone() for k, v in self.network.state_dict().items() if k in set(self.trained_keys)}
+            self.trained_keys.add("box_proposal.trained_steps")
+        self.initial_state = {k: v.clone() for k, v in self.network.state_dict().items() if k in self.trained_keys}
         self.items: dict[str, dict] = {}
 
     def preprocess(self, datalist: Sequence[dict]) -> list[dict]:
@@ -335,7 +334,7 @@ class EmbeddingRunner(BundleRunner):
         """Fine-tune for ``steps`` steps on ``split["train"]`` from the initial network; no validation
         (the last model is the one evaluated), so the second value is NaN."""
         os.makedirs(run_dir, exist_ok=True)
-        items = self.preprocess(polyp_datalist(self.dataset_dir, "train", self._split_file(split, run_dir), check_files=False))
+        items = self.preprocess(polyp_datalist(self.dataset_dir, "train", write_split(split, run_dir), check_files=False))
         network = self.network
         network.load_state_dict(self.initial_state, strict=False)
         torch.manual_seed(seed)
@@ -370,26 +369,19 @@ class EmbeddingRunner(BundleRunner):
         network.eval()
         checkpoint = os.path.join(run_dir, "models", "model.pt")
         os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
-        torch.save({k: v for k, v in network.state_dict().items() if k in set(self.trained_keys)}, checkpoint)
+        torch.save({k: v for k, v in network.state_dict().items() if k in self.trained_keys}, checkpoint)
         return checkpoint, float("nan")
-
-    @staticmethod
-    def _split_file(split: dict, run_dir: str) -> str:
-        path = os.path.join(run_dir, "split.json")
-        with open(path, "w") as f:
-            json.dump(split, f, indent=1)
-        return path
 
     @torch.no_grad()
     def _dice(self, items: Sequence[dict]) -> list[float]:
         size = int(self.overrides.get("label_size", 256))
         network = self.network.eval()
-        dice = []
+        scores = []
         for item in items:
             encoding = ImageEncoding(item["embedding"].unsqueeze(0), network.image_size, network.image_size)
             logits = network.decode(encoding, item["box"].reshape(1, 1, 4).float(), (size, size))[0, 0]
-            dice.append(dice_of(logits, item["label"].reshape(size, size)))
-        return dice
+            scores.append(dice(logits > 0, item["label"].reshape(size, size) > 0.5))
+        return scores
 
     def evaluate(self, checkpoint: str, split_file: str, run_dir: str) -> dict:
         """Dice of the checkpoint on the test split (``dice``) and on ``cross_domain_dir`` (``cross_dice``)."""
@@ -400,9 +392,9 @@ class EmbeddingRunner(BundleRunner):
         os.makedirs(os.path.join(run_dir, "eval"), exist_ok=True)
         summary, rows = {}, []
         for key, datalist in sets.items():
-            dice = self._dice(self.preprocess(datalist))
-            summary[key] = {"mean": float(np.mean(dice)), "std": float(np.std(dice)), "count": len(dice)}
-            rows += [{"name": item["name"], "dice": value} for item, value in zip(datalist, dice)]
+            scores = self._dice(self.preprocess(datalist))
+            summary[key] = {"mean": float(np.mean(scores)), "std": float(np.std(scores)), "count": len(scores)}
+            rows += [{"name": item["name"], "dice": value} for item, value in zip(datalist, scores)]
         with open(os.path.join(run_dir, "eval", "per_image.csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=("name", "dice"))
             writer.writeheader()

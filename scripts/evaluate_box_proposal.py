@@ -25,22 +25,10 @@ import numpy as np
 NETWORK_OPTIONS = ("encoder", "lora_rank", "fa_mode")
 
 
-def box_iou(a, b) -> float:
-    """IoU of two ``[x0, y0, x1, y1]`` boxes."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    inter = float(np.prod(np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None)))
-    union = float(np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2])) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    total = int(prediction.sum()) + int(truth.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(prediction, truth).sum()) / total
-
-
 def evaluate(predictor, datalist: list[dict]) -> list[dict]:
     from imedsam.cli import read_rgb_image
-    from imedsam.data import box_from_mask, read_mask
+    from imedsam.data import box_from_mask, box_iou, read_mask
+    from imedsam.metrics import dice
 
     rows = []
     for item in datalist:

@@ -10,22 +10,17 @@ from PIL import Image
 
 from conftest import tiny_model
 from imedsam.cli import main
-from imedsam.data import synthetic_polyp
+from imedsam.data import box_from_mask, box_iou, synthetic_polyp
 from imedsam.inference import Predictor
 from imedsam.inference.predictor import image_to_tensor
 from imedsam.losses import CoarseFineLoss, DiceBCELoss
 from imedsam.networks import IMedSAM, boxes_from_foreground
 
 
-def _box_iou(a, b) -> float:
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    inter = np.prod(np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None))
-    return inter / (np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter)
-
-
-def _tight_box(mask: np.ndarray) -> list[int]:
-    ys, xs = np.nonzero(mask)
-    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+def test_box_iou():
+    assert box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    assert box_iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0  # touching edges do not overlap
 
 
 # -- boxes from a foreground map ------------------------------------------------------------------------------
@@ -122,12 +117,12 @@ def test_a_head_trained_on_generated_polyps_proposes_boxes_that_overlap_them(tra
     for image, mask in trained_model["pictures"][16:]:  # held out from the head's training
         predictor.set_image(image)
         box, confidence = predictor.propose_box()
-        ious.append(_box_iou(box, _tight_box(mask > 0)))
+        ious.append(box_iou(box, box_from_mask(mask > 0)))
         assert 0.0 <= confidence <= 1.0
         probability, _ = predictor.predict(box)
         truth = mask > 0
         dice = 2 * np.logical_and(probability > 0.5, truth).sum() / ((probability > 0.5).sum() + truth.sum())
-        assert dice > 0.5, (box, _tight_box(truth), dice)
+        assert dice > 0.5, (box, box_from_mask(truth).tolist(), dice)
     assert min(ious) > 0.5, ious
 
 

@@ -18,7 +18,7 @@ pytest.importorskip("monailabel", reason="the MONAI Label app needs the 'label' 
 httpx = pytest.importorskip("httpx")
 from PIL import Image  # noqa: E402
 
-from imedsam.data import polyp_datalist  # noqa: E402
+from imedsam.data import box_from_mask, polyp_datalist  # noqa: E402
 from label_server import label_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,16 +54,11 @@ def server(tmp_path_factory):
         yield {"client": client, **groups, "log": tmp / "server.log"}
 
 
-def tight_box(mask: np.ndarray) -> list[int]:
-    ys, xs = np.nonzero(mask)
-    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-
-
 def held_out_dice(client, masks: dict[str, np.ndarray]) -> dict[str, float]:
     """The served model's Dice on each held-out image, prompted with the tight box of its mask."""
     dice = {}
     for name, truth in masks.items():
-        response = client.post(f"/infer/imedsam?image={name}&output=image", data={"params": json.dumps({"box": tight_box(truth)})})
+        response = client.post(f"/infer/imedsam?image={name}&output=image", data={"params": json.dumps({"box": box_from_mask(truth).tolist()})})
         assert response.status_code == 200, response.text
         mask = np.asarray(Image.open(io.BytesIO(response.content))) > 0
         assert mask.shape == truth.shape

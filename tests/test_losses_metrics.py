@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from imedsam.losses import CoarseFineLoss, DiceBCELoss, coarse_weight_at
-from imedsam.metrics import binary_metrics, boundary_iou
+from imedsam.metrics import binary_metrics, boundary_iou, dice
 
 
 def test_coarse_weight_schedule_follows_the_official_one_by_default():
@@ -59,6 +59,19 @@ def test_metrics_of_known_masks():
     assert m["boundary_iou"] == pytest.approx(10 / 62)
     perfect = binary_metrics(target, target)
     assert perfect == {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "boundary_iou": 1.0}
+
+
+def test_dice_alone_is_binary_metrics_dice_for_numpy_and_torch():
+    rng = np.random.default_rng(2)
+    pred, target = rng.random((40, 30)) > 0.5, rng.random((40, 30)) > 0.6
+    assert dice(pred, target) == pytest.approx(binary_metrics(pred, target)["dice"], rel=1e-6)
+    assert dice(torch.from_numpy(pred), torch.from_numpy(target)) == pytest.approx(dice(pred, target))
+    assert dice(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0  # both empty, as binary_metrics
+    assert dice(np.ones((4, 4), bool), np.zeros((4, 4), bool)) == 0.0
+    with pytest.raises(ValueError, match="same shape"):
+        dice(np.zeros((4, 4), bool), np.zeros((4, 5), bool))
+    with pytest.raises(ValueError, match="binary"):
+        dice(np.full((4, 4), 0.5), np.zeros((4, 4)))
 
 
 def test_boundary_iou_punishes_boundary_errors_more_than_iou():

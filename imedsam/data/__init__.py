@@ -1,8 +1,8 @@
 """Data helpers: datalists of image/mask folders, seeded splits, synthetic demo data, boxes from masks."""
 
-from .boxes import box_from_mask
+from .boxes import box_from_mask, box_iou
 from .datalist import image_datalist, polyp_datalist, read_label_names, read_mask
 from .splits import seeded_split
 from .synthetic import synthetic_polyp, write_synthetic_dataset
 
-__all__ = ["box_from_mask", "image_datalist", "polyp_datalist", "read_label_names", "read_mask", "seeded_split", "synthetic_polyp", "write_synthetic_dataset"]
+__all__ = ["box_from_mask", "box_iou", "image_datalist", "polyp_datalist", "read_label_names", "read_mask", "seeded_split", "synthetic_polyp", "write_synthetic_dataset"]

@@ -9,7 +9,7 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 from scipy.ndimage import distance_transform_edt
 
-__all__ = ["METRIC_NAMES", "binary_metrics", "boundary_iou", "summarize_metrics"]
+__all__ = ["METRIC_NAMES", "binary_metrics", "boundary_iou", "dice", "summarize_metrics"]
 
 METRIC_NAMES = ("dice", "iou", "hd95", "boundary_iou")
 
@@ -27,6 +27,16 @@ def _inner_boundary(mask: np.ndarray, width: int) -> np.ndarray:
     # Pixels of the mask within `width` of the background (the image border counts as background).
     padded = np.pad(mask, 1)
     return mask & (distance_transform_edt(padded)[1:-1, 1:-1] <= width)
+
+
+def dice(pred, target) -> float:
+    """Dice of two ``H x W`` binary masks (bool or 0/1, numpy or torch); 1.0 when both are empty, as in
+    :func:`binary_metrics`. Without the other metrics, for loops that score many masks."""
+    pred, target = _as_bool(pred, "pred"), _as_bool(target, "target")
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {pred.shape} and target {target.shape} must have the same shape")
+    total = int(pred.sum()) + int(target.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(pred, target).sum()) / total
 
 
 def boundary_iou(pred, target, dilation_ratio: float = 0.02) -> float:
