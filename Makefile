@@ -16,7 +16,12 @@ venv: $(STAMP)
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=61" wheel
+	# MONAI Label requires sam2, published only as a source package whose build needs torch. Built in pip's
+	# isolated environment it downloads a second torch with its CUDA libraries (several GB) and fills a small
+	# CI disk, so torch goes in once and sam2 builds against it (Python only: SAM 2's CUDA op is optional).
+	$(BIN)/python -m pip install --quiet --no-cache-dir "torch>=2.1" "torchvision>=0.16"
+	SAM2_BUILD_CUDA=0 $(BIN)/python -m pip install --quiet --no-cache-dir --no-build-isolation "sam2>=0.4.1"
 	$(BIN)/python -m pip install --quiet --no-cache-dir -e ".[all]"
 	touch $@
 
