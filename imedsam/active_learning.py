@@ -158,11 +158,12 @@ def score_images(
             encoding = _square_encoding(network, item)
             box = scoring_box(network, item, box_source, encoding).reshape(1, 1, 4).to(encoding.embedding.device)
             if method == "ugs":
-                out = network.decode_all(encoding, box, size)
+                # every point of the label grid: an adaptive decode would interpolate most of the uncertainty
+                out = network.decode_all(encoding, box, size, mode="exact")
                 scores[item["name"]] = ugs_score(out.uncertainty[0, 0], out.logits[0, 0] > 0, (box[0, 0] * scale).tolist())
             else:
                 _mc_dropout_mode(network)
-                passes = [torch.sigmoid(network.decode(encoding, box, size)[0, 0]) for _ in range(mc_passes)]
+                passes = [torch.sigmoid(network.decode(encoding, box, size, mode="exact")[0, 0]) for _ in range(mc_passes)]
                 network.eval()
                 scores[item["name"]] = mc_dropout_entropy(torch.stack(passes))
     finally:

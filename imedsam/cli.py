@@ -93,7 +93,7 @@ def _predict(args: argparse.Namespace) -> None:
             raise ValueError(f"mask {args.box_from_mask} is {reference.shape}, image {args.image} is {image.shape[:2]}")
         args.box = box_from_mask(reference).tolist()
         logger.info("box from %s: %s", args.box_from_mask, args.box)
-    predictor = Predictor(model, max_decode_side=args.max_decode_side or None)
+    predictor = Predictor(model, max_decode_side=args.max_decode_side or None, decode_mode=args.decode_mode)
     predictor.set_image(image)
     if args.auto_box:
         box, confidence = predictor.propose_box()
@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--max-decode-side", type=int, default=1024,
         help="decode at most this many pixels on a side, then upsample the maps (0: decode every pixel); bounds time and memory",
+    )  # fmt: skip
+    predict.add_argument(
+        "--decode-mode", choices=["adaptive", "exact"], default="adaptive",
+        help="adaptive: a coarse grid, then full resolution near the boundary (fast); exact: every pixel (the method as published)",
     )  # fmt: skip
     predict.set_defaults(run=_predict)
 

@@ -7,8 +7,9 @@
 Rows (medians over --repeats calls after one warm-up call; times also as a ratio to the fp32 matmul):
 - LiteMedSAM's reference forward on the picture and one box (the baseline a user compares with);
 - the first prompt on a new picture through ``Predictor``: encoder plus decode at the picture's own size, in
-  the default decoder precision (``auto``: what it means on this CPU is printed);
-- a re-prompt with another box on the cached picture;
+  the default precisions (``auto``: what it means on this CPU is printed), in Predictor's default decode mode
+  (adaptive) and in the exact mode;
+- a re-prompt with another box on the cached picture, in both modes;
 - the encoder alone, with its achieved GFLOP/s and its ratio to the matmul rate;
 - the decoder, exact and adaptive, at several output sizes, in float32 and, where this CPU runs it natively,
   bfloat16 (elsewhere the bfloat16 rows are skipped with the reason: emulated bfloat16 is several times slower).
@@ -39,7 +40,6 @@ def main() -> None:
     parser.add_argument("--picture", type=int, nargs=2, default=[500, 600], metavar=("H", "W"))
     parser.add_argument("--output-sizes", type=int, nargs="+", default=[256, 896])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--capped-side", type=int, default=256, help="Predictor(max_decode_side=...) for the capped rows")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -76,24 +76,18 @@ def main() -> None:
         results["reference"] = median_seconds(lambda: reference(picture, box), args.repeats)
         row("LiteMedSAM reference forward", results["reference"], count_gflop(lambda: reference(picture, box), inference=True))
 
-    predictor = Predictor(model, cache_size=1)
+    # Predictor's default decode mode (adaptive), then every pixel through the coarse INR (exact)
+    for mode in ("adaptive", "exact"):
+        predictor = Predictor(model, cache_size=1, decode_mode=mode)
 
-    def first_prompt():
-        predictor.set_image(next(pictures))
-        return predictor.predict(box)
+        def first_prompt():
+            predictor.set_image(next(pictures))
+            return predictor.predict(box)
 
-    results["first"] = median_seconds(first_prompt, args.repeats)
-    row(f"first prompt, encoder + decode {width}x{height} ({default_precision})", results["first"])
-    results["again"] = median_seconds(lambda: predictor.predict(next(boxes)), args.repeats)
-    row(f"re-prompt, decode {width}x{height} ({default_precision})", results["again"])
-    capped = Predictor(model, cache_size=1, max_decode_side=args.capped_side)
-
-    def first_prompt_capped():
-        capped.set_image(next(pictures))
-        return capped.predict(box)
-
-    row(f"first prompt, decode capped at {args.capped_side} + upsampled", median_seconds(first_prompt_capped, args.repeats))
-    row(f"re-prompt, decode capped at {args.capped_side} + upsampled", median_seconds(lambda: capped.predict(next(boxes)), args.repeats))
+        results[f"first {mode}"] = median_seconds(first_prompt, args.repeats)
+        row(f"first prompt, encoder + {mode} decode {width}x{height}", results[f"first {mode}"])
+        results[f"again {mode}"] = median_seconds(lambda: predictor.predict(next(boxes)), args.repeats)
+        row(f"re-prompt, {mode} decode {width}x{height}", results[f"again {mode}"])
     tensor = torch.rand(1, 3, height, width)
     with torch.no_grad():
         model.encoder_precision = "float32"
@@ -118,8 +112,10 @@ def main() -> None:
                     call = lambda: model.decode(encoding, prompt, (size, size), mode=mode)  # noqa: E731
                     row(f"decode {mode:8s} {precision:8s} {size:4d}^2", median_seconds(call, args.repeats), count_gflop(call, inference=True))
         model.decoder.precision = "auto"
+    print(f"encoder and decoder precision 'auto' here: {default_precision}")
     if "reference" in results:
-        print(f"first prompt / LiteMedSAM reference forward: {results['first'] / results['reference']:.2f}")
+        for mode in ("adaptive", "exact"):
+            print(f"first prompt ({mode}) / LiteMedSAM reference forward: {results[f'first {mode}'] / results['reference']:.2f}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:8.0f} MiB")
 
 

@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """Large images: peak memory and time of ``imedsam predict`` on a big picture, and what the capped decode
-size (``--max-decode-side``, the label app's ``max_decode_side``) costs in Dice on real images.
+size (``--max-decode-side``, the label app's ``max_decode_side``) and the adaptive decode mode cost in Dice on
+real images.
 
     python scripts/benchmark_large_images.py                          # 4000 x 4000, then Kvasir-Sessile test
     python scripts/benchmark_large_images.py --checkpoint runs/main/models/model.pt --caps 0 512 256
+    python scripts/benchmark_large_images.py --side 0 --caps 0 --modes exact adaptive   # Dice part only
 
 Part 1 runs the CLI in a child process on a ``--side`` x ``--side`` picture (a real image resized up) and
 prints its wall time and peak RSS (the child's ru_maxrss). Part 2 segments every image of the test split
-with its tight ground-truth box, decoding at each cap in ``--caps`` (0: every pixel) and upsampling to the
-image's size, and prints the mean Dice against the full-resolution mask and the mean decode time.
+with its tight ground-truth box, in each decode mode of ``--modes`` and at each cap in ``--caps`` (0: every
+pixel) upsampled to the image's size, and prints the mean Dice against the full-resolution mask, the largest
+per-image difference from the first setting, and the median decode time.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ def large_image_run(image_path: str, side: int, max_decode_side: int, checkpoint
         print(f"{side} x {side} picture, imedsam predict --max-decode-side {max_decode_side}: {seconds:.1f} s, peak RSS {peak:.2f} GiB")
 
 
-def capped_dice(dataset_dir: str, split_file: str, caps: list[int], checkpoint: str | None, limit: int | None) -> None:
+def capped_dice(
+    dataset_dir: str, split_file: str, caps: list[int], modes: list[str], checkpoint: str | None, limit: int | None
+) -> None:
     import torch
 
     from imedsam.data import box_from_mask, polyp_datalist, read_mask
@@ -60,25 +65,31 @@ def capped_dice(dataset_dir: str, split_file: str, caps: list[int], checkpoint: 
         model.load_checkpoint(checkpoint)
     items = polyp_datalist(dataset_dir, "test", split_file)[:limit]
     predictor = Predictor(model)
-    dice = {cap: [] for cap in caps}
-    seconds = {cap: [] for cap in caps}
+    settings = [(mode, cap) for mode in modes for cap in caps]
+    dice = {setting: [] for setting in settings}
+    seconds = {setting: [] for setting in settings}
     with torch.no_grad():
         for item in items:
             image = np.asarray(Image.open(item["image"]).convert("RGB"))
             target = read_mask(item["label"])
             box = box_from_mask(target)
-            predictor.set_image(image)  # once: every cap decodes the same encoding
-            for cap in caps:
+            predictor.set_image(image)  # once: every setting decodes the same encoding
+            for mode, cap in settings:
+                model.decode_mode = mode
                 predictor.max_decode_side = cap or None
                 start = time.perf_counter()
                 probability, _ = predictor.predict(box)
-                seconds[cap].append(time.perf_counter() - start)
-                dice[cap].append(binary_metrics(probability > 0.5, target)["dice"])
+                seconds[mode, cap].append(time.perf_counter() - start)
+                dice[mode, cap].append(binary_metrics(probability > 0.5, target)["dice"])
     name = os.path.basename(os.path.normpath(dataset_dir))
     print(f"{name} test split, {len(items)} images ({checkpoint or 'pretrained lite_medsam'}), tight boxes, Dice at full resolution:")
-    for cap in caps:
-        print(f"  max decode side {cap or 'none':>5}: Dice {np.mean(dice[cap]):.4f}, decode {np.median(seconds[cap]):.2f} s (median)")
-    print(json.dumps({str(cap): {"dice": float(np.mean(dice[cap])), "decode_s": float(np.median(seconds[cap]))} for cap in caps}))
+    first = np.asarray(dice[settings[0]])
+    for mode, cap in settings:
+        largest = np.abs(np.asarray(dice[mode, cap]) - first).max()
+        print(f"  {mode:>8}, max decode side {cap or 'none':>5}: Dice {np.mean(dice[mode, cap]):.4f} (largest per-image "
+              f"difference from the first row {largest:.4f}), decode {np.median(seconds[mode, cap]):.3f} s (median)")  # fmt: skip
+    print(json.dumps({f"{mode}/{cap}": {"dice": float(np.mean(dice[mode, cap])), "decode_s": float(np.median(seconds[mode, cap]))}
+                      for mode, cap in settings}))  # fmt: skip
 
 
 def main() -> None:
@@ -87,15 +98,17 @@ def main() -> None:
     parser.add_argument("--dataset_dir", default=os.path.join(shared, "kvasir_sessile"))
     parser.add_argument("--split_file", default=os.path.join(shared, "splits", "kvasir_sessile_split.json"))
     parser.add_argument("--checkpoint", default=None, help="a trained I-MedSAM (default: the pretrained lite_medsam start)")
-    parser.add_argument("--side", type=int, default=4000)
+    parser.add_argument("--side", type=int, default=4000, help="side of the CLI run's picture; 0 skips that run")
     parser.add_argument("--max_decode_side", type=int, default=1024)
     parser.add_argument("--caps", type=int, nargs="+", default=[0, 512, 384, 256, 128])
+    parser.add_argument("--modes", nargs="+", default=["exact"], choices=["exact", "adaptive"], help="decode modes to compare")
     parser.add_argument("--limit", type=int, default=None, help="only the first N test images")
     args = parser.parse_args()
     print(f"CPU: {cpu_summary()}; 2048^2 float32 matmul {matmul_gflops():.0f} GFLOP/s in this run")
-    first = sorted(os.listdir(os.path.join(args.dataset_dir, "images")))[0]
-    large_image_run(os.path.join(args.dataset_dir, "images", first), args.side, args.max_decode_side, args.checkpoint)
-    capped_dice(args.dataset_dir, args.split_file, args.caps, args.checkpoint, args.limit)
+    if args.side:
+        first = sorted(os.listdir(os.path.join(args.dataset_dir, "images")))[0]
+        large_image_run(os.path.join(args.dataset_dir, "images", first), args.side, args.max_decode_side, args.checkpoint)
+    capped_dice(args.dataset_dir, args.split_file, args.caps, args.modes, args.checkpoint, args.limit)
 
 
 if __name__ == "__main__":

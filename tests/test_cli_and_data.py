@@ -61,6 +61,12 @@ def test_cli_predict_writes_mask_uncertainty_and_overlay(tmp_path):
     sized = ["--output", str(tmp_path / "big.png"), "--output-size", "120", "180"]
     assert main(args + ["--box-from-mask", str(tmp_path / "data" / "masks" / "synthetic_0000.png")] + sized) == 0
     assert np.asarray(Image.open(tmp_path / "big.png")).shape == (120, 180)
+    # 120 x 180 decodes in two adaptive levels by default; --decode-mode exact decodes every pixel
+    exact = ["--output", str(tmp_path / "exact.png"), "--output-size", "120", "180", "--decode-mode", "exact"]
+    assert main(args + ["--box-from-mask", str(tmp_path / "data" / "masks" / "synthetic_0000.png")] + exact) == 0
+    assert np.asarray(Image.open(tmp_path / "exact.png")).shape == (120, 180)
+    with pytest.raises(SystemExit):  # argparse refuses an unknown mode
+        main(args + ["--box", "10", "10", "50", "40", "--decode-mode", "fast", "--output", str(tmp_path / "m.png")])
 
 
 def test_cli_errors_are_reported_not_raised(tmp_path, caplog):

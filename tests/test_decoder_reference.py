@@ -46,10 +46,16 @@ def test_bilinear_taps_blend_to_grid_sample():
     torch.testing.assert_close(sampled, expected[:, :, 0].transpose(1, 2), atol=1e-6, rtol=1e-5)
 
 
-def test_optimised_decoder_matches_reference():
+# A 16 x 16 box map has fewer pixels than the 23 x 31 grid has points, so the table holds its rows; a 32 x 32
+# one has more, so the table keeps the map and blends it at each point (first_layer_table's module docstring).
+BOX_MAP_SIDES = pytest.mark.parametrize("box_side", [16, 32], ids=["box rows in the table", "box map kept"])
+
+
+@BOX_MAP_SIDES
+def test_optimised_decoder_matches_reference(box_side):
     decoder = ImplicitSegmentationDecoder(mc_samples=4, chunk_size=97, precision="float32").eval()
     _randomise_batch_norm(decoder)
-    box_features = torch.randn(2, 32, 16, 16)
+    box_features = torch.randn(2, 32, box_side, box_side)
     image_features = torch.randn(2, 256, 4, 4)
     with torch.no_grad():
         out = decoder(box_features, image_features, (23, 31))
@@ -169,14 +175,15 @@ def test_adaptive_mode_evaluates_a_bounded_set_near_the_boundary():
         decoder(*inputs, mode="fast")
 
 
-def test_mask_prior_extent_and_classes_match_reference():
+@BOX_MAP_SIDES
+def test_mask_prior_extent_and_classes_match_reference(box_side):
     decoder = ImplicitSegmentationDecoder(mc_samples=4, chunk_size=50, num_classes=2, mask_prior=True, precision="float32").eval()
     _randomise_batch_norm(decoder)
     with torch.no_grad():  # move the zero-initialised corrections off zero so that they count
         for module in (*decoder.coarse_heads, *(head.output for head in decoder.fine_heads)):
             module.weight.normal_(0, 0.05)
             module.bias.normal_(0, 0.05)
-    box_features, image_features = torch.randn(3, 32, 16, 16), torch.randn(3, 256, 4, 4)
+    box_features, image_features = torch.randn(3, 32, box_side, box_side), torch.randn(3, 256, 4, 4)
     mask_weights, class_ids = torch.randn(3, 32) * 0.2, torch.tensor([1, 0, 1])
     arguments = dict(class_ids=class_ids, extent=(0.75, 1.0), mask_weights=mask_weights)
     with torch.no_grad():
@@ -255,3 +262,27 @@ def test_first_layer_table_is_the_same_written_in_place_and_built_for_autograd()
         reduced = build_first_layer_table(*args, dtype=torch.bfloat16).values
     assert reduced.dtype == torch.bfloat16
     assert ((reduced.float() - in_place).norm() / in_place.norm()).item() < 1e-2
+
+
+def test_keeping_the_box_map_gives_the_table_rows_outputs_and_gradients():
+    from imedsam.networks.first_layer_table import build_first_layer_table, evaluate_table, table_taps
+
+    layer = torch.nn.Linear(5 + 4 + 2 * (2 * 3 + 1), 16)
+    box_features = torch.randn(2, 5, 6, 7, requires_grad=True)
+    image_features = torch.randn(2, 4, 3, 3)
+    ys, xs = torch.linspace(-0.9, 0.9, 4), torch.linspace(-0.8, 0.8, 5)
+    fold = (torch.rand(16) + 0.5, torch.randn(16))
+    index = torch.randint(0, 20, (2, 9))
+    outputs, gradients = [], []
+    for box_rows in (True, False):
+        table = build_first_layer_table(layer, 5, 4, 3, box_features, image_features, ys, xs, fold, box_rows=box_rows)
+        assert (table.box_map is None) == box_rows
+        out = evaluate_table(table, *table_taps(table, index))
+        box_grad, weight_grad = torch.autograd.grad(out.square().sum(), (box_features, layer.weight))
+        outputs.append(out.detach())
+        gradients.append((box_grad, weight_grad))
+        with torch.no_grad():  # the in-place inference path
+            torch.testing.assert_close(evaluate_table(table, *table_taps(table, index)), out.detach())
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    for kept, rows in zip(gradients[1], gradients[0]):
+        torch.testing.assert_close(kept, rows, rtol=1e-4, atol=1e-4)

@@ -254,6 +254,31 @@ def test_step0_dice_on_real_polyps_matches_lite_medsam_reference(pretrained):
     assert np.mean(ours) > 0.85, json.dumps([round(d, 4) for d in ours])
 
 
+@pytest.mark.skipif(not os.path.isdir(KVASIR), reason="../shared/data/kvasir_sessile is not beside the project")
+def test_adaptive_decoding_keeps_exact_decodings_dice_on_real_polyps(pretrained):
+    """The Predictor's default fast path (adaptive decoding) is lossy: stated tolerance, 0.005 Dice per image
+    against the ground truth and 0.995 Dice between its mask and the exact mode's, at each image's own size."""
+    from PIL import Image
+
+    from imedsam.data import box_from_mask, polyp_datalist, read_mask
+    from imedsam.inference import Predictor
+
+    fast = Predictor(pretrained, max_decode_side=None)
+    exact = Predictor(pretrained, max_decode_side=None, decode_mode="exact")
+    assert fast.decode_mode == "adaptive"
+    for item in polyp_datalist(KVASIR, "test", SPLIT)[:4]:
+        image = np.asarray(Image.open(item["image"]).convert("RGB"))
+        target = read_mask(item["label"])
+        assert max(target.shape) > 2 * pretrained.decoder.adaptive_coarse_size  # at least two adaptive levels
+        box = box_from_mask(target)
+        masks = []
+        for predictor in (exact, fast):
+            predictor.set_image(image)
+            masks.append(predictor.predict(box)[0] > 0.5)
+        assert abs(_dice(masks[1], target) - _dice(masks[0], target)) <= 0.005
+        assert _dice(masks[1], masks[0]) >= 0.995
+
+
 def test_training_mode_keeps_the_frozen_tinyvits_batchnorm_statistics():
     model = IMedSAM()
     norms = [m for m in model.image_encoder.vit.modules() if isinstance(m, torch.nn.BatchNorm2d)]

@@ -95,3 +95,24 @@ def test_bad_boxes_and_order_of_calls(predictor, picture):
         predictor.predict([10, 10, 10, 20])
     with pytest.raises(ValueError, match="N x 4"):
         predictor.predict([1, 2, 3])
+
+
+def test_decode_mode_is_adaptive_by_default_and_exact_on_request():
+    model = tiny_model()
+    model.decoder.adaptive_coarse_size = 16  # a 45 x 70 output then decodes in three adaptive levels
+    image = (np.random.default_rng(1).random((45, 70, 3)) * 255).astype(np.uint8)
+    box = [8, 6, 60, 40]
+    fast, exact, following = (Predictor(model, decode_mode=mode) for mode in ("adaptive", "exact", None))
+    assert Predictor(model).decode_mode == "adaptive"
+    maps = {}
+    for name, predictor in (("fast", fast), ("exact", exact), ("following", following)):
+        predictor.set_image(image)
+        maps[name] = predictor.predict(box)[0]
+    with torch.no_grad():
+        tensor = torch.from_numpy(image.transpose(2, 0, 1)).float().unsqueeze(0) / 255
+        expected = torch.sigmoid(model.decode(model.encode(tensor), torch.tensor([[box]], dtype=torch.float32), mode="exact"))
+    np.testing.assert_allclose(maps["exact"], expected[0, 0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(maps["following"], maps["exact"], atol=1e-6)  # None: the model's mode, exact here
+    assert not np.allclose(maps["fast"], maps["exact"], atol=1e-4)  # the adaptive levels interpolate between points
+    with pytest.raises(ValueError, match="decode_mode"):
+        Predictor(model, decode_mode="fast")

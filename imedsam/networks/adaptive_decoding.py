@@ -49,22 +49,22 @@ def decode_adaptive(
     :meth:`ImplicitSegmentationDecoder.forward`."""
     prompts = box_features.shape[0]
 
-    def level_table(size: tuple[int, int]):
+    def level_table(size: tuple[int, int], points: int):
         ys, xs = (pixel_centres(n, box_features.device) for n in size)
         return decoder.first_layer_table(
-            decoder.coarse_input, decoder.coarse_trunk, plan, box_features, image_features, ys, xs, True, extent, prior
+            decoder.coarse_input, decoder.coarse_trunk, plan, box_features, image_features, ys, xs, True, extent, prior, points
         )
 
     size = _level_size(output_size, levels, 0)
-    coarse, variance, _ = decoder.coarse_at(plan, level_table(size), None, class_ids, keep_trunk=False)
+    coarse, variance, _ = decoder.coarse_at(plan, level_table(size, size[0] * size[1]), None, class_ids, keep_trunk=False)
     for level in range(1, levels + 1):
         previous, size = size, _level_size(output_size, levels, level)
         coarse, variance = (
             F.interpolate(x.view(prompts, 1, *previous), size=size, mode="bilinear", align_corners=False).view(prompts, -1)
             for x in (coarse, variance)
         )
-        table = level_table(size)
         points = min(decoder.adaptive_points, size[0] * size[1])
+        table = level_table(size, points)
         index = torch.topk(-coarse.abs(), points, dim=1).indices
         at_points, variance_at_points, kept = decoder.coarse_at(plan, table, index, class_ids, keep_trunk=True)
         coarse = coarse.scatter(1, index, at_points)

@@ -13,6 +13,12 @@ A point's first-layer output is then a weighted sum of ten table rows (4 box-map
 its column's row and its row's row), which one ``embedding_bag`` call computes for a whole chunk of points.
 An eval-mode BatchNorm after the layer folds into the table as a scale of every row and a shift of the
 box-map rows (a point's box-map weights sum to one, so it takes the shift exactly once).
+
+The box map is large (SAM's is 256 x 256) and changes with every prompt. When fewer points are evaluated
+than it has pixels (the finer levels of the adaptive mode, the UGS refinement, a training sub-lattice), its
+rows are not written: the map itself is kept, its four taps are blended into the point's box-map input, and
+the layer is applied to that (``W (sum_i w_i m_i) = sum_i w_i (W m_i)``, the same maths in another order). The
+bias and shift then ride on the column rows, which every point also takes exactly once.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ class FirstLayerTable(NamedTuple):
     pixel_grid: bool  #: the rows and columns are all the pixel centres of an output (its taps can be cached)
     extent: tuple[float, float] = (1.0, 1.0)  #: (height, width) fraction of the maps that the output covers
     mask_prior: torch.Tensor | None = None  #: ``[P * hb * wb, 1 + T]``: SAM's mask logit and its T dropout passes
+    #: ``[P * hb * wb, box_channels]`` the box map itself, when its rows are not in ``values`` (see the module)
+    box_map: torch.Tensor | None = None
+    box_weight: torch.Tensor | None = None  #: ``[box_channels, C]`` the layer's box-map columns, with ``box_map``
 
     @property
     def height(self) -> int:
@@ -63,6 +72,7 @@ def build_first_layer_table(
     pixel_grid: bool = True,
     extent: tuple[float, float] = (1.0, 1.0),
     mask_prior: torch.Tensor | None = None,
+    box_rows: bool = True,
 ) -> FirstLayerTable:
     """``layer`` (columns ``[box map | image embedding | gamma(p) | anything after]``) on the grid of rows at
     ``ys`` and columns at ``xs`` (normalised coordinates).
@@ -72,6 +82,8 @@ def build_first_layer_table(
         fold: ``(scale, shift)`` of an eval BatchNorm that follows the layer, folded into the table.
         dtype: the table's dtype (the trunk's compute precision); None keeps the maps'.
         pixel_grid, extent, mask_prior: stored with the table, see :class:`FirstLayerTable`.
+        box_rows: write the layer's output at every box-map pixel into the table; False keeps the box map
+            and applies the layer to its blend at each point instead (cheaper for fewer points than pixels).
     """
     weight, bias = layer.weight, layer.bias
     if fold is not None:
@@ -85,12 +97,17 @@ def build_first_layer_table(
     coord_w = weight[:, box_channels + image_channels : coordinates_end]
     # W gamma(x, 0) - W gamma(0, 0) = W (gamma(x, 0) - gamma(0, 0)): the column rows come out of one matmul
     origin = fourier_encoding(xs.new_zeros(1, 2), num_frequencies)
+    box_map = box_features.permute(0, 2, 3, 1).reshape(-1, box_channels)
     inputs = [
-        (box_features.permute(0, 2, 3, 1).reshape(-1, box_channels), box_w, bias),
         (image_features.permute(0, 2, 3, 1).reshape(-1, image_channels), image_w, None),
-        (fourier_encoding(torch.stack([xs, torch.zeros_like(xs)], -1), num_frequencies) - origin, coord_w, None),
+        (fourier_encoding(torch.stack([xs, torch.zeros_like(xs)], -1), num_frequencies) - origin, coord_w, None if box_rows else bias),
         (fourier_encoding(torch.stack([torch.zeros_like(ys), ys], -1), num_frequencies), coord_w, None),
     ]
+    if box_rows:
+        inputs.insert(0, (box_map, box_w, bias))
+        box_map = box_weight = None
+    else:
+        box_map, box_weight = box_map.to(dtype or box_map.dtype), box_w.t().to(dtype or box_map.dtype)
     return FirstLayerTable(
         _table_rows(inputs, dtype),
         tuple(box_features.shape[-2:]),
@@ -101,6 +118,8 @@ def build_first_layer_table(
         pixel_grid,
         extent,
         mask_prior,
+        box_map,
+        box_weight,
     )
 
 
@@ -129,8 +148,9 @@ def _table_rows(inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | No
 def table_taps(table: FirstLayerTable, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The table rows ``[P, N, 10]`` and their weights of the points at raster ``index [P, N]`` of the grid.
 
-    The table holds, in order: ``hb * wb`` box-map rows per prompt, ``g * g`` image-map rows per prompt,
-    then the ``width`` column rows and the ``height`` row rows shared by every prompt.
+    The table holds, in order: ``hb * wb`` box-map rows per prompt (unless the table keeps the box map, whose
+    pixels the first four taps then name), ``g * g`` image-map rows per prompt, then the ``width`` column rows
+    and the ``height`` row rows shared by every prompt.
     """
     prompts = index.shape[0]
     grid_row = torch.div(index, table.width, rounding_mode="floor")
@@ -144,8 +164,9 @@ def table_taps(table: FirstLayerTable, index: torch.Tensor) -> tuple[torch.Tenso
     prompt = torch.arange(prompts, device=index.device).view(prompts, 1, 1)
     box_block, image_block = box_h * box_w, image_h * image_w
     box_rows = box_rows + prompt * box_block
-    image_rows = image_rows + prompt * image_block + prompts * box_block
-    first_column_row = prompts * (box_block + image_block)
+    first_image_row = prompts * box_block if table.box_map is None else 0
+    image_rows = image_rows + prompt * image_block + first_image_row
+    first_column_row = first_image_row + prompts * image_block
     column_rows = (grid_column + first_column_row).unsqueeze(-1)
     row_rows = (grid_row + first_column_row + table.width).unsqueeze(-1)
     taps = torch.cat([box_rows, image_rows, column_rows, row_rows], dim=-1)
@@ -168,7 +189,7 @@ class DenseTapsCache:
         if not table.pixel_grid or torch.jit.is_tracing():
             return _whole_grid_taps(table)
         key = (table.height, table.width, table.box_size, table.image_size, table.prompts,
-               table.values.device, table.values.dtype, table.extent)  # fmt: skip
+               table.values.device, table.values.dtype, table.extent, table.box_map is None)  # fmt: skip
         if key != self._key:
             self._key, self._taps = key, _whole_grid_taps(table)
         return self._taps
@@ -181,10 +202,18 @@ def _whole_grid_taps(table: FirstLayerTable) -> tuple[torch.Tensor, torch.Tensor
 
 def evaluate_table(table: FirstLayerTable, taps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """First-layer outputs ``[P, N, C]`` at the points of ``taps, weights [P, N, 10]``."""
-    out = F.embedding_bag(
-        taps.reshape(-1, taps.shape[-1]), table.values, per_sample_weights=weights.reshape(-1, weights.shape[-1]), mode="sum"
-    )
+    if table.box_map is None:
+        out = _blend(table.values, taps, weights)
+    else:
+        out = _blend(table.values, taps[..., 4:], weights[..., 4:])
+        box_input = _blend(table.box_map, taps[..., :4], weights[..., :4])
+        out = out.addmm_(box_input, table.box_weight) if not torch.is_grad_enabled() else torch.addmm(out, box_input, table.box_weight)
     return out.view(taps.shape[0], -1, out.shape[-1])
+
+
+def _blend(rows: torch.Tensor, taps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[P * N, C]``: for each point, the sum of the ``rows`` its ``taps [P, N, k]`` name, times ``weights``."""
+    return F.embedding_bag(taps.reshape(-1, taps.shape[-1]), rows, per_sample_weights=weights.reshape(-1, weights.shape[-1]), mode="sum")
 
 
 def sample_mask_prior(table: FirstLayerTable, taps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
@@ -192,7 +221,5 @@ def sample_mask_prior(table: FirstLayerTable, taps: torch.Tensor, weights: torch
     box-map channel, so it is sampled with the first four (the box-map) taps."""
     if table.mask_prior is None:
         return None
-    prior = F.embedding_bag(
-        taps[..., :4].reshape(-1, 4), table.mask_prior, per_sample_weights=weights[..., :4].reshape(-1, 4).float(), mode="sum"
-    )
+    prior = _blend(table.mask_prior, taps[..., :4], weights[..., :4].float())
     return prior.view(taps.shape[0], -1, prior.shape[-1])

@@ -224,13 +224,16 @@ class ImplicitSegmentationDecoder(nn.Module):
     def first_layer_table(
         self, layer: nn.Linear, trunk: INRTrunk, plan: DecodePlan, box_features, image_features, ys, xs,
         pixel_grid: bool = True, extent: tuple[float, float] = (1.0, 1.0), mask_prior: torch.Tensor | None = None,
+        points: int | None = None,
     ) -> FirstLayerTable:  # fmt: skip
         """``layer`` on the grid of rows ``ys`` and columns ``xs``, with ``trunk``'s input BatchNorm folded in
-        at inference."""
+        at inference. ``points``: how many points per prompt the table will serve (None: unknown); with fewer
+        than the box map has pixels, the table keeps the map rather than write a row for each of its pixels."""
         fold = None if plan.training else trunk.input_fold()
+        box_rows = points is None or points >= box_features.shape[-2] * box_features.shape[-1]
         return build_first_layer_table(
             layer, self.box_channels, self.image_channels, self.num_frequencies, box_features, image_features, ys, xs,
-            fold, plan.dtype, pixel_grid, extent, mask_prior,
+            fold, plan.dtype, pixel_grid, extent, mask_prior, box_rows,
         )  # fmt: skip
 
     def first_layer(self, table: FirstLayerTable, index: torch.Tensor | None = None, dense: slice | None = None):
@@ -342,7 +345,7 @@ class ImplicitSegmentationDecoder(nn.Module):
             kept_positions = index
         fine_table = self.first_layer_table(
             self.fine_input, self.fine_trunk, plan, box_features, image_features, coarse_table.ys, coarse_table.xs,
-            coarse_table.pixel_grid, coarse_table.extent,
+            coarse_table.pixel_grid, coarse_table.extent, points=index.shape[1],
         )  # fmt: skip
         feature_w = self.fine_input.weight[:, self.point_dim :]
         if not plan.training:
@@ -419,7 +422,8 @@ class ImplicitSegmentationDecoder(nn.Module):
             if levels > 0:
                 return decode_adaptive(self, plan, box_features, image_features, (height, width), class_ids, levels, extent, prior)
         table = self.first_layer_table(
-            self.coarse_input, self.coarse_trunk, plan, box_features, image_features, ys, xs, query_lines is None, extent, prior
+            self.coarse_input, self.coarse_trunk, plan, box_features, image_features, ys, xs, query_lines is None, extent, prior,
+            points=height * width,
         )
         coarse, variance, kept = self.coarse_at(plan, table, None, class_ids, keep_trunk=True)
         shape = (prompts, height, width)

@@ -105,7 +105,8 @@ class IMedSAMInfer(BasicInferTask):
     def _plane_predictor(self, device) -> Predictor:
         network = self._get_network(device, None)
         if self._predictor is None or self._predictor.model is not network:
-            self._predictor = Predictor(network, cache_size=self.cache_size, max_decode_side=self.max_decode_side)
+            # decode_mode None: the network's, which the app's --conf decode_mode set
+            self._predictor = Predictor(network, cache_size=self.cache_size, max_decode_side=self.max_decode_side, decode_mode=None)
         return self._predictor
 
     def can_propose_boxes(self, device="cpu") -> bool:
