@@ -75,7 +75,7 @@ def capped_dice(
             box = box_from_mask(target)
             predictor.set_image(image)  # once: every setting decodes the same encoding
             for mode, cap in settings:
-                model.decode_mode = mode
+                predictor.decode_mode = mode
                 predictor.max_decode_side = cap or None
                 start = time.perf_counter()
                 probability, _ = predictor.predict(box)

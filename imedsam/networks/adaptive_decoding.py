@@ -49,14 +49,18 @@ def decode_adaptive(
     :meth:`ImplicitSegmentationDecoder.forward`."""
     prompts = box_features.shape[0]
 
-    def level_table(size: tuple[int, int], points: int):
+    def level_table(size: tuple[int, int], points: int, image_rows: torch.Tensor | None = None):
         ys, xs = (pixel_centres(n, box_features.device) for n in size)
         return decoder.first_layer_table(
-            decoder.coarse_input, decoder.coarse_trunk, plan, box_features, image_features, ys, xs, True, extent, prior, points
-        )
+            decoder.coarse_input, decoder.coarse_trunk, plan, box_features, image_features, ys, xs, True, extent, prior,
+            points, image_rows,
+        )  # fmt: skip
 
     size = _level_size(output_size, levels, 0)
-    coarse, variance, _ = decoder.coarse_at(plan, level_table(size, size[0] * size[1]), None, class_ids, keep_trunk=False)
+    first_table = level_table(size, size[0] * size[1])
+    # every level's table has the same image-map rows: computed once, copied into the others
+    image_rows = first_table.image_rows
+    coarse, variance, _ = decoder.coarse_at(plan, first_table, None, class_ids, keep_trunk=False)
     for level in range(1, levels + 1):
         previous, size = size, _level_size(output_size, levels, level)
         coarse, variance = (
@@ -64,7 +68,7 @@ def decode_adaptive(
             for x in (coarse, variance)
         )
         points = min(decoder.adaptive_points, size[0] * size[1])
-        table = level_table(size, points)
+        table = level_table(size, points, image_rows)
         index = torch.topk(-coarse.abs(), points, dim=1).indices
         at_points, variance_at_points, kept = decoder.coarse_at(plan, table, index, class_ids, keep_trunk=True)
         coarse = coarse.scatter(1, index, at_points)
@@ -72,8 +76,6 @@ def decode_adaptive(
     shape = (prompts, *output_size)
     if decoder.ugs_top_k == 0:
         return ImplicitDecoderOutput(coarse.view(shape), coarse.view(shape), variance.view(shape), None)
-    # the kept trunk rows are in the order of ``index``
-    positions = torch.arange(index.shape[1], device=index.device).expand(prompts, -1)
-    fine = decoder.refine(plan, box_features, image_features, index, class_ids, table, kept, kept_positions=positions)
+    fine = decoder.refine(plan, box_features, image_features, index, class_ids, table, kept, kept_positions="in order")
     final = coarse.scatter(1, index, fine)
     return ImplicitDecoderOutput(final.view(shape), coarse.view(shape), variance.view(shape), index)

@@ -57,6 +57,13 @@ class FirstLayerTable(NamedTuple):
     def width(self) -> int:
         return self.xs.shape[0]
 
+    @property
+    def image_rows(self) -> torch.Tensor:
+        """``[P * g * g, C]``: the image-map rows, which another grid's table of the same layer and maps can
+        reuse (``build_first_layer_table(..., image_rows=...)``)."""
+        start = 0 if self.box_map is not None else self.prompts * self.box_size[0] * self.box_size[1]
+        return self.values[start : start + self.prompts * self.image_size[0] * self.image_size[1]]
+
 
 def build_first_layer_table(
     layer: nn.Linear,
@@ -73,6 +80,7 @@ def build_first_layer_table(
     extent: tuple[float, float] = (1.0, 1.0),
     mask_prior: torch.Tensor | None = None,
     box_rows: bool = True,
+    image_rows: torch.Tensor | None = None,
 ) -> FirstLayerTable:
     """``layer`` (columns ``[box map | image embedding | gamma(p) | anything after]``) on the grid of rows at
     ``ys`` and columns at ``xs`` (normalised coordinates).
@@ -84,6 +92,8 @@ def build_first_layer_table(
         pixel_grid, extent, mask_prior: stored with the table, see :class:`FirstLayerTable`.
         box_rows: write the layer's output at every box-map pixel into the table; False keeps the box map
             and applies the layer to its blend at each point instead (cheaper for fewer points than pixels).
+        image_rows: :attr:`FirstLayerTable.image_rows` of a table of the same layer, fold, dtype and maps on
+            another grid, copied rather than computed again.
     """
     weight, bias = layer.weight, layer.bias
     if fold is not None:
@@ -98,8 +108,9 @@ def build_first_layer_table(
     # W gamma(x, 0) - W gamma(0, 0) = W (gamma(x, 0) - gamma(0, 0)): the column rows come out of one matmul
     origin = fourier_encoding(xs.new_zeros(1, 2), num_frequencies)
     box_map = box_features.permute(0, 2, 3, 1).reshape(-1, box_channels)
+    image_map = image_features.permute(0, 2, 3, 1).reshape(-1, image_channels)
     inputs = [
-        (image_features.permute(0, 2, 3, 1).reshape(-1, image_channels), image_w, None),
+        (image_map, image_w, None) if image_rows is None else (image_rows, None, None),
         (fourier_encoding(torch.stack([xs, torch.zeros_like(xs)], -1), num_frequencies) - origin, coord_w, None if box_rows else bias),
         (fourier_encoding(torch.stack([torch.zeros_like(ys), ys], -1), num_frequencies), coord_w, None),
     ]
@@ -123,25 +134,31 @@ def build_first_layer_table(
     )
 
 
-def _table_rows(inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], dtype: torch.dtype | None) -> torch.Tensor:
-    """``cat([x @ w.T + b for x, w, b in inputs])``, in ``dtype`` (None: the inputs').
+def _table_rows(inputs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]], dtype: torch.dtype | None) -> torch.Tensor:
+    """``cat([x @ w.T + b for x, w, b in inputs])``, in ``dtype`` (None: the inputs'); ``w`` None: ``x`` are
+    rows already.
 
     Without autograd the table is written in place, in ``dtype`` from the start: the table of a large box map
     is hundreds of MB, and concatenating, filling the bias in and converting would each pass over it again.
     The bias rides along as a column of ones times the bias, as addmm would first copy it into every row.
     """
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for part in inputs for t in part):
-        values = torch.cat([F.linear(x, w, b) for x, w, b in inputs])
+        values = torch.cat([x if w is None else F.linear(x, w, b) for x, w, b in inputs])
         return values if dtype is None else values.to(dtype)
     first = inputs[0][0]  # possibly a MONAI MetaTensor, whose new_empty takes other arguments
     dtype = dtype or first.dtype
-    values = torch.empty((sum(x.shape[0] for x, _, _ in inputs), inputs[0][1].shape[0]), dtype=dtype, device=first.device)
+    width = next(w.shape[0] for _, w, _ in inputs if w is not None)
+    values = torch.empty((sum(x.shape[0] for x, _, _ in inputs), width), dtype=dtype, device=first.device)
     start = 0
     for x, w, b in inputs:
+        block = values[start : start + x.shape[0]]
+        start += x.shape[0]
+        if w is None:
+            block.copy_(x)
+            continue
         if b is not None:
             x, w = torch.cat([x, x.new_ones(x.shape[0], 1)], 1), torch.cat([w, b.unsqueeze(1)], 1)
-        torch.mm(x.to(dtype), w.t().to(dtype), out=values[start : start + x.shape[0]])
-        start += x.shape[0]
+        torch.mm(x.to(dtype), w.t().to(dtype), out=block)
     return values
 
 

@@ -87,7 +87,8 @@ class IMedSAM(nn.Module):
             coarser grid, then full resolution only near the predicted boundary; inference only, much
             faster at large outputs); :meth:`decode` can override it per call.
         decoder_precision: ``"auto"`` (bfloat16 where the hardware runs it natively, else float32),
-            ``"float32"`` or ``"bfloat16"``, for the implicit decoder's matmuls at inference.
+            ``"float32"`` or ``"bfloat16"``, for the implicit decoder's matmuls at inference, and for the
+            prompt path (SAM's prompt encoder and mask decoder, under ``torch.autocast``) before it.
         encoder_precision: the same choice for the image encoder at inference (under ``torch.autocast``:
             convolutions and matmuls in bfloat16, the rest in float32); training always runs it in float32.
         adaptive_coarse_size, adaptive_points: the adaptive mode's first-grid side and points per level.
@@ -247,6 +248,14 @@ class IMedSAM(nn.Module):
         return embedding.float()  # the prompt path takes float32 maps; the decoder picks its own precision
 
     # -- decoder ------------------------------------------------------------------------------------------
+    def _run_prompt_path(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # the implicit decoder's precision: its maps feed a decoder that runs in that precision anyway
+        if self.training or torch.jit.is_tracing() or self.decoder is None or resolve_precision(self.decoder.precision, embedding.device) == "float32":
+            return self.prompt_path(embedding, boxes)
+        with torch.autocast(embedding.device.type, dtype=torch.bfloat16):
+            box_features, mask_weights = self.prompt_path(embedding, boxes)
+        return box_features.float(), None if mask_weights is None else mask_weights.float()
+
     def _class_ids(self, boxes: torch.Tensor, class_ids: torch.Tensor | None) -> torch.Tensor:
         batch, num_boxes = boxes.shape[:2]
         if class_ids is None:
@@ -293,7 +302,7 @@ class IMedSAM(nn.Module):
         scale = boxes.new_tensor([self.image_size * extent[1] / width, self.image_size * extent[0] / height] * 2)
         prompt_boxes = (boxes.to(embedding.dtype) * scale).reshape(-1, 4)
         per_prompt = embedding.repeat_interleave(num_boxes, dim=0)
-        box_features, mask_weights = self.prompt_path(per_prompt, prompt_boxes)
+        box_features, mask_weights = self._run_prompt_path(per_prompt, prompt_boxes)
         out_h, out_w = int(output_size[0]), int(output_size[1])
         if self.decoder is None:
             sam_masks = torch.einsum("pc,pchw->phw", mask_weights, box_features).unsqueeze(1)

@@ -224,16 +224,17 @@ class ImplicitSegmentationDecoder(nn.Module):
     def first_layer_table(
         self, layer: nn.Linear, trunk: INRTrunk, plan: DecodePlan, box_features, image_features, ys, xs,
         pixel_grid: bool = True, extent: tuple[float, float] = (1.0, 1.0), mask_prior: torch.Tensor | None = None,
-        points: int | None = None,
+        points: int | None = None, image_rows: torch.Tensor | None = None,
     ) -> FirstLayerTable:  # fmt: skip
         """``layer`` on the grid of rows ``ys`` and columns ``xs``, with ``trunk``'s input BatchNorm folded in
         at inference. ``points``: how many points per prompt the table will serve (None: unknown); with fewer
-        than the box map has pixels, the table keeps the map rather than write a row for each of its pixels."""
+        than the box map has pixels, the table keeps the map rather than write a row for each of its pixels.
+        ``image_rows``: those of a table of the same layer and maps on another grid, reused."""
         fold = None if plan.training else trunk.input_fold()
         box_rows = points is None or points >= box_features.shape[-2] * box_features.shape[-1]
         return build_first_layer_table(
             layer, self.box_channels, self.image_channels, self.num_frequencies, box_features, image_features, ys, xs,
-            fold, plan.dtype, pixel_grid, extent, mask_prior, box_rows,
+            fold, plan.dtype, pixel_grid, extent, mask_prior, box_rows, image_rows,
         )  # fmt: skip
 
     def first_layer(self, table: FirstLayerTable, index: torch.Tensor | None = None, dense: slice | None = None):
@@ -335,11 +336,15 @@ class ImplicitSegmentationDecoder(nn.Module):
         kept = trunk if (keep_trunk and step >= num) else None
         return torch.cat(logits, dim=1), torch.cat(variances, dim=1), kept
 
-    def refine(self, plan: DecodePlan, box_features, image_features, index, class_ids, coarse_table, kept_trunk, kept_positions=None):
+    def refine(
+        self, plan: DecodePlan, box_features, image_features, index, class_ids, coarse_table, kept_trunk,
+        kept_positions: torch.Tensor | str | None = None,
+    ):  # fmt: skip
         """Fine logits ``[P, K]`` at raster ``index [P, K]`` of the query grid of ``coarse_table``.
 
         The coarse trunk there is taken from ``kept_trunk`` (rows at ``kept_positions``, by default the
-        raster indices themselves) or recomputed when nothing was kept.
+        raster indices themselves; ``"in order"``: its rows are those of ``index``, in order) or recomputed
+        when nothing was kept.
         """
         if kept_positions is None:
             kept_positions = index
@@ -356,7 +361,9 @@ class ImplicitSegmentationDecoder(nn.Module):
         fine_logits = []
         for start in range(0, index.shape[1], step):
             part = index[:, start : start + step]
-            if kept_trunk is not None:
+            if kept_trunk is not None and isinstance(kept_positions, str):
+                trunk = kept_trunk  # one chunk whenever something was kept (``step`` above)
+            elif kept_trunk is not None:
                 rows = kept_positions[:, start : start + step]
                 trunk = kept_trunk.gather(1, rows.unsqueeze(-1).expand(-1, -1, kept_trunk.shape[-1]))
             else:
