@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Training-step benchmark of I-MedSAM: time, peak memory and achieved GFLOP/s of one optimiser step.
 
-    python scripts/benchmark_training.py              # the bundle's defaults: lite_medsam, label 256, 128^2 queries, batch 2
+    python scripts/benchmark_training.py              # the bundle's defaults: lite_medsam, label 256, 128^2 queries, batch 2,
+                                                      # attention stage 0 checkpointed, then nothing checkpointed
     python scripts/benchmark_training.py --encoder vit_b --image-size 384 --label-sizes 384 --batch-sizes 1 4 --query-sizes all
 
 A step is what the bundle's trainer does: encode, decode every box with UGS at ``label_size`` x
@@ -37,7 +38,8 @@ def run_one(args) -> dict:
 
     torch.manual_seed(0)
     size, batch, label = args.image_size, args.batch_size, args.label_size
-    model = IMedSAM(encoder=args.encoder, image_size=size, freeze_sam=True).train()
+    stages = tuple(int(stage) for stage in args.checkpoint_stage_set.split(",") if stage)
+    model = IMedSAM(encoder=args.encoder, image_size=size, freeze_sam=True, checkpoint_stages=stages).train()
     optimizer = torch.optim.AdamW(parameter_groups(model, 1e-3), lr=1e-3)
     loss_fn = CoarseFineLoss()
     inferer = PromptInferer((label, label), return_all=True, query_size=args.query_size)
@@ -73,6 +75,7 @@ def run_one(args) -> dict:
         "matmul_gflops": matmul_gflops(),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
+        "checkpoint_stages": list(stages),
     }
 
 
@@ -84,13 +87,19 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2])
     parser.add_argument("--query-sizes", nargs="+", default=["128"],
                         help="rows and columns of the label grid decoded per step: 'all' (every pixel) or a number")
+    parser.add_argument("--checkpoint-stages", nargs="+", default=None, metavar="STAGES",
+                        help="sets of lite_medsam attention stages to recompute in the backward pass, e.g. '0' '' '0,1' "
+                        "(default for lite_medsam: the bundle's [0], then none)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epoch-images", type=int, default=118, help="images of an epoch, for its estimate (Kvasir-Sessile train: 118)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a single configuration, as JSON
     parser.add_argument("--label-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--query-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint-stage-set", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.checkpoint_stages is None:
+        args.checkpoint_stages = ["0", ""] if args.encoder == "lite_medsam" else [""]
     if args.one:
         print(json.dumps(run_one(args)))
         return
@@ -104,19 +113,21 @@ def main() -> None:
     for query in queries:
         if query is not None and not 1 <= query <= min(args.label_sizes):
             parser.error(f"query size {query} must be between 1 and the smallest label grid, {min(args.label_sizes)}")
-    print(f"{'batch':>5s} {'label grid':>10s} {'queries':>9s} {'step s':>8s} {'s/image':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} "
+    print(f"{'checkpointed':>12s} {'batch':>5s} {'label grid':>10s} {'queries':>9s} {'step s':>8s} {'s/image':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} "
           f"{'matmul GFLOP/s':>15s} {'ratio':>6s} {'peak RSS MiB':>13s} {'epoch min':>10s}")
-    for label, query, batch in itertools.product(args.label_sizes, queries, args.batch_sizes):
+    for stages, label, query, batch in itertools.product(args.checkpoint_stages, args.label_sizes, queries, args.batch_sizes):
         command = [sys.executable, __file__, "--one", "--encoder", args.encoder, "--image-size", str(args.image_size),
-                   "--label-size", str(label), "--batch-size", str(batch), "--repeats", str(args.repeats)]
+                   "--label-size", str(label), "--batch-size", str(batch), "--repeats", str(args.repeats),
+                   "--checkpoint-stage-set", stages]  # fmt: skip
         if query is not None:
             command += ["--query-size", str(query)]
         result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-        print(f"{batch:5d} {label:>6d}^2   {result['query_points']:9d} {result['step_s']:8.2f} {result['step_s'] / batch:8.2f} "
+        print(f"{'stages ' + stages if stages else 'none':>12s} {batch:5d} {label:>6d}^2   {result['query_points']:9d} {result['step_s']:8.2f} {result['step_s'] / batch:8.2f} "
               f"{result['gflop']:8.0f} {result['gflops']:8.1f} {result['matmul_gflops']:15.1f} "
               f"{result['gflops'] / result['matmul_gflops']:6.2f} {result['peak_rss_mib']:13.0f} "
               f"{math.ceil(args.epoch_images / batch) * result['step_s'] / 60:10.1f}")
-    print(f"epoch min: steps of one epoch over {args.epoch_images} images times the median step (no validation, no data loading)")
+    print(f"epoch min: steps of one epoch over {args.epoch_images} images times the median step (no validation, no data loading); "
+          "checkpointed: the lite_medsam attention stages whose activations are recomputed in the backward pass")  # fmt: skip
 
 if __name__ == "__main__":
     main()

@@ -321,3 +321,43 @@ def test_folded_convolutions_match_tinyvits_own_and_follow_new_weights():
     folded.load_state_dict(state)
     with torch.no_grad():
         torch.testing.assert_close(folded.eval()(image), plain.eval()(image), atol=1e-4, rtol=1e-4)
+
+
+def test_checkpointed_stages_give_the_same_gradients_and_a_bfloat16_stem_stays_close():
+    vit = _parts()[0]
+    plain = AdaptedTinyViT(copy.deepcopy(vit)).train()
+    checkpointed = AdaptedTinyViT(copy.deepcopy(vit), checkpoint_stages=(0, 2)).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for adapter in (*plain.frequency_adapters, *checkpointed.frequency_adapters):
+            adapter.up.weight.fill_(0.01)  # let the frequency stream, whose downsamplers are checkpointed too, count
+    image = torch.rand(2, 3, 256, 256)
+    outputs, kept_bytes = [], []
+    for encoder in (plain, checkpointed):
+        kept = []
+
+        def keep(tensor, kept=kept):
+            kept.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            out = encoder(image)
+        out.square().mean().backward()
+        outputs.append(out.detach())
+        kept_bytes.append(sum(kept))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    assert kept_bytes[1] < 0.8 * kept_bytes[0]  # what the backward pass holds on to
+    grads = dict(checkpointed.named_parameters())
+    trainable = [(name, p) for name, p in plain.named_parameters() if p.requires_grad]
+    assert trainable and not plain.stem_trains
+    for name, parameter in trainable:
+        torch.testing.assert_close(grads[name].grad, parameter.grad, atol=1e-6, rtol=1e-4)
+    # the frozen stem in bfloat16 (training on a CPU with native bfloat16): its output is float32 and close
+    with torch.no_grad():
+        reduced = plain(image, frozen_stem_dtype=torch.bfloat16)
+    assert reduced.dtype == torch.float32
+    assert ((reduced - outputs[0]).norm() / outputs[0].norm()).item() < 0.05
+    with pytest.raises(ValueError, match="checkpoint_stages"):
+        AdaptedTinyViT(copy.deepcopy(vit), checkpoint_stages=(3,))
+    with pytest.raises(ValueError, match="checkpoint_stages"):
+        IMedSAM(encoder="vit_tiny", image_size=64, checkpoint_stages=(0,))

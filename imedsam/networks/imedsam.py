@@ -90,13 +90,18 @@ class IMedSAM(nn.Module):
             ``"float32"`` or ``"bfloat16"``, for the implicit decoder's matmuls at inference, and for the
             prompt path (SAM's prompt encoder and mask decoder, under ``torch.autocast``) before it.
         encoder_precision: the same choice for the image encoder at inference (under ``torch.autocast``:
-            convolutions and matmuls in bfloat16, the rest in float32); training always runs it in float32.
+            convolutions and matmuls in bfloat16, the rest in float32). Training runs the encoder in float32,
+            except lite_medsam's frozen stem (patch embedding and convolutional first stage: no adapter, no
+            gradient), which then runs in this precision too.
         adaptive_coarse_size, adaptive_points: the adaptive mode's first-grid side and points per level.
         freeze_sam: keep SAM's own weights frozen (the method). False trains them too, which is what a
             random-init encoder such as ``vit_tiny`` needs: adapting frozen random features teaches little.
         mask_prior: the implicit decoder refines SAM's own mask logit (a correction that starts at zero, so
             the untrained model segments as the pretrained SAM does); False is the paper's plain decoder.
             None: True for ``lite_medsam``, False for the SAM presets.
+        checkpoint_stages: lite_medsam's attention stages whose activations are recomputed in the backward
+            pass instead of kept (:class:`~imedsam.networks.tiny_vit_encoder.AdaptedTinyViT`): less training
+            memory for more time; the bundle's ``checkpoint_stages``.
         box_proposal: add the box-proposal head (:class:`~imedsam.networks.box_proposal.BoxProposalHead`),
             trained beside the decoder on the embedding with gradients stopped; :meth:`propose_boxes` then
             proposes a box for an image nobody has prompted.
@@ -138,6 +143,7 @@ class IMedSAM(nn.Module):
         freeze_sam: bool = True,
         mask_prior: bool | None = None,
         box_proposal: bool = True,
+        checkpoint_stages: tuple[int, ...] | list[int] = (),
     ) -> None:
         super().__init__()
         if decode_mode not in DECODE_MODES:
@@ -160,8 +166,10 @@ class IMedSAM(nn.Module):
                 {"image_encoder": vit, "prompt_encoder": prompt_encoder, "mask_decoder": mask_decoder}, sam_checkpoint
             )
             logger.info("loaded LiteMedSAM weights from %s (SHA-256 verified)", loaded)
-            self.image_encoder = AdaptedTinyViT(vit, lora_rank, lora_alpha, fa_mode, fa_hidden_dim)
+            self.image_encoder = AdaptedTinyViT(vit, lora_rank, lora_alpha, fa_mode, fa_hidden_dim, checkpoint_stages=tuple(checkpoint_stages))
         else:
+            if checkpoint_stages:
+                raise ValueError(f"checkpoint_stages names stages of lite_medsam's TinyViT; the {encoder} encoder has none")
             vit, prompt_encoder, mask_decoder = self._build_sam(encoder, image_size, sam_checkpoint)
             self.image_encoder = AdaptedImageEncoder(vit, lora_rank, lora_alpha, fa_mode, fa_hidden_dim)
         self.prompt_path = BoxPromptPath(prompt_encoder, mask_decoder, sam_mask=mask_prior or not use_inr)
@@ -241,7 +249,11 @@ class IMedSAM(nn.Module):
 
     def _run_encoder(self, image: torch.Tensor) -> torch.Tensor:
         # a trace records float32: autocast's casts do not survive in a TorchScript graph
-        if self.training or torch.jit.is_tracing() or resolve_precision(self.encoder_precision, image.device) == "float32":
+        if torch.jit.is_tracing() or resolve_precision(self.encoder_precision, image.device) == "float32":
+            return self.image_encoder(image)
+        if self.training:
+            if isinstance(self.image_encoder, AdaptedTinyViT) and not self.image_encoder.stem_trains:
+                return self.image_encoder(image, frozen_stem_dtype=torch.bfloat16)
             return self.image_encoder(image)
         with torch.autocast(image.device.type, dtype=torch.bfloat16):
             embedding = self.image_encoder(image)

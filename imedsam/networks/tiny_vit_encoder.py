@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .folded_conv import fold_conv_bn_pairs
 from .frequency_adapter import frequency_adapters, frequency_image
 from .lora import add_lora_to_attention
 
 __all__ = ["AdaptedTinyViT", "letterbox"]
+
+
+def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
 
 
 def letterbox(image: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[float, float]]:
@@ -61,6 +68,15 @@ class AdaptedTinyViT(nn.Module):
         fa_hidden_dim: bottleneck width of each frequency adapter.
         fold_conv_bn: run each frozen convolution + BatchNorm pair as one convolution (exact; False runs them
             as TinyViT does, the reference the tests compare with).
+        checkpoint_stages: the attention stages (0: 2 blocks at 128 x 128 tokens, 1: 6 blocks at 64 x 64,
+            2: 2 blocks at 64 x 64) whose blocks and downsampler keep, in training, only their input for the
+            backward pass and run their forward again there: the same gradients for less memory (their
+            attention maps and MLP activations are not kept), for one more forward pass of those stages.
+
+    ``forward(image, frozen_stem_dtype=torch.bfloat16)`` runs the frozen stem (the patch embedding and the
+    convolutional first stage, which have no adapter, and the frequency stream's copy of them) under
+    ``torch.autocast`` in that dtype; the rest stays in float32. Training uses it where bfloat16 is native:
+    no gradient flows through the stem, so it changes what the trainable layers see as inference does.
 
     Shapes: input ``[B, 3, 256, 256]`` (a :func:`letterbox` canvas in [0, 1]); output ``[B, 256, 64, 64]``.
 
@@ -83,6 +99,7 @@ class AdaptedTinyViT(nn.Module):
         fa_mode: str = "amplitude",
         fa_hidden_dim: int = 4,
         fold_conv_bn: bool = True,
+        checkpoint_stages: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         self.vit = tiny_vit
@@ -94,6 +111,9 @@ class AdaptedTinyViT(nn.Module):
             fold_conv_bn_pairs(self.vit)
         self.fa_mode = fa_mode
         self.attention_stages = list(self.vit.layers[1:])
+        if any(not 0 <= stage < len(self.attention_stages) for stage in checkpoint_stages):
+            raise ValueError(f"checkpoint_stages name attention stages 0..{len(self.attention_stages) - 1}, got {checkpoint_stages}")
+        self.checkpoint_stages = tuple(checkpoint_stages)
         if lora_rank > 0:
             for stage in self.attention_stages:
                 add_lora_to_attention(stage.blocks, rank=lora_rank, alpha=lora_alpha, head_dim=stage.blocks[0].attn.key_dim)
@@ -116,23 +136,51 @@ class AdaptedTinyViT(nn.Module):
             if hasattr(sub, "attention_bias_idxs"):
                 sub.train(sub.training)  # in eval this rebuilds TinyViT's cached bias table from the new weights
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    @property
+    def stem_trains(self) -> bool:
+        """Whether any weight of the stem (patch embedding, first stage) trains (``freeze_sam=False``)."""
+        return any(p.requires_grad for part in (self.vit.patch_embed, self.vit.layers[0]) for p in part.parameters())
+
+    @staticmethod
+    def _checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(module, x, use_reentrant=False)
+
+    def _stem(self, image: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The frozen stem's tokens and, with an adapter, the frequency stream's, in float32."""
+        vit = self.vit
+        # no dtype: whatever precision the caller runs in (an inference autocast reaches the stem too)
+        with nullcontext() if dtype is None else torch.autocast(image.device.type, dtype=dtype):
+            x = vit.layers[0](vit.patch_embed(image))
+            freq = None
+            if self.fa_mode != "none":
+                freq = vit.layers[0].downsample(vit.patch_embed(frequency_image(image, self.fa_mode)))
+        if dtype is None:
+            return x, freq
+        return x.float(), None if freq is None else freq.float()
+
+    def forward(self, image: torch.Tensor, frozen_stem_dtype: torch.dtype | None = None) -> torch.Tensor:
         vit = self.vit
         if self.fold_conv_bn:  # the folded convolutions' weights are channels-last: so is their input
             image = image.contiguous(memory_format=torch.channels_last)
-        x = vit.layers[0](vit.patch_embed(image))
+        x, freq = self._stem(image, frozen_stem_dtype)
+        checkpointing = self.training and torch.is_grad_enabled()
+        runners = [
+            self._checkpointed if checkpointing and index in self.checkpoint_stages else _call for index in range(len(self.attention_stages))
+        ]
         if self.fa_mode == "none":
-            for stage in self.attention_stages:
-                x = stage(x)
+            for stage, run in zip(self.attention_stages, runners):
+                for block in stage.blocks:
+                    x = run(block, x)
+                if stage.downsample is not None:
+                    x = run(stage.downsample, x)
         else:
-            freq = vit.layers[0].downsample(vit.patch_embed(frequency_image(image, self.fa_mode)))
             adapters = iter(self.frequency_adapters)
-            for stage in self.attention_stages:
+            for stage, run in zip(self.attention_stages, runners):
                 for block in stage.blocks:
                     delta = next(adapters)(freq)
-                    x = block(x) + delta
+                    x = run(block, x) + delta
                     freq = freq + delta
                 if stage.downsample is not None:
-                    x, freq = stage.downsample(x), stage.downsample(freq)
+                    x, freq = run(stage.downsample, x), run(stage.downsample, freq)
         grid = self.image_size // 4
         return vit.neck(x.view(x.shape[0], grid, grid, -1).permute(0, 3, 1, 2))
