@@ -113,7 +113,8 @@ def main() -> None:
     for query in queries:
         if query is not None and not 1 <= query <= min(args.label_sizes):
             parser.error(f"query size {query} must be between 1 and the smallest label grid, {min(args.label_sizes)}")
-    print(f"{'checkpointed':>12s} {'batch':>5s} {'label grid':>10s} {'queries':>9s} {'step s':>8s} {'s/image':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} "
+    print(f"{'checkpointed':>12s} "
+          f"{'batch':>5s} {'label grid':>10s} {'queries':>9s} {'step s':>8s} {'s/image':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} "
           f"{'matmul GFLOP/s':>15s} {'ratio':>6s} {'peak RSS MiB':>13s} {'epoch min':>10s}")
     for stages, label, query, batch in itertools.product(args.checkpoint_stages, args.label_sizes, queries, args.batch_sizes):
         command = [sys.executable, __file__, "--one", "--encoder", args.encoder, "--image-size", str(args.image_size),
@@ -122,7 +123,8 @@ def main() -> None:
         if query is not None:
             command += ["--query-size", str(query)]
         result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-        print(f"{'stages ' + stages if stages else 'none':>12s} {batch:5d} {label:>6d}^2   {result['query_points']:9d} {result['step_s']:8.2f} {result['step_s'] / batch:8.2f} "
+        print(f"{'stages ' + stages if stages else 'none':>12s} "
+              f"{batch:5d} {label:>6d}^2   {result['query_points']:9d} {result['step_s']:8.2f} {result['step_s'] / batch:8.2f} "
               f"{result['gflop']:8.0f} {result['gflops']:8.1f} {result['matmul_gflops']:15.1f} "
               f"{result['gflops'] / result['matmul_gflops']:6.2f} {result['peak_rss_mib']:13.0f} "
               f"{math.ceil(args.epoch_images / batch) * result['step_s'] / 60:10.1f}")

@@ -136,16 +136,19 @@ def test_ckpt_export_torchscript_matches_the_eager_model(trained, tmp_path):
     tmp, _ = trained
     ts = tmp_path / "model.ts"
     ok(bundle("ckpt_export", "export_network_def", "--filepath", str(ts), "--ckpt_file", str(tmp / "models" / "model.pt"),
-              "--meta_file", META, "--config_file", INFERENCE, "--encoder", "vit_tiny", "--image_size", "64", "--use_trace", "True", "--input_shape", "[1,4,64,64]"))
+              "--meta_file", META, "--config_file", INFERENCE, "--encoder", "vit_tiny", "--image_size", "64", "--use_trace", "True", "--input_shape", "[1,4,64,64]",
+              "--decoder_precision", "float32"))  # fmt: skip
     exported = torch.jit.load(str(ts))
-    # a trace records the float32 encoder, whatever encoder_precision "auto" means on this CPU
-    eager = IMedSAMBoxMask(encoder="vit_tiny", image_size=64, encoder_precision="float32").load_checkpoint(tmp / "models" / "model.pt").eval()
+    # a trace records the encoder and the prompt path in float32 (autocast is not recorded), whatever "auto"
+    # means on this CPU: the eager models run them in float32 too
+    precisions = dict(encoder_precision="float32", decoder_precision="float32")
+    eager = IMedSAMBoxMask(encoder="vit_tiny", image_size=64, **precisions).load_checkpoint(tmp / "models" / "model.pt").eval()
     # traced at batch 1 (the --input_shape), so it is called one image at a time
     x = torch.rand(2, 4, 64, 64)
     x[:, 3] = 0
     x[0, 3, 5:40, 10:50] = 1
     x[1, 3, 20:60, 2:30] = 1
-    plain = IMedSAM(encoder="vit_tiny", image_size=64, encoder_precision="float32").load_checkpoint(tmp / "models" / "model.pt").eval()
+    plain = IMedSAM(encoder="vit_tiny", image_size=64, **precisions).load_checkpoint(tmp / "models" / "model.pt").eval()
     with torch.no_grad():
         for i in range(2):
             torch.testing.assert_close(exported(x[i : i + 1]), eager(x[i : i + 1]), atol=1e-4, rtol=1e-4)

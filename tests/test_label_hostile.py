@@ -223,27 +223,30 @@ def test_info_answers_within_a_second_while_a_large_infer_runs(server):
     client = server["client"]
     picture = np.asarray(Image.open(server["outside"] / "good.png").resize((1800, 1350)))
     content = _png(picture)
-    result = {}
+    statuses = []
+    stop = threading.Event()
 
-    def run():
+    def run():  # one large infer after another, so that one is running whenever /info/ is asked
         with httpx.Client(base_url=str(client.base_url), timeout=300) as other:
-            start = time.monotonic()
-            response = other.post("/infer/imedsam?output=json", data={"params": json.dumps({"box": [200, 200, 1400, 1100]})},
-                                  files={"file": ("large.png", content)})  # fmt: skip
-            result.update(status=response.status_code, seconds=time.monotonic() - start)
+            while not stop.is_set():
+                response = other.post("/infer/imedsam?output=json", data={"params": json.dumps({"box": [200, 200, 1400, 1100]})},
+                                      files={"file": ("large.png", content)})  # fmt: skip
+                statuses.append(response.status_code)
 
     worker = threading.Thread(target=run)
     worker.start()
     time.sleep(1.0)  # the upload is in and the decoder is running
     latencies = []
-    while worker.is_alive() and len(latencies) < 5:
-        start = time.monotonic()
-        assert client.get("/info/").status_code == 200
-        latencies.append(time.monotonic() - start)
-        time.sleep(0.3)
-    worker.join(timeout=300)
-    assert result["status"] == 200
-    assert latencies, f"the infer took {result['seconds']:.1f} s: too short to measure /info/ beside it"
+    try:
+        for _ in range(5):
+            start = time.monotonic()
+            assert client.get("/info/").status_code == 200
+            latencies.append(time.monotonic() - start)
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        worker.join(timeout=300)
+    assert len(statuses) >= 2 and set(statuses) == {200}, statuses  # infers ran before, during and after
     assert max(latencies) < 1.0, latencies
 
 

@@ -166,7 +166,9 @@ class IMedSAM(nn.Module):
                 {"image_encoder": vit, "prompt_encoder": prompt_encoder, "mask_decoder": mask_decoder}, sam_checkpoint
             )
             logger.info("loaded LiteMedSAM weights from %s (SHA-256 verified)", loaded)
-            self.image_encoder = AdaptedTinyViT(vit, lora_rank, lora_alpha, fa_mode, fa_hidden_dim, checkpoint_stages=tuple(checkpoint_stages))
+            self.image_encoder = AdaptedTinyViT(
+                vit, lora_rank, lora_alpha, fa_mode, fa_hidden_dim, checkpoint_stages=tuple(checkpoint_stages)
+            )
         else:
             if checkpoint_stages:
                 raise ValueError(f"checkpoint_stages names stages of lite_medsam's TinyViT; the {encoder} encoder has none")
@@ -262,7 +264,9 @@ class IMedSAM(nn.Module):
     # -- decoder ------------------------------------------------------------------------------------------
     def _run_prompt_path(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # the implicit decoder's precision: its maps feed a decoder that runs in that precision anyway
-        if self.training or torch.jit.is_tracing() or self.decoder is None or resolve_precision(self.decoder.precision, embedding.device) == "float32":
+        if self.training or torch.jit.is_tracing() or self.decoder is None:
+            return self.prompt_path(embedding, boxes)
+        if resolve_precision(self.decoder.precision, embedding.device) == "float32":
             return self.prompt_path(embedding, boxes)
         with torch.autocast(embedding.device.type, dtype=torch.bfloat16):
             box_features, mask_weights = self.prompt_path(embedding, boxes)

@@ -165,7 +165,8 @@ class AdaptedTinyViT(nn.Module):
         x, freq = self._stem(image, frozen_stem_dtype)
         checkpointing = self.training and torch.is_grad_enabled()
         runners = [
-            self._checkpointed if checkpointing and index in self.checkpoint_stages else _call for index in range(len(self.attention_stages))
+            self._checkpointed if checkpointing and index in self.checkpoint_stages else _call
+            for index in range(len(self.attention_stages))
         ]
         if self.fa_mode == "none":
             for stage, run in zip(self.attention_stages, runners):
