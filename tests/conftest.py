@@ -1,3 +1,5 @@
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,13 @@ E2E_DIR = Path(__file__).resolve().parent / "e2e"
 
 def pytest_addoption(parser):
     parser.addoption("--e2e", action="store_true", help="run the browser tests in tests/e2e (make e2e), which need Orthanc and Chromium")
+
+
+def pytest_configure(config):
+    # OpenVINO graphs that tests convert (Predictor's default engine) stay out of the user's ~/.cache; the
+    # servers the tests start inherit the variable
+    if "IMEDSAM_CACHE_DIR" not in os.environ:
+        os.environ["IMEDSAM_CACHE_DIR"] = tempfile.mkdtemp(prefix="imedsam-test-cache-")
 
 
 def pytest_ignore_collect(collection_path, config):

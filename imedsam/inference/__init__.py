@@ -11,12 +11,16 @@ from .planes import (
     place_plane,
     spatial_shape,
 )
+from .openvino_encoder import ENCODER_ENGINES, OpenVINOEncoder, resolve_encoder_engine
 from .predictor import Predictor, image_to_tensor
 from .prompts import BoxPrompt, PromptError, normalize_roi, resolve_box_prompt
 
 __all__ = [
     "Predictor",
     "image_to_tensor",
+    "ENCODER_ENGINES",
+    "OpenVINOEncoder",
+    "resolve_encoder_engine",
     "BoxPrompt",
     "PromptError",
     "normalize_roi",

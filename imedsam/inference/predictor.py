@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..networks.imedsam import DECODE_MODES, IMedSAM, ImageEncoding
+from .openvino_encoder import ENCODER_ENGINES, OpenVINOEncoder, resolve_encoder_engine
 
 __all__ = ["Predictor", "image_to_tensor"]
 
@@ -58,6 +59,11 @@ class Predictor:
             level by level, only near the predicted boundary; on the Kvasir-Sessile test split its masks are
             within 0.001 Dice of ``"exact"``'s, which evaluates every output pixel (the method as published)
             at several times the cost (``docs/speed.md``). None follows the model's ``decode_mode``.
+        encoder_engine: what runs the image encoder. ``"auto"`` (the default) is OpenVINO for the ``lite_medsam``
+            encoder on a CPU (:class:`~imedsam.inference.OpenVINOEncoder`: the same function, several times
+            faster than eager PyTorch; the first image after a change of weights converts it, seconds, or
+            reads it from its disk cache) and PyTorch elsewhere; ``"torch"`` is the eager reference;
+            ``"openvino"`` insists (an error where it does not apply).
 
     Example::
 
@@ -72,7 +78,12 @@ class Predictor:
     """
 
     def __init__(
-        self, model: IMedSAM, cache_size: int = 8, max_decode_side: int | None = 1024, decode_mode: str | None = "adaptive"
+        self,
+        model: IMedSAM,
+        cache_size: int = 8,
+        max_decode_side: int | None = 1024,
+        decode_mode: str | None = "adaptive",
+        encoder_engine: str = "auto",
     ) -> None:
         if cache_size < 1:
             raise ValueError(f"cache_size must be at least 1, got {cache_size}")
@@ -80,7 +91,11 @@ class Predictor:
             raise ValueError(f"max_decode_side must be a positive number of pixels or None, got {max_decode_side}")
         if decode_mode not in (None, *DECODE_MODES):
             raise ValueError(f"decode_mode must be one of {DECODE_MODES} or None (the model's), got {decode_mode!r}")
+        if encoder_engine not in ENCODER_ENGINES:
+            raise ValueError(f"encoder_engine must be one of {ENCODER_ENGINES}, got {encoder_engine!r}")
         self.model = model.eval()
+        self.encoder_engine = encoder_engine
+        self._openvino_encoder: OpenVINOEncoder | None = None
         self.cache_size = cache_size
         self.max_decode_side = max_decode_side
         self.decode_mode = decode_mode
@@ -97,6 +112,14 @@ class Predictor:
         # Every in-place write to a parameter (optimiser step, load_state_dict) bumps its _version.
         return tuple((id(p), p._version) for p in self.model.image_encoder.parameters())
 
+    def _run_encoder(self) -> OpenVINOEncoder | None:
+        """The encoder to run in place of the model's PyTorch one, or None for that one."""
+        if resolve_encoder_engine(self.encoder_engine, self.model, self.device) == "torch":
+            return None
+        if self._openvino_encoder is None:
+            self._openvino_encoder = OpenVINOEncoder(self.model)
+        return self._openvino_encoder
+
     def set_image(self, image: np.ndarray) -> bool:
         """Encode ``image`` (``H x W x 3``, uint8 or float in [0, 1]) unless its encoding is cached.
 
@@ -112,7 +135,7 @@ class Predictor:
             self._cache.move_to_end(key)
         else:
             with torch.no_grad():
-                self._cache[key] = self.model.encode(tensor.to(self.device))
+                self._cache[key] = self.model.encode(tensor.to(self.device), run_encoder=self._run_encoder())
             self.encoder_calls += 1
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -236,8 +236,12 @@ class IMedSAM(nn.Module):
         return self
 
     # -- encoder ------------------------------------------------------------------------------------------
-    def encode(self, image: torch.Tensor) -> ImageEncoding:
-        """Encode ``image [B, 3, h, w]`` (RGB in [0, 1], any size); the result serves any number of boxes."""
+    def encode(self, image: torch.Tensor, run_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ImageEncoding:
+        """Encode ``image [B, 3, h, w]`` (RGB in [0, 1], any size); the result serves any number of boxes.
+
+        ``run_encoder`` takes the encoder's input (``[B, 3, S, S]``, preprocessed) to its embedding in place of
+        :attr:`image_encoder` in PyTorch, e.g. an :class:`~imedsam.inference.OpenVINOEncoder` of this model.
+        """
         if not torch.jit.is_tracing():
             check_image(image)
         height, width = image.shape[-2:]
@@ -247,7 +251,7 @@ class IMedSAM(nn.Module):
             image, extent = letterbox(image, size)
         elif (height, width) != (size, size):
             image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-        return ImageEncoding(self._run_encoder(image), int(height), int(width), extent)
+        return ImageEncoding((run_encoder or self._run_encoder)(image), int(height), int(width), extent)
 
     def _run_encoder(self, image: torch.Tensor) -> torch.Tensor:
         # a trace records float32: autocast's casts do not survive in a TorchScript graph

@@ -77,6 +77,8 @@ class AdaptedTinyViT(nn.Module):
     convolutional first stage, which have no adapter, and the frequency stream's copy of them) under
     ``torch.autocast`` in that dtype; the rest stays in float32. Training uses it where bfloat16 is native:
     no gradient flows through the stem, so it changes what the trainable layers see as inference does.
+    ``forward(image, frequency=frequency_image(image, fa_mode))`` takes the frequency map from the caller: an
+    exported graph (:class:`~imedsam.inference.OpenVINOEncoder`) then holds no FFT, which the engines lack.
 
     Shapes: input ``[B, 3, 256, 256]`` (a :func:`letterbox` canvas in [0, 1]); output ``[B, 256, 64, 64]``.
 
@@ -145,7 +147,9 @@ class AdaptedTinyViT(nn.Module):
     def _checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return checkpoint(module, x, use_reentrant=False)
 
-    def _stem(self, image: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _stem(
+        self, image: torch.Tensor, dtype: torch.dtype | None, frequency: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The frozen stem's tokens and, with an adapter, the frequency stream's, in float32."""
         vit = self.vit
         # no dtype: whatever precision the caller runs in (an inference autocast reaches the stem too)
@@ -153,16 +157,20 @@ class AdaptedTinyViT(nn.Module):
             x = vit.layers[0](vit.patch_embed(image))
             freq = None
             if self.fa_mode != "none":
-                freq = vit.layers[0].downsample(vit.patch_embed(frequency_image(image, self.fa_mode)))
+                if frequency is None:
+                    frequency = frequency_image(image, self.fa_mode)
+                freq = vit.layers[0].downsample(vit.patch_embed(frequency))
         if dtype is None:
             return x, freq
         return x.float(), None if freq is None else freq.float()
 
-    def forward(self, image: torch.Tensor, frozen_stem_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def forward(
+        self, image: torch.Tensor, frozen_stem_dtype: torch.dtype | None = None, frequency: torch.Tensor | None = None
+    ) -> torch.Tensor:
         vit = self.vit
         if self.fold_conv_bn:  # the folded convolutions' weights are channels-last: so is their input
             image = image.contiguous(memory_format=torch.channels_last)
-        x, freq = self._stem(image, frozen_stem_dtype)
+        x, freq = self._stem(image, frozen_stem_dtype, frequency)
         checkpointing = self.training and torch.is_grad_enabled()
         runners = [
             self._checkpointed if checkpointing and index in self.checkpoint_stages else _call

@@ -47,6 +47,7 @@ class IMedSAMInfer(BasicInferTask):
         window=None,
         cache_size: int = 8,
         max_decode_side: int | None = 1024,
+        encoder_engine: str = "auto",
         description: str = "I-MedSAM: box-prompted 2D segmentation with an uncertainty map",
     ) -> None:
         super().__init__(
@@ -62,6 +63,7 @@ class IMedSAMInfer(BasicInferTask):
         self.window = window
         self.cache_size = cache_size
         self.max_decode_side = max_decode_side
+        self.encoder_engine = encoder_engine
         self.model_version = model_version
         self._lock = threading.RLock()
         self._predictor: Predictor | None = None
@@ -106,7 +108,10 @@ class IMedSAMInfer(BasicInferTask):
         network = self._get_network(device, None)
         if self._predictor is None or self._predictor.model is not network:
             # decode_mode None: the network's, which the app's --conf decode_mode set
-            self._predictor = Predictor(network, cache_size=self.cache_size, max_decode_side=self.max_decode_side, decode_mode=None)
+            # a new network (a published checkpoint) gets a new predictor, so the OpenVINO graph follows it
+            self._predictor = Predictor(
+                network, self.cache_size, self.max_decode_side, decode_mode=None, encoder_engine=self.encoder_engine
+            )
         return self._predictor
 
     def can_propose_boxes(self, device="cpu") -> bool:
