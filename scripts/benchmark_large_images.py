@@ -6,11 +6,12 @@ real images.
     python scripts/benchmark_large_images.py                          # 4000 x 4000, then Kvasir-Sessile test
     python scripts/benchmark_large_images.py --checkpoint runs/main/models/model.pt --caps 0 512 256
     python scripts/benchmark_large_images.py --side 0 --caps 0 --modes exact adaptive   # Dice part only
+    python scripts/benchmark_large_images.py --side 0 --caps 0 --modes adaptive --engines torch openvino
 
 Part 1 runs the CLI in a child process on a ``--side`` x ``--side`` picture (a real image resized up) and
 prints its wall time and peak RSS (the child's ru_maxrss). Part 2 segments every image of the test split
-with its tight ground-truth box, in each decode mode of ``--modes`` and at each cap in ``--caps`` (0: every
-pixel) upsampled to the image's size, and prints the mean Dice against the full-resolution mask, the largest
+with its tight ground-truth box, with each encoder engine of ``--engines``, in each decode mode of ``--modes``
+and at each cap in ``--caps`` (0: every pixel) upsampled to the image's size, and prints the mean Dice against the full-resolution mask, the largest
 per-image difference from the first setting, and the median decode time.
 """
 
@@ -51,7 +52,14 @@ def large_image_run(image_path: str, side: int, max_decode_side: int, checkpoint
 
 
 def capped_dice(
-    dataset_dir: str, split_file: str, caps: list[int], modes: list[str], checkpoint: str | None, limit: int | None
+    dataset_dir: str,
+    split_file: str,
+    caps: list[int],
+    modes: list[str],
+    checkpoint: str | None,
+    limit: int | None,
+    engines: list[str],
+    precision: str,
 ) -> None:
     import torch
 
@@ -63,9 +71,10 @@ def capped_dice(
     model = IMedSAM()
     if checkpoint:
         model.load_checkpoint(checkpoint)
+    model.encoder_precision = model.decoder.precision = precision
     items = polyp_datalist(dataset_dir, "test", split_file)[:limit]
-    predictor = Predictor(model)
-    settings = [(mode, cap) for mode in modes for cap in caps]
+    predictors = {engine: Predictor(model, encoder_engine=engine) for engine in engines}
+    settings = [(engine, mode, cap) for engine in engines for mode in modes for cap in caps]
     dice = {setting: [] for setting in settings}
     seconds = {setting: [] for setting in settings}
     with torch.no_grad():
@@ -73,23 +82,26 @@ def capped_dice(
             image = np.asarray(Image.open(item["image"]).convert("RGB"))
             target = read_mask(item["label"])
             box = box_from_mask(target)
-            predictor.set_image(image)  # once: every setting decodes the same encoding
-            for mode, cap in settings:
-                predictor.decode_mode = mode
-                predictor.max_decode_side = cap or None
-                start = time.perf_counter()
-                probability, _ = predictor.predict(box)
-                seconds[mode, cap].append(time.perf_counter() - start)
-                dice[mode, cap].append(binary_metrics(probability > 0.5, target)["dice"])
+            for engine, predictor in predictors.items():
+                predictor.set_image(image)  # once per engine: its settings decode the same encoding
+                for _, mode, cap in (setting for setting in settings if setting[0] == engine):
+                    predictor.decode_mode = mode
+                    predictor.max_decode_side = cap or None
+                    start = time.perf_counter()
+                    probability, _ = predictor.predict(box)
+                    seconds[engine, mode, cap].append(time.perf_counter() - start)
+                    dice[engine, mode, cap].append(binary_metrics(probability > 0.5, target)["dice"])
     name = os.path.basename(os.path.normpath(dataset_dir))
-    print(f"{name} test split, {len(items)} images ({checkpoint or 'pretrained lite_medsam'}), tight boxes, Dice at full resolution:")
+    print(f"{name} test split, {len(items)} images ({checkpoint or 'pretrained lite_medsam'}), tight boxes, precision "
+          f"{precision!r}, Dice at full resolution:")  # fmt: skip
     first = np.asarray(dice[settings[0]])
-    for mode, cap in settings:
-        largest = np.abs(np.asarray(dice[mode, cap]) - first).max()
-        print(f"  {mode:>8}, max decode side {cap or 'none':>5}: Dice {np.mean(dice[mode, cap]):.4f} (largest per-image "
-              f"difference from the first row {largest:.4f}), decode {np.median(seconds[mode, cap]):.3f} s (median)")  # fmt: skip
-    print(json.dumps({f"{mode}/{cap}": {"dice": float(np.mean(dice[mode, cap])), "decode_s": float(np.median(seconds[mode, cap]))}
-                      for mode, cap in settings}))  # fmt: skip
+    for setting in settings:
+        engine, mode, cap = setting
+        largest = np.abs(np.asarray(dice[setting]) - first).max()
+        print(f"  {engine:>8} encoder, {mode:>8}, max decode side {cap or 'none':>5}: Dice {np.mean(dice[setting]):.4f} (largest "
+              f"per-image difference from the first row {largest:.4f}), decode {np.median(seconds[setting]):.3f} s (median)")  # fmt: skip
+    print(json.dumps({"/".join(map(str, setting)): {"dice": float(np.mean(dice[setting])), "decode_s": float(np.median(seconds[setting]))}
+                      for setting in settings}))  # fmt: skip
 
 
 def main() -> None:
@@ -103,12 +115,14 @@ def main() -> None:
     parser.add_argument("--caps", type=int, nargs="+", default=[0, 512, 384, 256, 128])
     parser.add_argument("--modes", nargs="+", default=["exact"], choices=["exact", "adaptive"], help="decode modes to compare")
     parser.add_argument("--limit", type=int, default=None, help="only the first N test images")
+    parser.add_argument("--engines", nargs="+", default=["auto"], choices=["auto", "torch", "openvino"], help="encoder engines to compare")
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="encoder and decoder precision")
     args = parser.parse_args()
     print(f"CPU: {cpu_summary()}; 2048^2 float32 matmul {matmul_gflops():.0f} GFLOP/s in this run")
     if args.side:
         first = sorted(os.listdir(os.path.join(args.dataset_dir, "images")))[0]
         large_image_run(os.path.join(args.dataset_dir, "images", first), args.side, args.max_decode_side, args.checkpoint)
-    capped_dice(args.dataset_dir, args.split_file, args.caps, args.modes, args.checkpoint, args.limit)
+    capped_dice(args.dataset_dir, args.split_file, args.caps, args.modes, args.checkpoint, args.limit, args.engines, args.precision)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ def test_cli_errors_are_reported_not_raised(tmp_path, caplog):
     assert "could not read image" in caplog.text
     assert main(base + ["--image", image, "--box", "0", "0", "5", "5", "--checkpoint", str(tmp_path / "no.pt")]) == 2
     assert "checkpoint not found" in caplog.text
+    assert main(base + ["--image", image, "--box", "0", "0", "5", "5", "--encoder-engine", "openvino"]) == 2
+    assert "encoder_engine 'openvino' runs the lite_medsam encoder on a CPU" in caplog.text
 
 
 def _forged_png(path, width: int, height: int) -> None:
@@ -157,6 +159,10 @@ def test_cli_predict_with_no_checkpoint_uses_the_pretrained_lite_medsam(tmp_path
     mask = np.asarray(Image.open(tmp_path / "m.png")) > 0
     assert 2 * (mask & disk).sum() / (mask.sum() + disk.sum()) > 0.9
     assert ndimage.label(mask)[1] == 1
+    # the encoder compiled by OpenVINO for this CPU: the same mask, to a pixel or two of bfloat16 rounding
+    assert main(args[:-1] + [str(tmp_path / "ov.png"), "--encoder-engine", "openvino"]) == 0
+    compiled = np.asarray(Image.open(tmp_path / "ov.png")) > 0
+    assert (compiled != mask).sum() <= 0.01 * mask.sum()
 
 
 def test_contour_is_the_ring_of_pixels_with_a_background_neighbour():
