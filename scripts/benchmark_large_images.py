@@ -7,12 +7,14 @@ real images.
     python scripts/benchmark_large_images.py --checkpoint runs/main/models/model.pt --caps 0 512 256
     python scripts/benchmark_large_images.py --side 0 --caps 0 --modes exact adaptive   # Dice part only
     python scripts/benchmark_large_images.py --side 0 --caps 0 --modes adaptive --engines torch openvino
+    python scripts/benchmark_large_images.py --side 0 --caps 0 --modes adaptive --adaptive_points 8192 4096
 
 Part 1 runs the CLI in a child process on a ``--side`` x ``--side`` picture (a real image resized up) and
 prints its wall time and peak RSS (the child's ru_maxrss). Part 2 segments every image of the test split
-with its tight ground-truth box, with each encoder engine of ``--engines``, in each decode mode of ``--modes``
-and at each cap in ``--caps`` (0: every pixel) upsampled to the image's size, and prints the mean Dice against the full-resolution mask, the largest
-per-image difference from the first setting, and the median decode time.
+with its tight ground-truth box, with each encoder engine of ``--engines``, in each decode mode of ``--modes``,
+at each cap in ``--caps`` (0: every pixel) upsampled to the image's size and, adaptive, with each
+``--adaptive_points``, and prints the mean Dice against the full-resolution mask, the largest per-image
+difference from the first setting, and the median decode time.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def capped_dice(
     limit: int | None,
     engines: list[str],
     precision: str,
+    adaptive_points: list[int] | None = None,
+    adaptive_coarse_size: int | None = None,
 ) -> None:
     import torch
 
@@ -72,9 +76,13 @@ def capped_dice(
     if checkpoint:
         model.load_checkpoint(checkpoint)
     model.encoder_precision = model.decoder.precision = precision
+    if adaptive_coarse_size:
+        model.decoder.adaptive_coarse_size = adaptive_coarse_size
     items = polyp_datalist(dataset_dir, "test", split_file)[:limit]
     predictors = {engine: Predictor(model, encoder_engine=engine) for engine in engines}
-    settings = [(engine, mode, cap) for engine in engines for mode in modes for cap in caps]
+    points = adaptive_points or [model.decoder.adaptive_points]
+    settings = [(engine, mode, cap, n) for engine in engines for mode in modes for cap in caps
+                for n in (points if mode == "adaptive" else [None])]  # fmt: skip
     dice = {setting: [] for setting in settings}
     seconds = {setting: [] for setting in settings}
     with torch.no_grad():
@@ -84,22 +92,25 @@ def capped_dice(
             box = box_from_mask(target)
             for engine, predictor in predictors.items():
                 predictor.set_image(image)  # once per engine: its settings decode the same encoding
-                for _, mode, cap in (setting for setting in settings if setting[0] == engine):
-                    predictor.decode_mode = mode
+                for setting in (setting for setting in settings if setting[0] == engine):
+                    _, predictor.decode_mode, cap, n = setting
+                    model.decoder.adaptive_points = n or model.decoder.adaptive_points
                     predictor.max_decode_side = cap or None
                     start = time.perf_counter()
                     probability, _ = predictor.predict(box)
-                    seconds[engine, mode, cap].append(time.perf_counter() - start)
-                    dice[engine, mode, cap].append(binary_metrics(probability > 0.5, target)["dice"])
+                    seconds[setting].append(time.perf_counter() - start)
+                    dice[setting].append(binary_metrics(probability > 0.5, target)["dice"])
     name = os.path.basename(os.path.normpath(dataset_dir))
     print(f"{name} test split, {len(items)} images ({checkpoint or 'pretrained lite_medsam'}), tight boxes, precision "
-          f"{precision!r}, Dice at full resolution:")  # fmt: skip
+          f"{precision!r}, adaptive decoding from a grid of at most {model.decoder.adaptive_coarse_size}; Dice at full "
+          "resolution:")  # fmt: skip
     first = np.asarray(dice[settings[0]])
     for setting in settings:
-        engine, mode, cap = setting
+        engine, mode, cap, n = setting
         largest = np.abs(np.asarray(dice[setting]) - first).max()
-        print(f"  {engine:>8} encoder, {mode:>8}, max decode side {cap or 'none':>5}: Dice {np.mean(dice[setting]):.4f} (largest "
-              f"per-image difference from the first row {largest:.4f}), decode {np.median(seconds[setting]):.3f} s (median)")  # fmt: skip
+        adaptive = f", {n:>5} points per level" if mode == "adaptive" else ""
+        print(f"  {engine:>8} encoder, {mode:>8}{adaptive}, max decode side {cap or 'none':>5}: Dice {np.mean(dice[setting]):.5f} "
+              f"(largest per-image difference from the first row {largest:.4f}), decode {np.median(seconds[setting]):.3f} s (median)")  # fmt: skip
     print(json.dumps({"/".join(map(str, setting)): {"dice": float(np.mean(dice[setting])), "decode_s": float(np.median(seconds[setting]))}
                       for setting in settings}))  # fmt: skip
 
@@ -117,12 +128,16 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N test images")
     parser.add_argument("--engines", nargs="+", default=["auto"], choices=["auto", "torch", "openvino"], help="encoder engines to compare")
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="encoder and decoder precision")
+    parser.add_argument("--adaptive_points", type=int, nargs="+", default=None,
+                        help="the decoder's adaptive_points to compare (default: the model's)")
+    parser.add_argument("--adaptive_coarse_size", type=int, default=None, help="the decoder's adaptive_coarse_size (default: the model's)")
     args = parser.parse_args()
     print(f"CPU: {cpu_summary()}; 2048^2 float32 matmul {matmul_gflops():.0f} GFLOP/s in this run")
     if args.side:
         first = sorted(os.listdir(os.path.join(args.dataset_dir, "images")))[0]
         large_image_run(os.path.join(args.dataset_dir, "images", first), args.side, args.max_decode_side, args.checkpoint)
-    capped_dice(args.dataset_dir, args.split_file, args.caps, args.modes, args.checkpoint, args.limit, args.engines, args.precision)
+    capped_dice(args.dataset_dir, args.split_file, args.caps, args.modes, args.checkpoint, args.limit, args.engines, args.precision,
+                args.adaptive_points, args.adaptive_coarse_size)
 
 
 if __name__ == "__main__":

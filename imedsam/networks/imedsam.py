@@ -139,7 +139,7 @@ class IMedSAM(nn.Module):
         decoder_precision: str = "auto",
         encoder_precision: str = "auto",
         adaptive_coarse_size: int = 128,
-        adaptive_points: int = 8192,
+        adaptive_points: int = 4096,
         freeze_sam: bool = True,
         mask_prior: bool | None = None,
         box_proposal: bool = True,
