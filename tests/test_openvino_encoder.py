@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from imedsam.inference import OpenVINOEncoder, Predictor, resolve_encoder_engine
+from imedsam.metrics import dice
 from imedsam.networks import IMedSAM
 from imedsam.networks.precision import cpu_runs_bfloat16_natively
 
@@ -33,10 +34,6 @@ def cache_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cache_dir(cache_root):
     return cache_root / "openvino"  # where Predictor keeps graphs with IMEDSAM_CACHE_DIR=cache_root
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
 
 
 def test_float32_graph_matches_the_eager_encoder_and_its_logits(model, cache_dir):
@@ -158,7 +155,7 @@ def test_bfloat16_graph_keeps_the_float32_masks_on_real_polyps(model, cache_root
         finally:
             model.encoder_precision = "float32"
         assert fast._openvino_encoder.conversions == 0
-        assert _dice(got, expected) >= 0.95
-        reference_dice.append(_dice(expected, target))
-        fast_dice.append(_dice(got, target))
+        assert dice(got, expected) >= 0.95
+        reference_dice.append(dice(expected, target))
+        fast_dice.append(dice(got, target))
     assert abs(np.mean(fast_dice) - np.mean(reference_dice)) <= 0.005

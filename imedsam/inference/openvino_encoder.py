@@ -136,11 +136,6 @@ class OpenVINOEncoder:
         self._compiled = None
         self._compiled_for: tuple | None = None
 
-    def _weights_state(self) -> tuple:
-        # every in-place write to a tensor (optimiser step, load_state_dict) bumps its _version
-        encoder = self.model.image_encoder
-        return tuple((id(t), t._version) for t in (*encoder.parameters(), *encoder.buffers()))
-
     def _weights_digest(self) -> str:
         digest = hashlib.sha256(f"openvino {self._openvino.__version__} size {self.model.image_size}".encode())
         for name, tensor in self.model.image_encoder.state_dict().items():
@@ -205,7 +200,7 @@ class OpenVINOEncoder:
         device = next(self.model.parameters()).device
         precision = resolve_precision(self.model.encoder_precision, device)
         threads = self.num_threads or torch.get_num_threads()
-        key = (self._weights_state(), precision, threads)
+        key = (self.model.encoder_version(), precision, threads)
         if self._compiled is None or self._compiled_for != key:
             config = {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY",
                       "INFERENCE_NUM_THREADS": threads}  # fmt: skip

@@ -108,10 +108,6 @@ class Predictor:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _model_state(self) -> tuple:
-        # Every in-place write to a parameter (optimiser step, load_state_dict) bumps its _version.
-        return tuple((id(p), p._version) for p in self.model.image_encoder.parameters())
-
     def _run_encoder(self) -> OpenVINOEncoder | None:
         """The encoder to run in place of the model's PyTorch one, or None for that one."""
         if resolve_encoder_engine(self.encoder_engine, self.model, self.device) == "torch":
@@ -129,7 +125,7 @@ class Predictor:
         self._encoding = None
         tensor = image_to_tensor(image)
         digest = hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
-        key = (digest, image.shape, str(image.dtype), self._model_state())
+        key = (digest, image.shape, str(image.dtype), self.model.encoder_version())
         cached = key in self._cache
         if cached:
             self._cache.move_to_end(key)

@@ -236,6 +236,13 @@ class IMedSAM(nn.Module):
         return self
 
     # -- encoder ------------------------------------------------------------------------------------------
+    def encoder_version(self) -> tuple:
+        """Identity and in-place version of every tensor of :attr:`image_encoder`: it changes with a checkpoint
+        load, an optimiser step or a move to another device, so whatever is derived from the encoder's weights
+        (cached encodings, a compiled graph) can be keyed on it."""
+        encoder = self.image_encoder
+        return tuple((id(t), t._version) for t in (*encoder.parameters(), *encoder.buffers()))
+
     def encode(self, image: torch.Tensor, run_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ImageEncoding:
         """Encode ``image [B, 3, h, w]`` (RGB in [0, 1], any size); the result serves any number of boxes.
 
@@ -268,9 +275,8 @@ class IMedSAM(nn.Module):
     # -- decoder ------------------------------------------------------------------------------------------
     def _run_prompt_path(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # the implicit decoder's precision: its maps feed a decoder that runs in that precision anyway
-        if self.training or torch.jit.is_tracing() or self.decoder is None:
-            return self.prompt_path(embedding, boxes)
-        if resolve_precision(self.decoder.precision, embedding.device) == "float32":
+        if (self.training or torch.jit.is_tracing() or self.decoder is None
+                or resolve_precision(self.decoder.precision, embedding.device) == "float32"):  # fmt: skip
             return self.prompt_path(embedding, boxes)
         with torch.autocast(embedding.device.type, dtype=torch.bfloat16):
             box_features, mask_weights = self.prompt_path(embedding, boxes)
