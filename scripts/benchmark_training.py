@@ -39,7 +39,8 @@ def run_one(args) -> dict:
     torch.manual_seed(0)
     size, batch, label = args.image_size, args.batch_size, args.label_size
     stages = tuple(int(stage) for stage in args.checkpoint_stage_set.split(",") if stage)
-    model = IMedSAM(encoder=args.encoder, image_size=size, freeze_sam=True, checkpoint_stages=stages).train()
+    model = IMedSAM(encoder=args.encoder, image_size=size, freeze_sam=True, checkpoint_stages=stages,
+                    encoder_precision=args.precision, decoder_precision=args.precision).train()
     optimizer = torch.optim.AdamW(parameter_groups(model, 1e-3), lr=1e-3)
     loss_fn = CoarseFineLoss()
     inferer = PromptInferer((label, label), return_all=True, query_size=args.query_size)
@@ -76,6 +77,7 @@ def run_one(args) -> dict:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
         "checkpoint_stages": list(stages),
+        "precision": args.precision,
     }
 
 
@@ -90,6 +92,8 @@ def main() -> None:
     parser.add_argument("--checkpoint-stages", nargs="+", default=None, metavar="STAGES",
                         help="sets of lite_medsam attention stages to recompute in the backward pass, e.g. '0' '' '0,1' "
                         "(default for lite_medsam: the bundle's [0], then none)")  # fmt: skip
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="encoder_precision and decoder_precision (training uses the first for the frozen stem)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epoch-images", type=int, default=118, help="images of an epoch, for its estimate (Kvasir-Sessile train: 118)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a single configuration, as JSON
@@ -105,7 +109,7 @@ def main() -> None:
         return
 
     print(f"I-MedSAM training-step benchmark: encoder={args.encoder} image_size={args.image_size} "
-          f"torch={torch.__version__} repeats={args.repeats} (medians; SAM frozen, LoRA + adapters + decoder train)")
+          f"precision={args.precision} torch={torch.__version__} repeats={args.repeats} (medians; SAM frozen, LoRA + adapters + decoder train)")
     try:
         queries = [None if q == "all" else int(q) for q in args.query_sizes]
     except ValueError:
@@ -119,7 +123,7 @@ def main() -> None:
     for stages, label, query, batch in itertools.product(args.checkpoint_stages, args.label_sizes, queries, args.batch_sizes):
         command = [sys.executable, __file__, "--one", "--encoder", args.encoder, "--image-size", str(args.image_size),
                    "--label-size", str(label), "--batch-size", str(batch), "--repeats", str(args.repeats),
-                   "--checkpoint-stage-set", stages]  # fmt: skip
+                   "--checkpoint-stage-set", stages, "--precision", args.precision]  # fmt: skip
         if query is not None:
             command += ["--query-size", str(query)]
         result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])

@@ -175,6 +175,66 @@ def test_adaptive_mode_evaluates_a_bounded_set_near_the_boundary():
         decoder(*inputs, mode="fast")
 
 
+def test_adaptive_points_halve_at_each_coarser_level(monkeypatch):
+    decoder = ImplicitSegmentationDecoder(mc_samples=4, adaptive_coarse_size=8, adaptive_points=100, precision="float32").eval()
+    evaluated = []
+    coarse_at = decoder.coarse_at
+
+    def counting(plan, table, index, *args, **kwargs):
+        evaluated.append(table.height * table.width if index is None else index.shape[1])
+        return coarse_at(plan, table, index, *args, **kwargs)
+
+    monkeypatch.setattr(decoder, "coarse_at", counting)
+    with torch.no_grad():
+        out = decoder(torch.randn(1, 32, 16, 16), torch.randn(1, 256, 4, 4), (64, 60), mode="adaptive")
+    # a first grid of 8 x 8 (64 / 2**3), then 25, 50 and 100 points on the 16-, 32- and 64-row grids
+    assert evaluated == [8 * 8, 25, 50, 100]
+    assert out.refined_index.shape == (1, 100)
+
+
+def _decoder_pair():
+    """Two decoders with the same random weights: one to re-prompt, one to compute from scratch."""
+    decoder = ImplicitSegmentationDecoder(mc_samples=4, precision="float32").eval()
+    _randomise_batch_norm(decoder)
+    fresh = ImplicitSegmentationDecoder(mc_samples=4, precision="float32").eval()
+    fresh.load_state_dict(decoder.state_dict())
+    return decoder, fresh
+
+
+@pytest.mark.parametrize("mode", ["exact", "adaptive"])
+def test_image_rows_are_kept_for_the_same_embedding_until_it_or_the_weights_change(mode):
+    decoder, fresh = _decoder_pair()
+    image = torch.randn(1, 256, 8, 8)
+    size = (40, 36) if mode == "exact" else (150, 140)
+
+    def both(boxes):
+        with torch.no_grad():
+            kept, scratch = decoder(boxes, image, size, mode=mode), fresh(boxes, image.clone(), size, mode=mode)
+        torch.testing.assert_close(kept.logits, scratch.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kept.uncertainty, scratch.uncertainty, atol=1e-5, rtol=1e-5)
+
+    both(torch.randn(1, 32, 16, 16))
+    rows = {key: entry[1] for key, entry in decoder.image_rows._entries.items()}
+    assert len(rows) == 2  # the coarse and the fine INR's first layers
+    both(torch.randn(1, 32, 16, 16))  # a new prompt on the same image: the same rows, not computed again
+    assert all(decoder.image_rows._entries[key][1] is value for key, value in rows.items())
+    with torch.no_grad():  # an optimiser step or a checkpoint load changes the weights in place
+        for model in (decoder, fresh):
+            model.coarse_input.weight.mul_(1.5)
+            model.fine_trunk.input_norm.running_mean.add_(0.2)
+    both(torch.randn(1, 32, 16, 16))
+    with torch.no_grad():  # the embedding itself written over
+        image.mul_(-1.0)
+    both(torch.randn(1, 32, 16, 16))
+    assert all(decoder.image_rows._entries[key][1] is not value for key, value in rows.items())
+
+
+def test_image_rows_are_not_kept_while_autograd_records():
+    decoder, _ = _decoder_pair()
+    decoder(torch.randn(1, 32, 16, 16), torch.randn(1, 256, 8, 8), (20, 20))
+    assert decoder.image_rows._entries == {}
+
+
 @BOX_MAP_SIDES
 def test_mask_prior_extent_and_classes_match_reference(box_side):
     decoder = ImplicitSegmentationDecoder(mc_samples=4, chunk_size=50, num_classes=2, mask_prior=True, precision="float32").eval()

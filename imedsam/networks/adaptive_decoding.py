@@ -2,9 +2,11 @@
 
 The coarse INR runs on a grid ``2**levels`` times coarser than the output (at most ``adaptive_coarse_size`` on
 a side). At each finer level the logits and variances are bilinear from the level below, and the coarse INR
-is evaluated again only at the ``adaptive_points`` points nearest the predicted boundary (smallest
-``|logit|``); the fine INR re-predicts those of the last level. Its cost grows with the boundary's length,
-not with the output's area, and where it evaluates it is exact.
+is evaluated again only at the points nearest the predicted boundary (smallest ``|logit|``): ``adaptive_points``
+at the output's level and half as many at each level below it, since a boundary's length in pixels halves
+with the grid's side while the band around it that interpolation may get wrong stays a pixel or two wide.
+The fine INR re-predicts the points of the last level. The cost grows with the boundary's length, not with
+the output's area, and where it evaluates it is exact.
 """
 
 from __future__ import annotations
@@ -21,12 +23,17 @@ from .decode_plan import DecodePlan, ImplicitDecoderOutput
 if TYPE_CHECKING:
     from .implicit_decoder import ImplicitSegmentationDecoder
 
-__all__ = ["adaptive_levels", "decode_adaptive"]
+__all__ = ["adaptive_levels", "decode_adaptive", "level_points"]
 
 
 def adaptive_levels(output_size: tuple[int, int], coarse_size: int) -> int:
     """How many times the first grid is halved below ``output_size`` to fit ``coarse_size``; 0: decode exactly."""
     return max(0, math.ceil(math.log2(max(output_size) / coarse_size)))
+
+
+def level_points(output_points: int, levels: int, level: int) -> int:
+    """Points evaluated at ``level`` (1..``levels``) when the output's level evaluates ``output_points``."""
+    return max(1, output_points >> (levels - level))
 
 
 def _level_size(output_size: tuple[int, int], levels: int, level: int) -> tuple[int, int]:
@@ -67,7 +74,7 @@ def decode_adaptive(
             F.interpolate(x.view(prompts, 1, *previous), size=size, mode="bilinear", align_corners=False).view(prompts, -1)
             for x in (coarse, variance)
         )
-        points = min(decoder.adaptive_points, size[0] * size[1])
+        points = min(level_points(decoder.adaptive_points, levels, level), size[0] * size[1])
         table = level_table(size, points, image_rows)
         index = torch.topk(-coarse.abs(), points, dim=1).indices
         at_points, variance_at_points, kept = decoder.coarse_at(plan, table, index, class_ids, keep_trunk=True)

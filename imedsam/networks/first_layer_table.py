@@ -31,7 +31,17 @@ import torch.nn.functional as F
 
 from .coordinates import bilinear_taps, fourier_encoding
 
-__all__ = ["FirstLayerTable", "DenseTapsCache", "build_first_layer_table", "evaluate_table", "sample_mask_prior", "table_taps"]
+__all__ = [
+    "FirstLayerTable",
+    "DenseTapsCache",
+    "ImageRowsCache",
+    "build_first_layer_table",
+    "evaluate_table",
+    "folded_layer",
+    "image_map_rows",
+    "sample_mask_prior",
+    "table_taps",
+]
 
 class FirstLayerTable(NamedTuple):
     """One INR's first layer on one query grid, as the rows of a table (see the module's docstring)."""
@@ -65,6 +75,24 @@ class FirstLayerTable(NamedTuple):
         return self.values[start : start + self.prompts * self.image_size[0] * self.image_size[1]]
 
 
+def folded_layer(layer: nn.Linear, fold: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight, bias)`` of ``layer`` followed by the affine ``fold = (scale, shift)`` (None: the layer's own)."""
+    if fold is None:
+        return layer.weight, layer.bias
+    # scale the layer instead of every table row: one pass over the table fewer for each of scale and shift
+    scale, shift = fold
+    return layer.weight * scale.unsqueeze(1), shift if layer.bias is None else layer.bias * scale + shift
+
+
+def image_map_rows(
+    weight: torch.Tensor, box_channels: int, image_channels: int, image_features: torch.Tensor, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """The image-map rows ``[P * g * g, C]`` of a first layer of ``weight`` (folded), as its table holds them."""
+    dtype = dtype or image_features.dtype
+    image_map = image_features.permute(0, 2, 3, 1).reshape(-1, image_channels)
+    return torch.mm(image_map.to(dtype), weight[:, box_channels : box_channels + image_channels].t().to(dtype))
+
+
 def build_first_layer_table(
     layer: nn.Linear,
     box_channels: int,
@@ -95,12 +123,7 @@ def build_first_layer_table(
         image_rows: :attr:`FirstLayerTable.image_rows` of a table of the same layer, fold, dtype and maps on
             another grid, copied rather than computed again.
     """
-    weight, bias = layer.weight, layer.bias
-    if fold is not None:
-        # scale the layer instead of every table row: one pass over the table fewer for each of scale and shift
-        scale, shift = fold
-        weight = weight * scale.unsqueeze(1)
-        bias = shift if bias is None else bias * scale + shift
+    weight, bias = folded_layer(layer, fold)
     coordinates_end = box_channels + image_channels + 2 * (2 * num_frequencies + 1)
     box_w = weight[:, :box_channels]
     image_w = weight[:, box_channels : box_channels + image_channels]
@@ -210,6 +233,51 @@ class DenseTapsCache:
         if key != self._key:
             self._key, self._taps = key, _whole_grid_taps(table)
         return self._taps
+
+
+class ImageRowsCache:
+    """Each first layer's image-map rows (:func:`image_map_rows`) for the last image embedding it saw, kept for
+    that image's next prompt: they depend on the embedding and the layer, not on the prompt, and are a
+    ``[g * g, image_channels] x [image_channels, C]`` matmul (4096 x 256 x 1024 for the coarse INR of SAM's
+    64 x 64 embedding: about a tenth of an adaptive re-prompt's decode in float32).
+
+    An entry is reused only for the very same embedding tensor (held here, so that its identity cannot pass
+    to another tensor) with every source tensor unmodified since (autograd's version counters, which
+    in-place updates such as an optimiser step or ``load_state_dict`` advance), in the same dtype; never
+    while autograd records, nor for inference-mode tensors, which carry no version counter.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[tuple, torch.Tensor]] = {}
+
+    def __call__(
+        self,
+        layer: nn.Linear,
+        fold_sources: tuple[torch.Tensor, ...],
+        weight: torch.Tensor,
+        box_channels: int,
+        image_channels: int,
+        image_features: torch.Tensor,
+        dtype: torch.dtype | None,
+    ) -> torch.Tensor:
+        """The rows for ``layer`` (folded into ``weight``; ``fold_sources``: the tensors the fold is made of)."""
+        sources = (image_features, *layer.parameters(), *fold_sources)
+        if torch.is_grad_enabled() or any(t.is_inference() for t in sources):
+            return image_map_rows(weight, box_channels, image_channels, image_features, dtype)
+        key = (tuple((t, t._version) for t in sources), dtype)
+        entry = self._entries.get(id(layer))
+        if entry is not None and _same_sources(entry[0], key):
+            return entry[1]
+        rows = image_map_rows(weight, box_channels, image_channels, image_features, dtype)
+        self._entries[id(layer)] = (key, rows)
+        return rows
+
+
+def _same_sources(cached: tuple, key: tuple) -> bool:
+    (cached_sources, cached_dtype), (sources, dtype) = cached, key
+    return cached_dtype == dtype and len(cached_sources) == len(sources) and all(
+        a is b and a_version == b_version for (a, a_version), (b, b_version) in zip(cached_sources, sources)
+    )
 
 
 def _whole_grid_taps(table: FirstLayerTable) -> tuple[torch.Tensor, torch.Tensor]:

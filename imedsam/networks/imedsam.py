@@ -93,7 +93,7 @@ class IMedSAM(nn.Module):
             convolutions and matmuls in bfloat16, the rest in float32). Training runs the encoder in float32,
             except lite_medsam's frozen stem (patch embedding and convolutional first stage: no adapter, no
             gradient), which then runs in this precision too.
-        adaptive_coarse_size, adaptive_points: the adaptive mode's first-grid side and points per level.
+        adaptive_coarse_size, adaptive_points: the adaptive mode's first-grid side and points at the output's level.
         freeze_sam: keep SAM's own weights frozen (the method). False trains them too, which is what a
             random-init encoder such as ``vit_tiny`` needs: adapting frozen random features teaches little.
         mask_prior: the implicit decoder refines SAM's own mask logit (a correction that starts at zero, so
@@ -138,7 +138,7 @@ class IMedSAM(nn.Module):
         decode_mode: str = "exact",
         decoder_precision: str = "auto",
         encoder_precision: str = "auto",
-        adaptive_coarse_size: int = 128,
+        adaptive_coarse_size: int = 64,
         adaptive_points: int = 4096,
         freeze_sam: bool = True,
         mask_prior: bool | None = None,
@@ -327,7 +327,8 @@ class IMedSAM(nn.Module):
         # image pixels -> pixels of the encoder's input, where the image fills the top-left extent
         scale = boxes.new_tensor([self.image_size * extent[1] / width, self.image_size * extent[0] / height] * 2)
         prompt_boxes = (boxes.to(embedding.dtype) * scale).reshape(-1, 4)
-        per_prompt = embedding.repeat_interleave(num_boxes, dim=0)
+        # one box per image: the embedding itself, whose decoder rows are then kept for its next prompt
+        per_prompt = embedding if num_boxes == 1 else embedding.repeat_interleave(num_boxes, dim=0)
         box_features, mask_weights = self._run_prompt_path(per_prompt, prompt_boxes)
         out_h, out_w = int(output_size[0]), int(output_size[1])
         if self.decoder is None:

@@ -18,8 +18,10 @@ from .decode_plan import DecodePlan, DropoutDraw, ImplicitDecoderOutput
 from .first_layer_table import (
     DenseTapsCache,
     FirstLayerTable,
+    ImageRowsCache,
     build_first_layer_table,
     evaluate_table,
+    folded_layer,
     sample_mask_prior,
     table_taps,
 )
@@ -60,8 +62,9 @@ class ImplicitSegmentationDecoder(nn.Module):
       every pixel; ``precision="bfloat16"`` runs the trunks' matmuls in bfloat16 (heads and variance stay
       float32);
     * ``mode="adaptive"`` (inference) decodes a grid coarser by a power of two (at most
-      ``adaptive_coarse_size`` on a side) and, at each finer level up to the output, only the
-      ``adaptive_points`` points nearest the predicted boundary (:mod:`~imedsam.networks.adaptive_decoding`);
+      ``adaptive_coarse_size`` on a side) and, at each finer level up to the output, only the points
+      nearest the predicted boundary: ``adaptive_points`` at the output's level, half as many at each level
+      below (:mod:`~imedsam.networks.adaptive_decoding`);
     * ``query_lines`` decodes only a sub-lattice of the output's rows and columns: training on a random one
       each step costs what a coarser grid costs, while the loss still reads the mask at full resolution.
 
@@ -83,9 +86,9 @@ class ImplicitSegmentationDecoder(nn.Module):
             :mod:`~imedsam.networks.precision`), ``"float32"`` or ``"bfloat16"``, for the trunks' matmuls at
             inference.
         adaptive_coarse_size: largest side of the first grid of ``mode="adaptive"``.
-        adaptive_points: points per prompt evaluated at each finer level of ``mode="adaptive"``. 4096 keeps
-            8192's masks on the Kvasir-Sessile test split (mean Dice within 0.0001, each image within 0.003)
-            for two thirds to three quarters of the decode time (``docs/speed.md``).
+        adaptive_points: points per prompt evaluated at the output's level of ``mode="adaptive"``, halved at
+            each coarser level. With the defaults the masks of the Kvasir-Sessile test split stay within
+            DICE_PLACEHOLDER of decoding every pixel (``docs/speed.md``).
         mask_prior: refine SAM's mask logit (``forward`` then needs ``mask_weights``); False is the paper's
             plain decoder.
         prior_dropout: dropout probability over SAM's mask-head channels in the MC passes.
@@ -121,7 +124,7 @@ class ImplicitSegmentationDecoder(nn.Module):
         chunk_size: int = 8192,
         mc_seed: int = 0,
         precision: str = "auto",
-        adaptive_coarse_size: int = 128,
+        adaptive_coarse_size: int = 64,
         adaptive_points: int = 4096,
         mask_prior: bool = False,
         prior_dropout: float = 0.1,
@@ -179,6 +182,7 @@ class ImplicitSegmentationDecoder(nn.Module):
                 nn.init.zeros_(head.output.weight)
                 nn.init.zeros_(head.output.bias)
         self.dense_taps = DenseTapsCache()
+        self.image_rows = ImageRowsCache()
 
     @property
     def num_classes(self) -> int:
@@ -231,9 +235,16 @@ class ImplicitSegmentationDecoder(nn.Module):
         """``layer`` on the grid of rows ``ys`` and columns ``xs``, with ``trunk``'s input BatchNorm folded in
         at inference. ``points``: how many points per prompt the table will serve (None: unknown); with fewer
         than the box map has pixels, the table keeps the map rather than write a row for each of its pixels.
-        ``image_rows``: those of a table of the same layer and maps on another grid, reused."""
+        ``image_rows``: those of a table of the same layer and maps on another grid, reused; at inference
+        they are otherwise kept for the same embedding's next call (:class:`ImageRowsCache`)."""
         fold = None if plan.training else trunk.input_fold()
         box_rows = points is None or points >= box_features.shape[-2] * box_features.shape[-1]
+        if image_rows is None and not plan.training:
+            norm = trunk.input_norm
+            image_rows = self.image_rows(
+                layer, (*norm.parameters(), *norm.buffers()), folded_layer(layer, fold)[0], self.box_channels,
+                self.image_channels, image_features, plan.dtype,
+            )  # fmt: skip
         return build_first_layer_table(
             layer, self.box_channels, self.image_channels, self.num_frequencies, box_features, image_features, ys, xs,
             fold, plan.dtype, pixel_grid, extent, mask_prior, box_rows, image_rows,
