@@ -16,6 +16,7 @@ from imedsam.networks.lite_medsam import (
     lite_medsam_weights_path,
     load_lite_medsam_weights,
 )
+from imedsam.networks.fused_attention import use_fused_attention_in_training
 from imedsam.networks.lora import LoRAQKV, qkv_rows
 from imedsam.networks.tiny_vit_encoder import AdaptedTinyViT, letterbox
 
@@ -323,17 +324,21 @@ def test_folded_convolutions_match_tinyvits_own_and_follow_new_weights():
         torch.testing.assert_close(folded.eval()(image), plain.eval()(image), atol=1e-4, rtol=1e-4)
 
 
-def test_checkpointed_stages_give_the_same_gradients_and_a_bfloat16_stem_stays_close():
+def test_checkpointed_stages_and_fused_attention_give_the_same_gradients_and_a_bfloat16_stem_stays_close():
     vit = _parts()[0]
-    plain = AdaptedTinyViT(copy.deepcopy(vit)).train()
-    checkpointed = AdaptedTinyViT(copy.deepcopy(vit), checkpoint_stages=(0, 2)).train()
-    checkpointed.load_state_dict(plain.state_dict())
+    plain = AdaptedTinyViT(copy.deepcopy(vit), fused_attention=False).train()
+    checkpointed = AdaptedTinyViT(copy.deepcopy(vit), checkpoint_stages=(0, 2), fused_attention=False).train()
+    fused = AdaptedTinyViT(copy.deepcopy(vit)).train()
+    variants = (plain, checkpointed, fused)
+    for encoder in variants[1:]:
+        encoder.load_state_dict(plain.state_dict())
     with torch.no_grad():
-        for adapter in (*plain.frequency_adapters, *checkpointed.frequency_adapters):
-            adapter.up.weight.fill_(0.01)  # let the frequency stream, whose downsamplers are checkpointed too, count
+        for encoder in variants:
+            for adapter in encoder.frequency_adapters:
+                adapter.up.weight.fill_(0.01)  # let the frequency stream, whose downsamplers are checkpointed too, count
     image = torch.rand(2, 3, 256, 256)
     outputs, kept_bytes = [], []
-    for encoder in (plain, checkpointed):
+    for encoder in variants:
         kept = []
 
         def keep(tensor, kept=kept):
@@ -345,13 +350,17 @@ def test_checkpointed_stages_give_the_same_gradients_and_a_bfloat16_stem_stays_c
         out.square().mean().backward()
         outputs.append(out.detach())
         kept_bytes.append(sum(kept))
-    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
-    assert kept_bytes[1] < 0.8 * kept_bytes[0]  # what the backward pass holds on to
-    grads = dict(checkpointed.named_parameters())
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0], atol=1e-5, rtol=1e-5)
+    # what the backward pass holds on to: checkpointing drops two stages' activations, the fused kernel the
+    # attention maps
+    assert kept_bytes[1] < 0.8 * kept_bytes[0] and kept_bytes[2] < 0.8 * kept_bytes[0], kept_bytes
     trainable = [(name, p) for name, p in plain.named_parameters() if p.requires_grad]
     assert trainable and not plain.stem_trains
-    for name, parameter in trainable:
-        torch.testing.assert_close(grads[name].grad, parameter.grad, atol=1e-6, rtol=1e-4)
+    for encoder in variants[1:]:
+        grads = dict(encoder.named_parameters())
+        for name, parameter in trainable:
+            torch.testing.assert_close(grads[name].grad, parameter.grad, atol=1e-6, rtol=1e-4)
     # the frozen stem in bfloat16 (training on a CPU with native bfloat16): its output is float32 and close
     with torch.no_grad():
         reduced = plain(image, frozen_stem_dtype=torch.bfloat16)
@@ -361,3 +370,39 @@ def test_checkpointed_stages_give_the_same_gradients_and_a_bfloat16_stem_stays_c
         AdaptedTinyViT(copy.deepcopy(vit), checkpoint_stages=(3,))
     with pytest.raises(ValueError, match="checkpoint_stages"):
         IMedSAM(encoder="vit_tiny", image_size=64, checkpoint_stages=(0,))
+
+
+def test_fused_attention_is_tinyvits_attention_and_only_trains_fused():
+    attention = _parts()[0].layers[2].blocks[0].attn.requires_grad_(False)  # frozen, as in AdaptedTinyViT
+    with torch.no_grad():
+        attention.attention_biases.normal_()  # the bias must reach the fused kernel
+    fused = copy.deepcopy(attention)
+    use_fused_attention_in_training(fused)
+    x = torch.randn(3, attention.attention_bias_idxs.shape[0], attention.norm.normalized_shape[0], requires_grad=True)
+    tokens = x.shape[1]
+    outputs, grads, attention_maps = [], [], []
+    for module in (attention, fused):
+        module.train()
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (shapes.append(tuple(t.shape)), t)[1], lambda t: t):
+            out = module(x)
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append(x.grad.clone())
+        x.grad = None
+        # per-window maps: [windows, heads, N, N] or [windows * heads, N, N], not the shared [1, heads, N, N] bias
+        attention_maps.append(sum(shape[-2:] == (tokens, tokens) and shape[0] % len(x) == 0 for shape in shapes))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+    assert attention_maps[0] > 0 and attention_maps[1] == 0  # TinyViT keeps [windows, heads, N, N]; fused none
+    # inference is TinyViT's own forward, and a copy of the module runs its own weights
+    for module in (attention, fused):
+        module.eval()
+    with torch.no_grad():
+        assert torch.equal(fused(x), attention(x))
+        twin = copy.deepcopy(fused)
+        twin.proj.weight.zero_()
+        twin.proj.bias.zero_()
+        assert torch.equal(twin(x), torch.zeros_like(x)) and not torch.equal(fused(x), twin(x))
+    with pytest.raises(TypeError, match="not TinyViT's attention"):
+        use_fused_attention_in_training(torch.nn.Linear(2, 2))

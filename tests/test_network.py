@@ -86,6 +86,8 @@ def test_lora_updates_q_and_v_but_not_k():
         layer.q_up.weight.fill_(0.5)
         layer.v_up.weight.fill_(-0.5)
     delta = layer(x) - base(x)
+    torch.testing.assert_close(delta[:, :6], 2.0 * layer.q_up(layer.q_down(x)))
+    torch.testing.assert_close(delta[:, 12:], 2.0 * layer.v_up(layer.v_down(x)))
     assert delta[:, :6].abs().sum() > 0 and delta[:, 12:].abs().sum() > 0
     assert torch.equal(delta[:, 6:12], torch.zeros(3, 6))
     assert layer.scale == 2.0

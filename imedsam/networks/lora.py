@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = ["LoRAQKV", "add_lora_to_attention", "qkv_rows"]
 
@@ -69,16 +70,21 @@ class LoRAQKV(nn.Module):
             nn.init.zeros_(up.weight)
         self.interleaved = head_dim is not None
         q_rows, v_rows = qkv_rows(dim, head_dim)
-        self.register_buffer("update_rows", torch.cat([q_rows, v_rows]), persistent=False)
+        # for each output row of qkv, its row in [q_up; v_up; a zero row] (k rows take the zero row)
+        source = torch.full((qkv.out_features,), 2 * dim, dtype=torch.long)
+        source[q_rows], source[v_rows] = torch.arange(dim), dim + torch.arange(dim)
+        self.register_buffer("update_source_rows", source, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.interleaved:
-            q, k, v = self.qkv(x).split(self.dim, dim=-1)
-            q = q + self.scale * self.q_up(self.q_down(x))
-            v = v + self.scale * self.v_up(self.v_down(x))
-            return torch.cat([q, k, v], dim=-1)
-        update = torch.cat([self.q_up(self.q_down(x)), self.v_up(self.v_down(x))], dim=-1)
-        return self.qkv(x).index_add(-1, self.update_rows, update, alpha=self.scale)
+        low = torch.cat([self.q_down(x), self.v_down(x)], dim=-1)  # [..., 2 * rank]
+        # both ups as one [3 * dim, 2 * rank] matrix whose k rows are zero: the update is then one small
+        # matmul accumulated into qkv's output, with no scatter of it into the q and v columns, whose backward
+        # (a gather along the last dimension) cost more than the update itself
+        rank = self.q_up.in_features
+        q_up, v_up = F.pad(self.q_up.weight, (0, rank)), F.pad(self.v_up.weight, (rank, 0))
+        ups = torch.cat([q_up, v_up, q_up.new_zeros(1, 2 * rank)]).index_select(0, self.update_source_rows)
+        out = self.qkv(x)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), ups.t(), alpha=self.scale).view(out.shape)
 
 
 def add_lora_to_attention(blocks, rank: int, alpha: float | None = None, head_dim: int | None = None) -> None:

@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .folded_conv import fold_conv_bn_pairs
 from .frequency_adapter import frequency_adapters, frequency_image
+from .fused_attention import use_fused_attention_in_training
 from .lora import add_lora_to_attention
 
 __all__ = ["AdaptedTinyViT", "letterbox"]
@@ -72,6 +73,9 @@ class AdaptedTinyViT(nn.Module):
             2: 2 blocks at 64 x 64) whose blocks and downsampler keep, in training, only their input for the
             backward pass and run their forward again there: the same gradients for less memory (their
             attention maps and MLP activations are not kept), for one more forward pass of those stages.
+        fused_attention: in training, run the attention blocks through PyTorch's fused attention kernel,
+            which keeps no attention map for the backward pass (:mod:`~imedsam.networks.fused_attention`;
+            the same function, about 280 MiB less held per step of two images). Inference is unaffected.
 
     ``forward(image, frozen_stem_dtype=torch.bfloat16)`` runs the frozen stem (the patch embedding and the
     convolutional first stage, which have no adapter, and the frequency stream's copy of them) under
@@ -102,6 +106,7 @@ class AdaptedTinyViT(nn.Module):
         fa_hidden_dim: int = 4,
         fold_conv_bn: bool = True,
         checkpoint_stages: tuple[int, ...] = (),
+        fused_attention: bool = True,
     ) -> None:
         super().__init__()
         self.vit = tiny_vit
@@ -119,6 +124,10 @@ class AdaptedTinyViT(nn.Module):
         if lora_rank > 0:
             for stage in self.attention_stages:
                 add_lora_to_attention(stage.blocks, rank=lora_rank, alpha=lora_alpha, head_dim=stage.blocks[0].attn.key_dim)
+        if fused_attention:
+            for stage in self.attention_stages:
+                for block in stage.blocks:
+                    use_fused_attention_in_training(block.attn)
         widths = [stage.dim for stage in self.attention_stages for _ in stage.blocks]
         self.frequency_adapters = frequency_adapters(widths, fa_mode, fa_hidden_dim)
         self.register_load_state_dict_post_hook(self._refresh_attention_bias_cache)
