@@ -2,7 +2,7 @@
 """Training-step benchmark of I-MedSAM: time, peak memory and achieved GFLOP/s of one optimiser step.
 
     python scripts/benchmark_training.py              # the bundle's defaults: lite_medsam, label 256, 128^2 queries, batch 2,
-                                                      # attention stage 0 checkpointed, then nothing checkpointed
+                                                      # attention stages 0 and 1 checkpointed, then 0, then none
     python scripts/benchmark_training.py --encoder vit_b --image-size 384 --label-sizes 384 --batch-sizes 1 4 --query-sizes all
 
 A step is what the bundle's trainer does: encode, decode every box with UGS at ``label_size`` x
@@ -91,7 +91,7 @@ def main() -> None:
                         help="rows and columns of the label grid decoded per step: 'all' (every pixel) or a number")
     parser.add_argument("--checkpoint-stages", nargs="+", default=None, metavar="STAGES",
                         help="sets of lite_medsam attention stages to recompute in the backward pass, e.g. '0' '' '0,1' "
-                        "(default for lite_medsam: the bundle's [0], then none)")  # fmt: skip
+                        "(default for lite_medsam: the bundle's [0, 1], then [0], then none)")  # fmt: skip
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="encoder_precision and decoder_precision (training uses the first for the frozen stem)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--checkpoint-stage-set", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.checkpoint_stages is None:
-        args.checkpoint_stages = ["0", ""] if args.encoder == "lite_medsam" else [""]
+        args.checkpoint_stages = ["0,1", "0", ""] if args.encoder == "lite_medsam" else [""]
     if args.one:
         print(json.dumps(run_one(args)))
         return

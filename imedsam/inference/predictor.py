@@ -57,7 +57,7 @@ class Predictor:
             decodes every output pixel.
         decode_mode: ``"adaptive"`` (the default here) evaluates the implicit decoder on a coarse grid and,
             level by level, only near the predicted boundary; on the Kvasir-Sessile test split its masks are
-            within 0.001 Dice of ``"exact"``'s, which evaluates every output pixel (the method as published)
+            within 0.0003 mean Dice of ``"exact"``'s, which evaluates every output pixel (the method as published)
             at several times the cost (``docs/speed.md``). None follows the model's ``decode_mode``.
         encoder_engine: what runs the image encoder. ``"auto"`` (the default) is OpenVINO for the ``lite_medsam``
             encoder on a CPU (:class:`~imedsam.inference.OpenVINOEncoder`: the same function, several times
