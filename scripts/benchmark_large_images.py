@@ -108,7 +108,7 @@ def capped_dice(
     for setting in settings:
         engine, mode, cap, n = setting
         largest = np.abs(np.asarray(dice[setting]) - first).max()
-        adaptive = f", {n:>5} points per level" if mode == "adaptive" else ""
+        adaptive = f", {n:>5} points at the output level" if mode == "adaptive" else ""
         print(f"  {engine:>8} encoder, {mode:>8}{adaptive}, max decode side {cap or 'none':>5}: Dice {np.mean(dice[setting]):.5f} "
               f"(largest per-image difference from the first row {largest:.4f}), decode {np.median(seconds[setting]):.3f} s (median)")  # fmt: skip
     print(json.dumps({"/".join(map(str, setting)): {"dice": float(np.mean(dice[setting])), "decode_s": float(np.median(seconds[setting]))}
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=["auto"], choices=["auto", "torch", "openvino"], help="encoder engines to compare")
     parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="encoder and decoder precision")
     parser.add_argument("--adaptive_points", type=int, nargs="+", default=None,
-                        help="the decoder's adaptive_points to compare (default: the model's)")
+                        help="the decoder's adaptive_points (points at the output's level) to compare (default: the model's)")
     parser.add_argument("--adaptive_coarse_size", type=int, default=None, help="the decoder's adaptive_coarse_size (default: the model's)")
     args = parser.parse_args()
     print(f"CPU: {cpu_summary()}; 2048^2 float32 matmul {matmul_gflops():.0f} GFLOP/s in this run")
