@@ -253,23 +253,24 @@ class ImageRowsCache:
     def __call__(
         self,
         layer: nn.Linear,
+        fold: tuple[torch.Tensor, torch.Tensor] | None,
         fold_sources: tuple[torch.Tensor, ...],
-        weight: torch.Tensor,
         box_channels: int,
         image_channels: int,
         image_features: torch.Tensor,
         dtype: torch.dtype | None,
     ) -> torch.Tensor:
-        """The rows for ``layer`` (folded into ``weight``; ``fold_sources``: the tensors the fold is made of)."""
+        """The rows for ``layer`` followed by ``fold`` (see :func:`folded_layer`); ``fold_sources``: the tensors
+        the fold is made of."""
         sources = (image_features, *layer.parameters(), *fold_sources)
-        if torch.is_grad_enabled() or any(t.is_inference() for t in sources):
-            return image_map_rows(weight, box_channels, image_channels, image_features, dtype)
-        key = (tuple((t, t._version) for t in sources), dtype)
+        keep = not torch.is_grad_enabled() and not any(t.is_inference() for t in sources)
+        key = (tuple((t, t._version) for t in sources), dtype) if keep else None
         entry = self._entries.get(id(layer))
-        if entry is not None and _same_sources(entry[0], key):
+        if keep and entry is not None and _same_sources(entry[0], key):
             return entry[1]
-        rows = image_map_rows(weight, box_channels, image_channels, image_features, dtype)
-        self._entries[id(layer)] = (key, rows)
+        rows = image_map_rows(folded_layer(layer, fold)[0], box_channels, image_channels, image_features, dtype)
+        if keep:
+            self._entries[id(layer)] = (key, rows)
         return rows
 
 

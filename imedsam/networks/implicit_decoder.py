@@ -21,7 +21,6 @@ from .first_layer_table import (
     ImageRowsCache,
     build_first_layer_table,
     evaluate_table,
-    folded_layer,
     sample_mask_prior,
     table_taps,
 )
@@ -242,8 +241,8 @@ class ImplicitSegmentationDecoder(nn.Module):
         if image_rows is None and not plan.training:
             norm = trunk.input_norm
             image_rows = self.image_rows(
-                layer, (*norm.parameters(), *norm.buffers()), folded_layer(layer, fold)[0], self.box_channels,
-                self.image_channels, image_features, plan.dtype,
+                layer, fold, (*norm.parameters(), *norm.buffers()), self.box_channels, self.image_channels,
+                image_features, plan.dtype,
             )  # fmt: skip
         return build_first_layer_table(
             layer, self.box_channels, self.image_channels, self.num_frequencies, box_features, image_features, ys, xs,

@@ -59,7 +59,6 @@ class LoRAQKV(nn.Module):
         self.qkv = qkv
         self.qkv.requires_grad_(False)
         dim = qkv.in_features
-        self.dim = dim
         self.scale = (rank if alpha is None else alpha) / rank
         self.q_down = nn.Linear(dim, rank, bias=False)
         self.q_up = nn.Linear(rank, dim, bias=False)
