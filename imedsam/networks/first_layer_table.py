@@ -17,8 +17,10 @@ box-map rows (a point's box-map weights sum to one, so it takes the shift exactl
 The box map is large (SAM's is 256 x 256) and changes with every prompt. When fewer points are evaluated
 than it has pixels (the finer levels of the adaptive mode, the UGS refinement, a training sub-lattice), its
 rows are not written: the map itself is kept, its four taps are blended into the point's box-map input, and
-the layer is applied to that (``W (sum_i w_i m_i) = sum_i w_i (W m_i)``, the same maths in another order). The
-bias and shift then ride on the column rows, which every point also takes exactly once.
+the layer is applied to that (``W (sum_i w_i m_i) = sum_i w_i (W m_i)``, the same maths in another order).
+Such a table's rows are then the image-map rows alone, the very tensor :class:`ImageRowsCache` keeps (no copy
+of 16 MB per adaptive level), and ``gamma(p)`` and the bias join the box-map input in that one matmul: a
+point's input is ``[box map blend, gamma(x, 0) - gamma(0, 0) + gamma(0, y), 1]``.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ __all__ = [
 class FirstLayerTable(NamedTuple):
     """One INR's first layer on one query grid, as the rows of a table (see the module's docstring)."""
 
-    values: torch.Tensor  #: ``[rows, C]``: box-map rows of every prompt, image-map rows, grid columns, grid rows
+    #: ``[rows, C]``: box-map rows of every prompt, image-map rows, grid columns, grid rows; with ``box_map``
+    #: the image-map rows alone
+    values: torch.Tensor
     box_size: tuple[int, int]  #: ``(hb, wb)`` of the box map
     image_size: tuple[int, int]  #: ``(g, g)`` of the image embedding
     ys: torch.Tensor  #: ``[height]`` normalised y of the query grid's rows
@@ -57,7 +61,11 @@ class FirstLayerTable(NamedTuple):
     mask_prior: torch.Tensor | None = None  #: ``[P * hb * wb, 1 + T]``: SAM's mask logit and its T dropout passes
     #: ``[P * hb * wb, box_channels]`` the box map itself, when its rows are not in ``values`` (see the module)
     box_map: torch.Tensor | None = None
-    box_weight: torch.Tensor | None = None  #: ``[box_channels, C]`` the layer's box-map columns, with ``box_map``
+    #: with ``box_map``: ``[box_channels + coordinate_dim + 1, C]``, the layer's box-map and gamma columns and its
+    #: bias, applied to a point's ``[box map blend, gamma, 1]``
+    point_weight: torch.Tensor | None = None
+    column_codes: torch.Tensor | None = None  #: with ``box_map``: ``[width, coordinate_dim]``, gamma(x, 0) - gamma(0, 0)
+    row_codes: torch.Tensor | None = None  #: with ``box_map``: ``[height, coordinate_dim]``, gamma(0, y)
 
     @property
     def height(self) -> int:
@@ -71,7 +79,9 @@ class FirstLayerTable(NamedTuple):
     def image_rows(self) -> torch.Tensor:
         """``[P * g * g, C]``: the image-map rows, which another grid's table of the same layer and maps can
         reuse (``build_first_layer_table(..., image_rows=...)``)."""
-        start = 0 if self.box_map is not None else self.prompts * self.box_size[0] * self.box_size[1]
+        if self.box_map is not None:
+            return self.values
+        start = self.prompts * self.box_size[0] * self.box_size[1]
         return self.values[start : start + self.prompts * self.image_size[0] * self.image_size[1]]
 
 
@@ -121,7 +131,8 @@ def build_first_layer_table(
         box_rows: write the layer's output at every box-map pixel into the table; False keeps the box map
             and applies the layer to its blend at each point instead (cheaper for fewer points than pixels).
         image_rows: :attr:`FirstLayerTable.image_rows` of a table of the same layer, fold, dtype and maps on
-            another grid, copied rather than computed again.
+            another grid, rather than computed again: held as they are when the box map is kept, else copied
+            into the table.
     """
     weight, bias = folded_layer(layer, fold)
     coordinates_end = box_channels + image_channels + 2 * (2 * num_frequencies + 1)
@@ -130,31 +141,21 @@ def build_first_layer_table(
     coord_w = weight[:, box_channels + image_channels : coordinates_end]
     # W gamma(x, 0) - W gamma(0, 0) = W (gamma(x, 0) - gamma(0, 0)): the column rows come out of one matmul
     origin = fourier_encoding(xs.new_zeros(1, 2), num_frequencies)
+    column_codes = fourier_encoding(torch.stack([xs, torch.zeros_like(xs)], -1), num_frequencies) - origin
+    row_codes = fourier_encoding(torch.stack([torch.zeros_like(ys), ys], -1), num_frequencies)
     box_map = box_features.permute(0, 2, 3, 1).reshape(-1, box_channels)
     image_map = image_features.permute(0, 2, 3, 1).reshape(-1, image_channels)
-    inputs = [
-        (image_map, image_w, None) if image_rows is None else (image_rows, None, None),
-        (fourier_encoding(torch.stack([xs, torch.zeros_like(xs)], -1), num_frequencies) - origin, coord_w, None if box_rows else bias),
-        (fourier_encoding(torch.stack([torch.zeros_like(ys), ys], -1), num_frequencies), coord_w, None),
-    ]
+    image_part = (image_map, image_w, None) if image_rows is None else (image_rows, None, None)
+    shape = (tuple(box_features.shape[-2:]), tuple(image_features.shape[-2:]), ys, xs, box_features.shape[0], pixel_grid, extent, mask_prior)
     if box_rows:
-        inputs.insert(0, (box_map, box_w, bias))
-        box_map = box_weight = None
-    else:
-        box_map, box_weight = box_map.to(dtype or box_map.dtype), box_w.t().to(dtype or box_map.dtype)
-    return FirstLayerTable(
-        _table_rows(inputs, dtype),
-        tuple(box_features.shape[-2:]),
-        tuple(image_features.shape[-2:]),
-        ys,
-        xs,
-        box_features.shape[0],
-        pixel_grid,
-        extent,
-        mask_prior,
-        box_map,
-        box_weight,
-    )
+        inputs = [(box_map, box_w, bias), image_part, (column_codes, coord_w, None), (row_codes, coord_w, None)]
+        return FirstLayerTable(_table_rows(inputs, dtype), *shape)
+    dtype = dtype or box_map.dtype
+    values = image_rows if image_rows is not None else _table_rows([image_part], dtype)
+    if bias is None:
+        bias = weight.new_zeros(weight.shape[0])
+    point_weight = torch.cat([box_w, coord_w, bias.unsqueeze(1)], 1).t().to(dtype)
+    return FirstLayerTable(values, *shape, box_map.to(dtype), point_weight, column_codes.to(dtype), row_codes.to(dtype))
 
 
 def _table_rows(inputs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]], dtype: torch.dtype | None) -> torch.Tensor:
@@ -188,9 +189,10 @@ def _table_rows(inputs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tens
 def table_taps(table: FirstLayerTable, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The table rows ``[P, N, 10]`` and their weights of the points at raster ``index [P, N]`` of the grid.
 
-    The table holds, in order: ``hb * wb`` box-map rows per prompt (unless the table keeps the box map, whose
-    pixels the first four taps then name), ``g * g`` image-map rows per prompt, then the ``width`` column rows
-    and the ``height`` row rows shared by every prompt.
+    The table holds, in order: ``hb * wb`` box-map rows per prompt, ``g * g`` image-map rows per prompt, then
+    the ``width`` column rows and the ``height`` row rows shared by every prompt. A table that keeps the box
+    map holds the image-map rows alone: the first four taps then name box-map pixels, and the last two the
+    point's column and row.
     """
     prompts = index.shape[0]
     grid_row = torch.div(index, table.width, rounding_mode="floor")
@@ -204,11 +206,15 @@ def table_taps(table: FirstLayerTable, index: torch.Tensor) -> tuple[torch.Tenso
     prompt = torch.arange(prompts, device=index.device).view(prompts, 1, 1)
     box_block, image_block = box_h * box_w, image_h * image_w
     box_rows = box_rows + prompt * box_block
-    first_image_row = prompts * box_block if table.box_map is None else 0
+    if table.box_map is None:
+        first_image_row = prompts * box_block
+        first_column_row = first_image_row + prompts * image_block
+        first_row_row = first_column_row + table.width
+    else:  # the last two taps name the point's rows of column_codes and row_codes
+        first_image_row = first_column_row = first_row_row = 0
     image_rows = image_rows + prompt * image_block + first_image_row
-    first_column_row = first_image_row + prompts * image_block
     column_rows = (grid_column + first_column_row).unsqueeze(-1)
-    row_rows = (grid_row + first_column_row + table.width).unsqueeze(-1)
+    row_rows = (grid_row + first_row_row).unsqueeze(-1)
     taps = torch.cat([box_rows, image_rows, column_rows, row_rows], dim=-1)
     weights = torch.cat([box_weights, image_weights, box_weights.new_ones(*index.shape, 2)], dim=-1)
     return taps, weights.to(table.values.dtype)
@@ -288,13 +294,17 @@ def _whole_grid_taps(table: FirstLayerTable) -> tuple[torch.Tensor, torch.Tensor
 
 def evaluate_table(table: FirstLayerTable, taps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """First-layer outputs ``[P, N, C]`` at the points of ``taps, weights [P, N, 10]``."""
+    prompts = taps.shape[0]
     if table.box_map is None:
         out = _blend(table.values, taps, weights)
     else:
-        out = _blend(table.values, taps[..., 4:], weights[..., 4:])
-        box_input = _blend(table.box_map, taps[..., :4], weights[..., :4])
-        out = out.addmm_(box_input, table.box_weight) if not torch.is_grad_enabled() else torch.addmm(out, box_input, table.box_weight)
-    return out.view(taps.shape[0], -1, out.shape[-1])
+        out = _blend(table.values, taps[..., 4:8], weights[..., 4:8])
+        taps = taps.reshape(-1, taps.shape[-1])
+        codes = table.column_codes[taps[:, 8]] + table.row_codes[taps[:, 9]]
+        box_input = _blend(table.box_map, taps[:, :4], weights.reshape(taps.shape)[:, :4])
+        point_input = torch.cat([box_input, codes, codes.new_ones(codes.shape[0], 1)], 1)
+        out = out.addmm_(point_input, table.point_weight) if not torch.is_grad_enabled() else torch.addmm(out, point_input, table.point_weight)
+    return out.view(prompts, -1, out.shape[-1])
 
 
 def _blend(rows: torch.Tensor, taps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
