@@ -9,11 +9,17 @@ from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int, budget_s: float | None = None) -> float:
     """Median wall time of ``fn()`` over ``repeats`` calls, after one warm-up call, timed by torch's benchmark
-    ``Timer`` with torch's current thread count (the Timer's own default is one thread)."""
+    ``Timer`` with torch's current thread count (the Timer's own default is one thread).
+
+    ``budget_s``: fewer timed calls (at least one) when ``repeats`` of them would take longer, as the warm-up
+    call predicts: on a slow CPU a long row then costs its budget, not ``repeats`` times a long call.
+    """
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    timer.timeit(1)
+    warm_up = timer.timeit(1).median
+    if budget_s is not None:
+        repeats = max(1, min(repeats, int(budget_s / max(warm_up, 1e-9))))
     return statistics.median(timer.timeit(1).median for _ in range(repeats))
 
 

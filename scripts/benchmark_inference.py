@@ -17,6 +17,10 @@ Rows (medians over --repeats calls after one warm-up call; times also as a ratio
 - the decoder, exact and adaptive, at several output sizes, in float32 and, where this CPU runs it natively,
   bfloat16 (elsewhere the bfloat16 rows are skipped with the reason: emulated bfloat16 is several times slower).
 
+It finishes in about 10 minutes on a slow CPU too: a row whose calls are long times fewer of them
+(``--row-budget``, at least one after the warm-up), and an exact decode that the smallest output size's
+predicts (by area) to take longer than the budget per call is skipped with that estimate printed.
+
 GFLOP counts are torch's FlopCounterMode (matmuls and convolutions). The model is random-init except for the
 lite_medsam backbone's pretrained weights; speed does not depend on the weights. Peak RSS is ru_maxrss.
 """
@@ -45,11 +49,15 @@ def main() -> None:
     parser.add_argument("--output-sizes", type=int, nargs="+", default=[256, 896])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--row-budget", type=float, default=20.0,
+                        help="seconds of timed calls per row: fewer repeats for long calls (at least one); an exact "
+                             "decode predicted to take longer than this per call is skipped")  # fmt: skip
     parser.add_argument("--precision", choices=["auto", "float32"], default="auto",
                         help="encoder and decoder precision of the Predictor rows; float32: the path a CPU without "
                              "native bfloat16 takes (with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 "
                              "MKL_ENABLE_INSTRUCTIONS=AVX2, an AVX2-only CPU's kernels)")  # fmt: skip
     args = parser.parse_args()
+    started_benchmark = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -84,7 +92,7 @@ def main() -> None:
 
         reference = LiteMedSAMReference()
         picture = next(pictures)
-        results["reference"] = median_seconds(lambda: reference(picture, box), args.repeats)
+        results["reference"] = median_seconds(lambda: reference(picture, box), args.repeats, args.row_budget)
         row("LiteMedSAM reference forward", results["reference"], count_gflop(lambda: reference(picture, box), inference=True))
 
     # Predictor's default encoder engine and decode mode (adaptive), then every pixel through the coarse INR
@@ -105,26 +113,26 @@ def main() -> None:
             predictor.set_image(next(pictures))
             return predictor.predict(box)
 
-        results[f"first {label} {mode}"] = median_seconds(first_prompt, args.repeats)
+        results[f"first {label} {mode}"] = median_seconds(first_prompt, args.repeats, args.row_budget)
         row(f"first prompt, {label} encoder + {mode} decode", results[f"first {label} {mode}"])
         if engine_choice == "auto":
-            results[f"again {mode}"] = median_seconds(lambda: predictor.predict(next(boxes)), args.repeats)
+            results[f"again {mode}"] = median_seconds(lambda: predictor.predict(next(boxes)), args.repeats, args.row_budget)
             row(f"re-prompt, {mode} decode {width}x{height}", results[f"again {mode}"])
     tensor = torch.rand(1, 3, height, width)
     with torch.no_grad():
         model.encoder_precision = "float32"
         encoder_gflop = count_gflop(lambda: model.encode(tensor), inference=True)
-        row("encoder float32", median_seconds(lambda: model.encode(tensor), args.repeats), encoder_gflop)
+        row("encoder float32", median_seconds(lambda: model.encode(tensor), args.repeats, args.row_budget), encoder_gflop)
         if native_bf16:  # the same work, so its ratio is the speed over the float32 matmul's
             model.encoder_precision = "bfloat16"
-            row("encoder bfloat16 (autocast)", median_seconds(lambda: model.encode(tensor), args.repeats), encoder_gflop)
+            row("encoder bfloat16 (autocast)", median_seconds(lambda: model.encode(tensor), args.repeats, args.row_budget), encoder_gflop)
         else:
             print(f"encoder bfloat16 row skipped: {no_bf16_reason}")
         if engine == "openvino":
             for precision in ("float32", "bfloat16") if native_bf16 else ("float32",):
                 model.encoder_precision = precision
                 call = lambda: model.encode(tensor, run_encoder=compiled)  # noqa: E731
-                row(f"encoder OpenVINO {precision}", median_seconds(call, args.repeats), encoder_gflop)
+                row(f"encoder OpenVINO {precision}", median_seconds(call, args.repeats, args.row_budget), encoder_gflop)
         model.encoder_precision = args.precision
         encoding = model.encode(tensor)
         prompt = torch.tensor([[box]], dtype=torch.float32)
@@ -134,15 +142,26 @@ def main() -> None:
                 continue
             model.decoder.precision = precision
             for mode in ("exact", "adaptive"):
-                for size in args.output_sizes:
+                smallest = None  # (pixels, seconds) of this mode's smallest output, for the exact decode's estimate
+                for size in sorted(args.output_sizes):
+                    name = f"decode {mode:8s} {precision:8s} {size:4d}^2"
+                    if mode == "exact" and smallest is not None:
+                        predicted = smallest[1] * size**2 / smallest[0]
+                        if predicted > args.row_budget:
+                            print(f"{name:44s} skipped: about {predicted:.0f} s a call by area from {int(smallest[0] ** 0.5)}^2 "
+                                  f"(over --row-budget {args.row_budget:g} s)")  # fmt: skip
+                            continue
                     call = lambda: model.decode(encoding, prompt, (size, size), mode=mode)  # noqa: E731
-                    row(f"decode {mode:8s} {precision:8s} {size:4d}^2", median_seconds(call, args.repeats), count_gflop(call, inference=True))
+                    seconds = median_seconds(call, args.repeats, args.row_budget)
+                    smallest = smallest or (size**2, seconds)
+                    row(name, seconds, count_gflop(call, inference=True))
         model.decoder.precision = args.precision
     print(f"encoder and decoder precision {args.precision!r} here: {default_precision}")
     if "reference" in results:
         for key in (key for key in results if key.startswith("first ")):
             print(f"{key[6:]}: first prompt / LiteMedSAM reference forward: {results[key] / results['reference']:.2f}")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:8.0f} MiB")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:8.0f} MiB; "
+          f"benchmark wall time {time.perf_counter() - started_benchmark:.0f} s")
 
 
 if __name__ == "__main__":

@@ -323,6 +323,17 @@ class ImplicitSegmentationDecoder(nn.Module):
 
         return self._per_class(head, trunk, class_ids, self.coarse_heads[0].out_features - 1, assignment)
 
+    def coarse_features_to_fine(self, trunk: torch.Tensor, class_ids, feature_w: torch.Tensor) -> torch.Tensor:
+        """At inference, the fine INR's first-layer input from the coarse features ``[P, K, C]``: the coarse
+        head's feature rows and the fine layer's columns ``feature_w`` that read them, composed into one
+        layer (``W_f (W_h h + b_h) = (W_f W_h) h + W_f b_h``), so the ``[K, F]`` features are never made."""
+
+        def composed(cls, h, _):
+            head = self.coarse_heads[cls]
+            return F.linear(h, (feature_w @ head.weight[1:]).to(h.dtype), (feature_w @ head.bias[1:]).to(h.dtype)).float()
+
+        return self._per_class(composed, trunk, class_ids, feature_w.shape[0])
+
     def fine_logit(self, hidden: torch.Tensor, class_ids) -> torch.Tensor:
         return self._per_class(lambda cls, h, _: rows_through(self.fine_heads[cls], h), hidden, class_ids, 1).squeeze(-1)
 
@@ -380,10 +391,13 @@ class ImplicitSegmentationDecoder(nn.Module):
                 trunk = kept_trunk.gather(1, rows.unsqueeze(-1).expand(-1, -1, kept_trunk.shape[-1]))
             else:
                 trunk = run_coarse(self.first_layer(coarse_table, part)[0])
-            assignment = None if plan.dropout.assignment is None else plan.dropout.assignment.gather(1, part)
-            features = self.coarse_features(plan, trunk, class_ids, assignment)
+            if plan.training:
+                assignment = plan.dropout.assignment.gather(1, part)
+                from_coarse = F.linear(self.coarse_features(plan, trunk, class_ids, assignment), feature_w)
+            else:
+                from_coarse = self.coarse_features_to_fine(trunk, class_ids, feature_w)
             first, prior = self.first_layer(fine_table, part)
-            hidden = run_fine(first + F.linear(features, feature_w).to(fine_table.values.dtype)).float()
+            hidden = run_fine(first + from_coarse.to(fine_table.values.dtype)).float()
             fine_logit = self.fine_logit(hidden, class_ids)
             if coarse_table.mask_prior is not None:
                 fine_logit = fine_logit + sample_mask_prior(coarse_table, *table_taps(coarse_table, part))[..., 0]
