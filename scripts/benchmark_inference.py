@@ -17,9 +17,10 @@ Rows (medians over --repeats calls after one warm-up call; times also as a ratio
 - the decoder, exact and adaptive, at several output sizes, in float32 and, where this CPU runs it natively,
   bfloat16 (elsewhere the bfloat16 rows are skipped with the reason: emulated bfloat16 is several times slower).
 
-It finishes in about 10 minutes on a slow CPU too: a row whose calls are long times fewer of them
-(``--row-budget``, at least one after the warm-up), and an exact decode that the smallest output size's
-predicts (by area) to take longer than the budget per call is skipped with that estimate printed.
+It finishes in under 10 minutes on a slow CPU too (6 min 53 s on 2 AVX2-only cores): a row whose calls are
+long times fewer of them (``--row-budget``, at least one after the warm-up), and an exact decode that the
+smallest output size's time predicts (by area) to take longer than the budget per call is skipped, with that
+estimate printed.
 
 GFLOP counts are torch's FlopCounterMode (matmuls and convolutions). The model is random-init except for the
 lite_medsam backbone's pretrained weights; speed does not depend on the weights. Peak RSS is ru_maxrss.
