@@ -65,7 +65,8 @@ def decode_adaptive(
 
     size = _level_size(output_size, levels, 0)
     first_table = level_table(size, size[0] * size[1])
-    # every level's table has the same image-map rows: computed once, copied into the others
+    # every level's table has the same image-map rows: computed once, then held as they are by a later level's table
+    # that keeps the box map (SAM's 256 x 256 one, at these point counts) or copied into one that tabulates it
     image_rows = first_table.image_rows
     coarse, variance, _ = decoder.coarse_at(plan, first_table, None, class_ids, keep_trunk=False)
     for level in range(1, levels + 1):
