@@ -37,9 +37,11 @@ demo: venv
 	@echo "demo: pretrained start in bundle/eval/pretrained/summary.json; fine-tuned model bundle/models/model.pt," \
 		"its Dice in bundle/eval/summary.json, overlays in bundle/eval/overlays/"
 
-# --durations: the slowest tests, named in every run; the suite has to stay within CI's time on 2 slow cores
+# Two workers (pytest-xdist), each running whole files and half the cores (tests/conftest.py): much of the
+# suite waits on servers and bundle runs starting up, which a second worker overlaps. --durations: the
+# slowest tests, named in every run; the suite has to stay within CI's time on 2 slow cores.
 test: venv
-	$(BIN)/python -m pytest -q --durations=15 --doctest-modules imedsam tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 --doctest-modules imedsam tests
 
 # The browser test (tests/e2e): Orthanc + the MONAI Label server + OHIF + headless Chromium, each started and
 # stopped by the test on 127.0.0.1. Debian's packages are installed if missing; Playwright drives the

@@ -37,12 +37,12 @@ setup(
         "jsonschema>=3.2",  # monai.bundle verify_metadata; monailabel (pydicom-seg) needs <4
     ],
     extras_require={
-        "test": ["pytest>=7.0"],
+        "test": ["pytest>=7.0", "pytest-xdist>=3.8"],  # make test runs two workers
         "study": ["matplotlib>=3.5"],  # scripts/active_learning.py's plot
         # dcmqi: the itkimage2segimage tool MONAI Label's DICOMweb datastore converts labels to DICOM SEG with
         # (MONAI Label would otherwise download it from GitHub at start-up)
         "label": ["monailabel==0.8.5", "pydicom>=2.4,<3", "dicomweb-client>=0.59,<0.60", "dcmqi>=1.5,<2"],
-        "all": ["pytest>=7.0", "matplotlib>=3.5", "monailabel==0.8.5", "pydicom>=2.4,<3", "dicomweb-client>=0.59,<0.60", "dcmqi>=1.5,<2"],
+        "all": ["pytest>=7.0", "pytest-xdist>=3.8", "matplotlib>=3.5", "monailabel==0.8.5", "pydicom>=2.4,<3", "dicomweb-client>=0.59,<0.60", "dcmqi>=1.5,<2"],
         # the browser test (make e2e): Playwright drives Debian's chromium, no browser download
         "e2e": ["playwright>=1.49"],
     },

@@ -20,6 +20,15 @@ def pytest_configure(config):
     # servers the tests start inherit the variable
     if "IMEDSAM_CACHE_DIR" not in os.environ:
         os.environ["IMEDSAM_CACHE_DIR"] = tempfile.mkdtemp(prefix="imedsam-test-cache-")
+    worker, workers = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker is not None:
+        # pytest-xdist (make test runs -n 2): each worker converts into a cache of its own, and the workers
+        # share the cores rather than each starting a thread per core, for itself and for the servers and
+        # bundle runs it starts (they read OMP_NUM_THREADS)
+        os.environ["IMEDSAM_CACHE_DIR"] = os.path.join(os.environ["IMEDSAM_CACHE_DIR"], worker)
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -27,6 +36,18 @@ def pytest_ignore_collect(collection_path, config):
     if not config.getoption("--e2e") and (collection_path == E2E_DIR or E2E_DIR in collection_path.parents):
         return True
     return None
+
+
+# The files that take longest (minutes each: a server retraining LiteMedSAM, ten server restarts, real-image
+# checks, bundle runs) start first, so that the two workers of `make test` finish together rather than one
+# running the last long file alone.
+LONGEST_FIRST = ("test_label_app_pretrained.py", "test_lite_medsam.py", "test_bundle.py", "test_label_restarts.py",
+                 "test_openvino_encoder.py", "test_box_proposal.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(autouse=True)
