@@ -38,7 +38,7 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
-# The files that take longest (minutes each: a server retraining LiteMedSAM, ten server restarts, real-image
+# The files that take longest (minutes each: a server retraining LiteMedSAM, six server starts, real-image
 # checks, bundle runs) start first, so that the two workers of `make test` finish together rather than one
 # running the last long file alone.
 LONGEST_FIRST = ("test_label_app_pretrained.py", "test_lite_medsam.py", "test_bundle.py", "test_label_restarts.py",
