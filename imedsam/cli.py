@@ -83,6 +83,7 @@ def _predict(args: argparse.Namespace) -> None:
         fa_mode=args.fa_mode,
         lora_rank=args.lora_rank,
         num_classes=args.num_classes,
+        adaptive_points=args.adaptive_points,
     )
     if args.checkpoint:
         model.load_checkpoint(args.checkpoint)
@@ -174,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--decode-mode", choices=["adaptive", "exact"], default="adaptive",
         help="adaptive: a coarse grid, then full resolution near the boundary (fast); exact: every pixel (the method as published)",
+    )  # fmt: skip
+    predict.add_argument(
+        "--adaptive-points", type=int, default=4096,
+        help="points the adaptive mode evaluates at the output's level (half as many a level down); fewer answer "
+             "faster on a slow CPU, for a measured loss of Dice (docs/speed.md)",
     )  # fmt: skip
     predict.add_argument(
         "--encoder-engine", choices=["torch", "openvino", "auto"], default="torch",

@@ -79,6 +79,18 @@ def test_training_decodes_a_half_size_sub_lattice_by_default_and_every_pixel_on_
     assert "train_query_size: 48" in log and "val_mean_dice" in log and (tmp_path / "models" / "model.pt").is_file()
 
 
+@pytest.mark.parametrize("config", [TRAIN, INFERENCE])
+def test_adaptive_points_reach_the_decoder_from_the_command_line_keys(config):
+    parser = ConfigParser()
+    parser.read_config(config)
+    parser.update({"encoder": "vit_tiny", "image_size": 64, "adaptive_points": 1024})
+    assert parser.get_parsed_content("network_def").decoder.adaptive_points == 1024
+    parser.update({"adaptive_points": 0})
+    with pytest.raises(RuntimeError) as refused:  # monai.bundle's wrapper around the network's own error
+        parser.get_parsed_content("network_def", lazy=False)
+    assert "adaptive_points must be positive" in str(refused.value.__cause__)
+
+
 def test_evaluate_at_another_label_size_writes_csv_summary_and_overlays(trained):
     tmp, _ = trained
     out = tmp / "eval96"

@@ -84,6 +84,8 @@ def test_cli_errors_are_reported_not_raised(tmp_path, caplog):
     assert "checkpoint not found" in caplog.text
     assert main(base + ["--image", image, "--box", "0", "0", "5", "5", "--encoder-engine", "openvino"]) == 2
     assert "encoder_engine 'openvino' runs the lite_medsam encoder on a CPU" in caplog.text
+    assert main(base + ["--image", image, "--box", "0", "0", "5", "5", "--adaptive-points", "0"]) == 2
+    assert "adaptive_points must be positive" in caplog.text
 
 
 def _forged_png(path, width: int, height: int) -> None:

@@ -34,6 +34,33 @@ def _window(value: str | None):
     return [low, high]
 
 
+def _positive_int(conf: dict[str, str], key: str, default: int) -> int:
+    value = conf.get(key)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"--conf {key} must be a positive whole number, got {value!r}")
+    return number
+
+
+def network_overrides(conf: dict[str, str]) -> dict[str, Any]:
+    """The bundle's network keys that ``--conf`` sets (see ``bundle/configs/train.yaml``), with the app's defaults."""
+    encoder = conf.get("encoder", "lite_medsam")
+    return {
+        "encoder": encoder,
+        "image_size": _positive_int(conf, "image_size", 256 if encoder == "lite_medsam" else 384),
+        # how prompts are decoded
+        "decode_mode": conf.get("decode_mode", "adaptive"),
+        "adaptive_points": _positive_int(conf, "adaptive_points", 4096),
+        "decoder_precision": conf.get("decoder_precision", "auto"),
+        "encoder_precision": conf.get("encoder_precision", "auto"),
+    }
+
+
 class IMedSAMConfig(TaskConfig):
     """``--conf`` keys (all optional):
 
@@ -44,6 +71,8 @@ class IMedSAMConfig(TaskConfig):
     - ``decode_mode`` (``adaptive`` or ``exact``), ``decoder_precision`` and ``encoder_precision`` (``auto``,
       ``float32`` or ``bfloat16``): how prompts are decoded and images encoded (adaptive answers several
       times faster than exact, within 0.001 Dice on Kvasir-Sessile; UGS scoring always decodes exactly);
+      ``adaptive_points`` (4096): the points the adaptive mode evaluates at the output's level; fewer answer
+      faster on a slow CPU for a measured loss of Dice (``docs/speed.md``);
     - ``encoder_engine`` (``auto``, ``torch`` or ``openvino``): what runs the image encoder for prompts; ``auto``
       is OpenVINO for ``lite_medsam`` on a CPU (several times faster; converted once per published model and
       kept in ``$IMEDSAM_CACHE_DIR``, default ``~/.cache/imedsam``), PyTorch elsewhere;
@@ -78,16 +107,9 @@ class IMedSAMConfig(TaskConfig):
         sam_checkpoint = conf.get("sam_checkpoint") or None
         if sam_checkpoint and not os.path.isfile(sam_checkpoint):
             raise FileNotFoundError(f"--conf sam_checkpoint {sam_checkpoint}: file not found")
-        encoder = conf.get("encoder", "lite_medsam")
-        self.network_overrides = {
-            "encoder": encoder,
-            "image_size": int(conf.get("image_size", 256 if encoder == "lite_medsam" else 384)),
-            "sam_checkpoint": os.path.abspath(sam_checkpoint) if sam_checkpoint else None,
-            # how prompts are decoded: the bundle's keys, see its train.yaml
-            "decode_mode": conf.get("decode_mode", "adaptive"),
-            "decoder_precision": conf.get("decoder_precision", "auto"),
-            "encoder_precision": conf.get("encoder_precision", "auto"),
-        }
+        self.network_overrides = network_overrides(conf)
+        encoder = self.network_overrides["encoder"]
+        self.network_overrides["sam_checkpoint"] = os.path.abspath(sam_checkpoint) if sam_checkpoint else None
         self.network = self._build_network(int(conf.get("seed", 0)))
 
         self.published = os.path.join(model_dir, f"{name}.pt")

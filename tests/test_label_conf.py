@@ -1,0 +1,41 @@
+"""The MONAI Label app's ``--conf`` keys for the network, read without starting a server."""
+
+import sys
+from importlib import import_module
+from pathlib import Path
+
+import pytest
+from monai.bundle import ConfigParser
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_DIR = ROOT / "apps" / "imedsam_label"
+
+
+@pytest.fixture(scope="module")
+def app_config():
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        return import_module("lib.configs.imedsam")
+    finally:
+        sys.path.remove(str(APP_DIR))
+
+
+def test_defaults_are_the_served_decoders(app_config):
+    overrides = app_config.network_overrides({})
+    assert overrides["encoder"] == "lite_medsam" and overrides["image_size"] == 256
+    assert overrides["decode_mode"] == "adaptive" and overrides["adaptive_points"] == 4096
+    assert app_config.network_overrides({"encoder": "vit_b"})["image_size"] == 384
+
+
+def test_adaptive_points_reach_the_network_the_app_builds(app_config):
+    overrides = app_config.network_overrides({"encoder": "vit_tiny", "image_size": "64", "adaptive_points": "1024"})
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundle" / "configs" / "train.yaml"))
+    parser.update(overrides)
+    assert parser.get_parsed_content("network_def").decoder.adaptive_points == 1024
+
+
+@pytest.mark.parametrize("key, value", [("adaptive_points", "0"), ("adaptive_points", "many"), ("image_size", "-64")])
+def test_a_bad_number_is_refused_with_its_key(app_config, key, value):
+    with pytest.raises(ValueError, match=f"--conf {key} must be a positive whole number, got '{value}'"):
+        app_config.network_overrides({key: value})
