@@ -11,6 +11,8 @@ Rows (medians over --repeats calls after one warm-up call; times also as a ratio
   engine (``auto``: OpenVINO for lite_medsam on a CPU) and with eager PyTorch, in Predictor's default decode
   mode (adaptive) and in the exact mode;
 - a re-prompt with another box on the cached picture, in both modes;
+- the first prompt and the re-prompt with fewer adaptive points (``--fewer-points``, default 2048 and 1024 at the
+  output's level against the model's 4096): faster, for the loss of Dice measured in ``docs/speed.md``;
 - the encoder alone, eager PyTorch and (lite_medsam) OpenVINO, with its achieved GFLOP/s and its ratio to the
   matmul rate; OpenVINO's one-off conversion of the graph is timed (or its read, when this encoder's graph is
   already in the disk cache);
@@ -53,6 +55,9 @@ def main() -> None:
     parser.add_argument("--row-budget", type=float, default=20.0,
                         help="seconds of timed calls per row: fewer repeats for long calls (at least one); an exact "
                              "decode predicted to take longer than this per call is skipped")  # fmt: skip
+    parser.add_argument("--fewer-points", type=int, nargs="*", default=[2048, 1024],
+                        help="adaptive_points below the model's 4096 to time too (first prompt and re-prompt rows, "
+                             "Predictor's defaults otherwise): a slow CPU's trade of Dice for time (docs/speed.md)")  # fmt: skip
     parser.add_argument("--precision", choices=["auto", "float32"], default="auto",
                         help="encoder and decoder precision of the Predictor rows; float32: the path a CPU without "
                              "native bfloat16 takes (with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 "
@@ -119,6 +124,19 @@ def main() -> None:
         if engine_choice == "auto":
             results[f"again {mode}"] = median_seconds(lambda: predictor.predict(next(boxes)), args.repeats, args.row_budget)
             row(f"re-prompt, {mode} decode {width}x{height}", results[f"again {mode}"])
+    default_points = model.decoder.adaptive_points
+    predictor = Predictor(model, cache_size=1)
+    for points in args.fewer_points:
+        model.decoder.adaptive_points = points
+
+        def first_prompt():
+            predictor.set_image(next(pictures))
+            return predictor.predict(box)
+
+        results[f"first {engine} adaptive, {points} points"] = median_seconds(first_prompt, args.repeats, args.row_budget)
+        row(f"first prompt, {engine} + adaptive, {points} points", results[f"first {engine} adaptive, {points} points"])
+        row(f"re-prompt, adaptive, {points} points", median_seconds(lambda: predictor.predict(next(boxes)), args.repeats, args.row_budget))
+    model.decoder.adaptive_points = default_points
     tensor = torch.rand(1, 3, height, width)
     with torch.no_grad():
         model.encoder_precision = "float32"
