@@ -1,5 +1,7 @@
 import os
+import sys
 import tempfile
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,18 @@ def pytest_collection_modifyitems(session, config, items):
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "imedsam_label"
+
+
+def import_app_module(name: str):
+    """A module of the MONAI Label app (``lib.…``), imported as the server imports it: from the app's folder."""
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        return import_module(name)
+    finally:
+        sys.path.remove(str(APP_DIR))
 
 
 def tiny_model(**kwargs) -> IMedSAM:

@@ -1,26 +1,21 @@
 """The MONAI Label app's ``--conf`` keys for the network, read without starting a server."""
 
-import sys
-from importlib import import_module
 from pathlib import Path
 
 import pytest
 from monai.bundle import ConfigParser
 
+from conftest import import_app_module
+
 ROOT = Path(__file__).resolve().parents[1]
-APP_DIR = ROOT / "apps" / "imedsam_label"
 
 
 @pytest.fixture(scope="module")
 def app_config():
-    sys.path.insert(0, str(APP_DIR))
-    try:
-        return import_module("lib.configs.imedsam")
-    finally:
-        sys.path.remove(str(APP_DIR))
+    return import_app_module("lib.configs.imedsam")
 
 
-def test_defaults_are_the_served_decoders(app_config):
+def test_defaults_are_lite_medsam_decoded_adaptively_at_4096_points(app_config):
     overrides = app_config.network_overrides({})
     assert overrides["encoder"] == "lite_medsam" and overrides["image_size"] == 256
     assert overrides["decode_mode"] == "adaptive" and overrides["adaptive_points"] == 4096

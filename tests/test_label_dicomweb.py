@@ -1,25 +1,18 @@
 """The app's answers when its DICOMweb store fails (the browser test, tests/e2e, drives them on a real
 Orthanc; these cases run without one)."""
 
-import sys
-from importlib import import_module
-from pathlib import Path
-
 import pytest
 import requests
 from pydicom.errors import InvalidDicomError
 
-APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "imedsam_label"
+from conftest import import_app_module
+
 STORE = "http://127.0.0.1:8042/dicom-web"
 
 
 @pytest.fixture(scope="module")
 def dicomweb():
-    sys.path.insert(0, str(APP_DIR))
-    try:
-        return import_module("lib.dicomweb")
-    finally:
-        sys.path.remove(str(APP_DIR))
+    return import_app_module("lib.dicomweb")
 
 
 def http_error(status: int) -> requests.HTTPError:
