@@ -110,16 +110,15 @@ def main() -> None:
         compiled(torch.rand(1, 3, image_size, image_size))
         how = "converting and compiling" if compiled.conversions else "reading (from its disk cache) and compiling"
         print(f"OpenVINO: {how} the encoder took {time.perf_counter() - started:.1f} s (conversion: once per set of weights)")
+    def first_prompt(predictor: Predictor):
+        predictor.set_image(next(pictures))
+        return predictor.predict(box)
+
     runs = [("auto", "adaptive"), ("auto", "exact")] + ([("torch", "adaptive")] if engine != "torch" else [])
     for engine_choice, mode in runs:
         predictor = Predictor(model, cache_size=1, decode_mode=mode, encoder_engine=engine_choice)
         label = resolve_encoder_engine(engine_choice, model, "cpu")
-
-        def first_prompt():
-            predictor.set_image(next(pictures))
-            return predictor.predict(box)
-
-        results[f"first {label} {mode}"] = median_seconds(first_prompt, args.repeats, args.row_budget)
+        results[f"first {label} {mode}"] = median_seconds(lambda: first_prompt(predictor), args.repeats, args.row_budget)
         row(f"first prompt, {label} encoder + {mode} decode", results[f"first {label} {mode}"])
         if engine_choice == "auto":
             results[f"again {mode}"] = median_seconds(lambda: predictor.predict(next(boxes)), args.repeats, args.row_budget)
@@ -128,12 +127,7 @@ def main() -> None:
     predictor = Predictor(model, cache_size=1)
     for points in args.fewer_points:
         model.decoder.adaptive_points = points
-
-        def first_prompt():
-            predictor.set_image(next(pictures))
-            return predictor.predict(box)
-
-        results[f"first {engine} adaptive, {points} points"] = median_seconds(first_prompt, args.repeats, args.row_budget)
+        results[f"first {engine} adaptive, {points} points"] = median_seconds(lambda: first_prompt(predictor), args.repeats, args.row_budget)
         row(f"first prompt, {engine} + adaptive, {points} points", results[f"first {engine} adaptive, {points} points"])
         row(f"re-prompt, adaptive, {points} points", median_seconds(lambda: predictor.predict(next(boxes)), args.repeats, args.row_budget))
     model.decoder.adaptive_points = default_points
