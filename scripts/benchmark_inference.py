@@ -110,6 +110,7 @@ def main() -> None:
         compiled(torch.rand(1, 3, image_size, image_size))
         how = "converting and compiling" if compiled.conversions else "reading (from its disk cache) and compiling"
         print(f"OpenVINO: {how} the encoder took {time.perf_counter() - started:.1f} s (conversion: once per set of weights)")
+
     def first_prompt(predictor: Predictor):
         predictor.set_image(next(pictures))
         return predictor.predict(box)
@@ -127,8 +128,9 @@ def main() -> None:
     predictor = Predictor(model, cache_size=1)
     for points in args.fewer_points:
         model.decoder.adaptive_points = points
-        results[f"first {engine} adaptive, {points} points"] = median_seconds(lambda: first_prompt(predictor), args.repeats, args.row_budget)
-        row(f"first prompt, {engine} + adaptive, {points} points", results[f"first {engine} adaptive, {points} points"])
+        key = f"first {engine} adaptive, {points} points"
+        results[key] = median_seconds(lambda: first_prompt(predictor), args.repeats, args.row_budget)
+        row(f"first prompt, {engine} + adaptive, {points} points", results[key])
         row(f"re-prompt, adaptive, {points} points", median_seconds(lambda: predictor.predict(next(boxes)), args.repeats, args.row_budget))
     model.decoder.adaptive_points = default_points
     tensor = torch.rand(1, 3, height, width)
