@@ -55,19 +55,11 @@ def _save_png(array: np.ndarray, path: str) -> None:
     Image.fromarray(array).save(path)
 
 
-def _predict(args: argparse.Namespace) -> None:
+def _build_model(args: argparse.Namespace):
     import torch
 
-    from .data import box_from_mask, read_mask
-    from .inference import Predictor
     from .networks import IMedSAM
-    from .visualize import heat_map, overlay
 
-    check_output_path(args.output, "--output", MASK_EXTENSIONS)
-    for option in ("uncertainty", "overlay"):
-        if getattr(args, option):
-            check_output_path(getattr(args, option), f"--{option}", PICTURE_EXTENSIONS)
-    image = read_rgb_image(args.image, args.max_pixels)
     if args.checkpoint is None and args.sam_checkpoint is None and args.encoder != "lite_medsam":
         logger.warning(
             "no --checkpoint given: the %s model is randomly initialised and its masks are meaningless; "
@@ -87,7 +79,26 @@ def _predict(args: argparse.Namespace) -> None:
     )
     if args.checkpoint:
         model.load_checkpoint(args.checkpoint)
-    model.to(torch.device(args.device))
+    return model.to(torch.device(args.device))
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from .cli_volume import is_volume_path, predict_volume
+    from .data import box_from_mask, read_mask
+    from .inference import Predictor
+    from .visualize import heat_map, overlay
+
+    if is_volume_path(args.image):
+        predict_volume(args, _build_model(args))
+        return
+    if args.box3d or args.slice is not None or args.window or args.modality:
+        raise ValueError("--box3d, --slice, --window and --modality are for volumes (.nii, .nii.gz, .nrrd or a DICOM folder)")
+    check_output_path(args.output, "--output", MASK_EXTENSIONS)
+    for option in ("uncertainty", "overlay"):
+        if getattr(args, option):
+            check_output_path(getattr(args, option), f"--{option}", PICTURE_EXTENSIONS)
+    image = read_rgb_image(args.image, args.max_pixels)
+    model = _build_model(args)
     if args.box_from_mask:
         reference = read_mask(args.box_from_mask)
         if reference.shape != image.shape[:2]:
@@ -136,17 +147,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imedsam", description="I-MedSAM: box-prompted segmentation at any resolution")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    predict = commands.add_parser("predict", help="segment one image from one box")
-    predict.add_argument("--image", required=True, help="PNG/JPG image")
+    predict = commands.add_parser("predict", help="segment one image from one box, or objects of a volume in 3D")
+    predict.add_argument(
+        "--image", required=True,
+        help="PNG/JPG image, or a volume: .nii, .nii.gz, .nrrd, or a folder holding one DICOM series",
+    )  # fmt: skip
     prompt = predict.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"), help="box in image pixels")
+    prompt.add_argument(
+        "--box", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"),
+        help="box in image pixels (x1 = last column + 1); on a volume, drawn on --slice K, voxel indices i, j",
+    )  # fmt: skip
+    prompt.add_argument(
+        "--box3d", nargs=6, type=float, action="append", metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+        help="a volume's object as its 3D box in voxel indices (i, j, k), upper bounds exclusive; repeat it for "
+             "several objects: label n + 1 is the n-th box",
+    )  # fmt: skip
     prompt.add_argument("--box-from-mask", metavar="MASK", help="take the tight box of this mask's foreground (> 127)")
     prompt.add_argument(
         "--auto-box", action="store_true",
         help="no box: the model's box-proposal head proposes one from the image (needs a checkpoint trained with the head)",
     )  # fmt: skip
-    predict.add_argument("--output", required=True, help="mask PNG (0/255)")
-    predict.add_argument("--uncertainty", help="uncertainty heat map PNG")
+    predict.add_argument("--slice", type=int, help="volumes: the slice (k) that --box is drawn on")
+    predict.add_argument(
+        "--window", nargs=2, type=float, metavar=("LOW", "HIGH"),
+        help="volumes: intensities mapped to [0, 1] (default: CT L40/W400, -160..240 HU; MR the 0.5-99.5 percentiles)",
+    )  # fmt: skip
+    predict.add_argument("--modality", choices=("ct", "mr"), help="volumes: which default intensity rule (default: guessed)")
+    predict.add_argument("--output", required=True, help="mask PNG (0/255); for a volume a label NIfTI (.nii.gz) on its grid")
+    predict.add_argument("--uncertainty", help="uncertainty heat map PNG; for a volume a float NIfTI (.nii.gz)")
     predict.add_argument("--overlay", help="overlay PNG: image, prediction, box and uncertainty")
     predict.add_argument("--output-size", nargs=2, type=int, metavar=("H", "W"), help="mask size (default: the image's)")
     predict.add_argument("--checkpoint", help="trained I-MedSAM state dict (models/model.pt)")

@@ -114,7 +114,7 @@ class IMedSAMApp(MONAILabelApp):
             raise HTTPException(status_code=getattr(exc, "status", 400), detail=str(exc)) from exc
         except CheckpointError as exc:
             raise HTTPException(status_code=500, detail=f"the served checkpoint cannot be loaded: {exc}") from exc
-        if datastore.get_image_uri(image):
+        if datastore.get_image_uri(image) and request.get("model") == MODEL_NAME:
             # The last box prompted on an image is the box its UGS score is computed with.
             params = result.get("params") or {}
             self.prompt_records.set(image, params.get("box"), params.get("slice"))

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from ..inference.planes import intensity_window
+from .intensity import intensity_window
 from .datalist import SPLITS, label_names_from_table
 from .splits import seeded_split
 from .staging import staged_dataset_folder

@@ -14,10 +14,31 @@ from .planes import (
 from .openvino_encoder import ENCODER_ENGINES, OpenVINOEncoder, resolve_encoder_engine
 from .predictor import Predictor, image_to_tensor
 from .prompts import BoxPrompt, PromptError, normalize_roi, resolve_box_prompt
+from .volume import PropagationRule, VolumePrediction, VolumePredictor, check_volume
+from .volume_prompts import (
+    ROI_LAYOUTS,
+    ObjectPrompt,
+    box3d_prompt,
+    click_prompt,
+    resolve_volume_prompts,
+    roi_to_box3d,
+    slice_box_prompt,
+)
 
 __all__ = [
     "Predictor",
     "image_to_tensor",
+    "VolumePredictor",
+    "VolumePrediction",
+    "PropagationRule",
+    "check_volume",
+    "ObjectPrompt",
+    "ROI_LAYOUTS",
+    "box3d_prompt",
+    "slice_box_prompt",
+    "click_prompt",
+    "roi_to_box3d",
+    "resolve_volume_prompts",
     "ENCODER_ENGINES",
     "OpenVINOEncoder",
     "resolve_encoder_engine",

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..data.intensity import CT_WINDOW, intensity_window
 from ..data.pictures import ImageReadError, check_picture, check_pixel_count, is_picture
 
 __all__ = [
@@ -65,37 +66,6 @@ def _check_nifti_plane_size(path: str) -> None:
         raise ImageReadError(f"could not read image {path}: {type(exc).__name__}: {first_line}") from exc
     if len(shape) >= 2:
         check_pixel_count(shape[0], shape[1], path)
-
-
-#: LiteMedSAM's CT window, level 40 / width 400 HU, in (low, high) form
-CT_WINDOW = (-160.0, 240.0)
-#: a volume with values this low is CT in Hounsfield units (air is -1000); MR intensities are not negative
-CT_AIR_THRESHOLD = -500.0
-
-
-def intensity_window(volume: np.ndarray, window: Sequence[float] | None = None) -> tuple[float, float]:
-    """``(low, high)`` intensity range of a volume, by LiteMedSAM's conventions unless ``window`` is given.
-
-    A CT (a volume that holds air, below -500 HU) gets the soft-tissue window L40/W400; any other volume (MR)
-    the 0.5 and 99.5 percentiles of its non-zero voxels. The volume is read at every 4th voxel along each
-    axis, which changes the percentiles by a negligible amount and keeps a large volume fast to prompt.
-    """
-    if window is not None:
-        try:
-            low, high = (float(v) for v in window)
-        except (TypeError, ValueError):
-            raise ImageReadError(f"window must be [low, high], got {window!r}") from None
-        if not high > low:
-            raise ImageReadError(f"window must have low < high, got {window!r}")
-        return low, high
-    sample = np.asarray(volume)[::4, ::4, ::4] if np.ndim(volume) == 3 else np.asarray(volume)
-    if sample.size and sample.min() <= CT_AIR_THRESHOLD:
-        return CT_WINDOW
-    nonzero = sample[sample != 0]
-    low, high = np.percentile(nonzero if nonzero.size else sample, [0.5, 99.5])
-    if not high > low:
-        low, high = float(np.min(volume)), float(np.max(volume))
-    return float(low), (float(high) if high > low else float(low) + 1.0)
 
 
 def _volume_array(array: np.ndarray) -> np.ndarray:

@@ -116,6 +116,10 @@ class LiteMedSAMReference:
 
     def __call__(self, image: np.ndarray, box) -> np.ndarray:
         """Logits ``H x W`` for ``image`` (``H x W x 3`` uint8) and ``box`` ``[x0, y0, x1, y1]`` in its pixels."""
+        return self.decode(self.encode(image), box)
+
+    def encode(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """The image embedding of ``image`` (``H x W x 3`` uint8), its resized ``(h, w)`` and its ``(H, W)``."""
         height, width = image.shape[:2]
         longest = max(height, width)
         size = LITE_MEDSAM_IMAGE_SIZE
@@ -124,8 +128,23 @@ class LiteMedSAMReference:
         resized = (resized - resized.min()) / max(float(resized.max() - resized.min()), 1e-8)
         canvas = np.zeros((size, size, 3), np.float32)
         canvas[:new_h, :new_w] = resized
-        box256 = np.array([[[int(v * size / longest) for v in box]]], np.float32)
         with torch.no_grad():
-            logits = self.net(torch.from_numpy(canvas).permute(2, 0, 1)[None], box256)
+            embedding = self.net.image_encoder(torch.from_numpy(canvas).permute(2, 0, 1)[None])
+        return embedding, (new_h, new_w), (height, width)
+
+    def decode(self, encoding: tuple[torch.Tensor, tuple[int, int], tuple[int, int]], box, box_in_256: bool = False) -> np.ndarray:
+        """Logits ``H x W`` for one :meth:`encode` result and ``box``: ``[x0, y0, x1, y1]`` in the image's pixels,
+        scaled to 256 and truncated as the reference does, or already at 256 scale with ``box_in_256``."""
+        embedding, (new_h, new_w), (height, width) = encoding
+        size = LITE_MEDSAM_IMAGE_SIZE
+        scaled = box if box_in_256 else [int(v * size / max(height, width)) for v in box]
+        box256 = torch.tensor([[scaled]], dtype=torch.float32)
+        net = self.net
+        with torch.no_grad():
+            sparse, dense = net.prompt_encoder(points=None, boxes=box256, masks=None)
+            logits, _ = net.mask_decoder(
+                image_embeddings=embedding, image_pe=net.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+            )
             logits = F.interpolate(logits[..., :new_h, :new_w], size=(height, width), mode="bilinear", align_corners=False)
         return logits[0, 0].numpy()

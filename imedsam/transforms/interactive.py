@@ -8,9 +8,12 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from ..inference.planes import image_plane, is_picture, load_image_array, spatial_shape
+from ..inference.planes import ImageReadError
 from ..inference.prompts import resolve_box_prompt
+from ..inference.volume import check_volume
+from ..inference.volume_prompts import resolve_volume_prompts
 
-__all__ = ["PromptPlaned"]
+__all__ = ["PromptPlaned", "PromptVolumed"]
 
 
 class PromptPlaned(MapTransform):
@@ -57,4 +60,34 @@ class PromptPlaned(MapTransform):
             d["box"], d["box_source"], d["slice"] = prompt.box, prompt.source, prompt.slice_index
             d["spatial_shape"] = shape
             d[key] = array
+        return d
+
+
+class PromptVolumed(MapTransform):
+    """Load the volume at ``data[key]`` (a path) and the objects the request prompts in it.
+
+    The request's ``box3d``, ``roi`` (and ``roi_layout``), ``box`` with ``slice``, and ``foreground`` /
+    ``background`` clicks are read by :func:`imedsam.inference.resolve_volume_prompts`. Adds ``volume``
+    (``(I, J, K)`` array), ``object_prompts`` (one :class:`~imedsam.inference.ObjectPrompt` per object) and
+    ``window`` (the request's ``[low, high]``, else this transform's, else None: the default rule);
+    ``data[key]`` becomes the loaded ``MetaTensor``, whose affine the result keeps.
+
+    A picture is refused with :class:`~imedsam.inference.ImageReadError` (the 2D task serves those), and a bad
+    prompt with :class:`~imedsam.inference.PromptError`.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", window: Sequence[float] | None = None) -> None:
+        super().__init__(keys)
+        self.window = window
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = str(d[key])
+            if is_picture(path):
+                raise ImageReadError(f"{path} is a 2D picture: the 3D task takes volumes; prompt it with the 2D task")
+            image = load_image_array(path)
+            volume = check_volume(image.numpy())
+            d["object_prompts"] = resolve_volume_prompts(d, volume.shape)
+            d["volume"], d["window"], d[key] = volume, d.get("window") or self.window, image
         return d

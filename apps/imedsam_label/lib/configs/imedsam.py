@@ -16,6 +16,7 @@ from imedsam.inference import ENCODER_ENGINES
 
 from lib.activelearning.ugs import UGSStrategy
 from lib.infers.imedsam import IMedSAMInfer
+from lib.infers.imedsam_3d import IMedSAMVolumeInfer
 from lib.scoring.ugs import UGSScoring
 from lib.trainers.imedsam import IMedSAMTrainer
 
@@ -86,6 +87,8 @@ class IMedSAMConfig(TaskConfig):
     - ``max_image_pixels`` (50,000,000): larger images and volume planes are refused (400) before they are
       decoded; ``max_decode_side`` (1024): larger outputs are decoded at that size and upsampled, so that one
       request's time and memory stay bounded;
+    - ``cache_slices`` (384): slice encodings the 3D task keeps (4 MiB each for ``lite_medsam``), so that
+      objects and requests on one volume encode each slice once;
     - ``seed`` (0): the seed of untrained weights, so that the server and its training and scoring
       subprocesses build the same untrained model.
     """
@@ -129,6 +132,10 @@ class IMedSAMConfig(TaskConfig):
             self.network, self.path, self.labels, self.model_version, window=self.window, max_decode_side=self.max_decode_side,
             encoder_engine=self.encoder_engine,
         )
+        self._infer_3d = IMedSAMVolumeInfer(
+            self.network, self.path, self.labels, self.model_version, window=self.window, max_decode_side=self.max_decode_side,
+            encoder_engine=self.encoder_engine, cache_slices=_positive_int(conf, "cache_slices", 384),
+        )
 
     def _build_network(self, seed: int):
         parser = ConfigParser()
@@ -147,7 +154,7 @@ class IMedSAMConfig(TaskConfig):
         return "pretrained" if self.network_overrides["encoder"] == "lite_medsam" else "untrained"
 
     def infer(self):
-        return {self.name: self._infer}
+        return {self.name: self._infer, f"{self.name}_3d": self._infer_3d}
 
     def trainer(self):
         return IMedSAMTrainer(

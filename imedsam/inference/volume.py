@@ -1,0 +1,271 @@
+"""A whole 3D mask from one prompt: the 2D model run slice by slice, each slice encoded once per volume.
+
+:class:`VolumePredictor` is a session in the style of nnInteractive's: :meth:`~VolumePredictor.set_volume`,
+then :meth:`~VolumePredictor.predict` with one prompt per object, any number of times. Encodings of slices live
+in the :class:`~imedsam.inference.Predictor`'s cache, keyed by the slice's content and the model's weights, so
+objects, prompts and requests on the same volume share them, and only slices the propagation reaches are
+encoded.
+
+The propagation rule (``docs/volumes.md`` has the measurements behind it):
+
+1. The seed slice is decoded with the prompt's box (a 3D box prompts its middle slice with its x/y extent).
+2. From there the object is followed to each neighbouring slice, in both directions. A slice is prompted
+   with the box of its neighbour's mask, **widened** on each side by ``margin`` of the box's side (at least
+   ``min_margin`` voxels): the CVPR 2024 recipe's 3-pixel widening lets a mask only shrink from slice to
+   slice as a box-prompted model keeps inside its box, which loses most of a long object. A 3D box bounds
+   the widened box by its x/y extent and the walk by its z-range, and an empty neighbour mask falls back to
+   that extent, as in the recipe.
+3. With no z-range (a 2D box or clicks), the walk decides where the object ends. It stops before a slice
+   whose mask (a) has fewer than ``min_area`` voxels, (b) lies less than ``min_overlap`` on its neighbour's
+   mask, (c) grows more than ``max_growth`` times its neighbour's area (the box has slipped onto another
+   structure), or (d) has a mean probability below ``min_confidence`` or a mean UGS uncertainty above
+   ``max_uncertainty`` times the seed slice's (the model is unsure the object is still there). A background
+   click covered by a slice's mask stops the walk before that slice; foreground clicks keep it going at least
+   to their slices.
+4. Clean-up in 3D: only the connected components of the object's mask (26-connectivity) that touch the seed
+   slice's mask are kept.
+5. Several objects: object ``n`` is label ``n + 1``; where objects overlap, the most probable wins.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+from scipy import ndimage
+
+from ..data.intensity import intensity_window
+from ..data.pictures import ImageReadError
+from ..networks.imedsam import IMedSAM
+from .predictor import Predictor
+from .volume_prompts import ObjectPrompt
+
+__all__ = ["PropagationRule", "VolumePrediction", "VolumePredictor", "check_volume"]
+
+
+class PropagationRule(NamedTuple):
+    """The propagation's parameters; the module docstring says what each does."""
+
+    margin: float = 0.1
+    min_margin: float = 2.0
+    min_area: int = 4
+    min_overlap: float = 0.5
+    max_growth: float = 2.0
+    min_confidence: float = 0.7
+    max_uncertainty: float = 4.0
+
+
+class VolumePrediction(NamedTuple):
+    """The result on the volume's grid, ``(I, J, K)`` each."""
+
+    labels: np.ndarray  #: uint16; object ``n`` is label ``n + 1``, background 0
+    probability: np.ndarray  #: float32; the winning object's probability (0 where no slice was decoded or the clean-up removed)
+    uncertainty: np.ndarray  #: float32; the winning object's UGS uncertainty (MC-dropout logit variance)
+    slices: list[tuple[int, int]]  #: per object, the ``[first, last + 1)`` slices its walk decoded
+    encoder_calls: int  #: slices encoded by this call (the rest came from the cache)
+    seconds: float
+
+
+def check_volume(volume) -> np.ndarray:
+    """The ``(I, J, K)`` scalar volume of ``volume`` (a trailing channel of 1 is dropped), or a clear error."""
+    array = np.asarray(volume)
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise ImageReadError(f"expected a 3D scalar volume (I, J, K), got shape {array.shape}")
+    if 0 in array.shape:
+        raise ImageReadError(f"the volume is empty: shape {array.shape}")
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating) or array.dtype == bool):
+        raise ImageReadError(f"the volume must hold numbers, got dtype {array.dtype}")
+    return array
+
+
+def _widened(box: np.ndarray, margin: float, min_margin: float, width: int, height: int) -> np.ndarray:
+    side = box[2:] - box[:2]
+    pad = np.maximum(side * margin, min_margin)
+    lower = np.maximum(box[:2] - pad, 0)
+    upper = np.minimum(box[2:] + pad, (width, height))
+    return np.concatenate([lower, upper]).astype(np.float32)
+
+
+def _mask_box(mask: np.ndarray) -> np.ndarray:
+    rows, columns = np.nonzero(mask)
+    return np.array([columns.min(), rows.min(), columns.max() + 1, rows.max() + 1], np.float32)
+
+
+def _intersect(box: np.ndarray, limit: np.ndarray | None) -> np.ndarray:
+    if limit is None:
+        return box
+    inside = np.concatenate([np.maximum(box[:2], limit[:2]), np.minimum(box[2:], limit[2:])])
+    return inside if (inside[2:] - inside[:2] >= 1).all() else limit.copy()
+
+
+class VolumePredictor:
+    """Segment objects in a volume from one prompt each (see the module docstring for the rule).
+
+    Args:
+        model: an :class:`~imedsam.networks.IMedSAM`, or a :class:`~imedsam.inference.Predictor` to share with
+            2D prompts (its encoding cache then serves both).
+        cache_slices: slice encodings kept (4 MiB each for ``lite_medsam``); a slice evicted and reached again
+            is encoded again. Ignored when ``model`` is a Predictor.
+        rule: the propagation's :class:`PropagationRule`.
+        predictor_options: passed to :class:`~imedsam.inference.Predictor` (``decode_mode``, ``encoder_engine``,
+            ``max_decode_side``).
+
+    The intensity rule (:meth:`set_volume`): ``window=(low, high)`` if given; else CT (``modality="ct"``, or a
+    volume that holds air) gets LiteMedSAM's abdomen window L40/W400 (-160..240 HU) and MR or anything else the
+    0.5-99.5 percentiles of its non-zero voxels; the range is mapped to [0, 1] and each slice repeated to RGB.
+
+    Example::
+
+        >>> import numpy as np
+        >>> from imedsam.networks import IMedSAM
+        >>> from imedsam.inference import box3d_prompt
+        >>> volume = np.zeros((40, 32, 6), np.float32); volume[10:30, 8:24, 1:5] = 1
+        >>> session = VolumePredictor(IMedSAM(encoder="vit_tiny", image_size=64), encoder_engine="torch")
+        >>> session.set_volume(volume)
+        >>> result = session.predict([box3d_prompt([10, 8, 1, 30, 24, 5], volume.shape)])
+        >>> result.labels.shape, result.slices
+        ((40, 32, 6), [(1, 5)])
+    """
+
+    def __init__(
+        self,
+        model: IMedSAM | Predictor,
+        cache_slices: int = 384,
+        rule: PropagationRule = PropagationRule(),
+        **predictor_options,
+    ) -> None:
+        if isinstance(model, Predictor):
+            self.predictor = model
+        else:
+            self.predictor = Predictor(model, cache_size=cache_slices, **predictor_options)
+        self.rule = rule
+        self._volume: np.ndarray | None = None
+        self.window: tuple[float, float] | None = None
+        self.affine: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        if self._volume is None:
+            raise RuntimeError("call set_volume() first")
+        return tuple(int(v) for v in self._volume.shape)
+
+    def set_volume(self, volume, affine=None, window: Sequence[float] | None = None, modality: str | None = None) -> None:
+        """Take ``volume`` ``(I, J, K)`` (and its ``affine``, kept for the caller) and fix its intensity range.
+
+        Nothing is encoded here: slices are encoded when the propagation first reaches them.
+        """
+        self._volume = None
+        array = check_volume(volume)
+        self.window = intensity_window(array, window, modality)
+        self._volume = array
+        self.affine = None if affine is None else np.asarray(affine)
+
+    def plane(self, k: int) -> np.ndarray:
+        """Slice ``k`` as the model sees it: ``J x I x 3`` float32 in [0, 1]."""
+        raw = self._volume[:, :, k].T
+        if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():
+            j, i = np.argwhere(~np.isfinite(raw))[0]
+            raise ImageReadError(f"the volume has a NaN or infinite voxel at [{i}, {j}, {k}] (i, j, k), on a slice the prompt reaches")
+        low, high = self.window
+        plane = np.clip((raw.astype(np.float32) - low) / (high - low), 0.0, 1.0)
+        return np.repeat(plane[..., None], 3, axis=-1)
+
+    def decode_slice(self, k: int, box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probability and uncertainty (``J x I``) of slice ``k`` for ``box`` ``[x0, y0, x1, y1]``."""
+        self.predictor.set_image(self.plane(k))
+        return self.predictor.predict(box)
+
+    # -- propagation -------------------------------------------------------------------------------------
+    def _continues(self, mask, probability, uncertainty, neighbour, seed_uncertainty) -> bool:
+        rule = self.rule
+        area = int(mask.sum())
+        if area < rule.min_area:
+            return False
+        reach = ndimage.binary_dilation(neighbour, iterations=1)
+        if (mask & reach).sum() < rule.min_overlap * area:
+            return False
+        if area > rule.max_growth * max(int(neighbour.sum()), 1):
+            return False
+        if probability[mask].mean() < rule.min_confidence:
+            return False
+        return uncertainty[mask].mean() <= rule.max_uncertainty * max(seed_uncertainty, 1e-6)
+
+    def _walk(self, prompt: ObjectPrompt, direction: int, seed_mask, seed_uncertainty, keep, progress):
+        depth, (width, height) = self.shape[2], self.shape[:2]
+        low, high = prompt.z_range or (0, depth)
+        fg_reach = [k for k in prompt.must_reach if (k - prompt.seed_slice) * direction > 0]
+        reach = max(fg_reach, key=lambda k: abs(k - prompt.seed_slice)) if fg_reach else None
+        stops = {k for _, _, k in prompt.background}
+        neighbour = seed_mask
+        k = prompt.seed_slice + direction
+        while low <= k < high:
+            if neighbour.any():
+                box = _intersect(_widened(_mask_box(neighbour), self.rule.margin, self.rule.min_margin, width, height), prompt.xy_limit)
+            elif prompt.xy_limit is not None:
+                box = prompt.xy_limit
+            else:
+                break
+            probability, uncertainty = self.decode_slice(k, box)
+            if progress is not None:
+                progress(1)
+            mask = probability > 0.5
+            must = reach is not None and (reach - k) * direction >= 0
+            if prompt.z_range is None and not must and not self._continues(mask, probability, uncertainty, neighbour, seed_uncertainty):
+                break
+            if k in stops and any(mask[j, i] for i, j, kk in prompt.background if kk == k):
+                break
+            keep[k] = (probability, uncertainty)
+            neighbour = mask
+            k += direction
+
+    def _segment_object(self, prompt: ObjectPrompt, progress) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        probability, uncertainty = self.decode_slice(prompt.seed_slice, prompt.box)
+        if progress is not None:
+            progress(1)
+        seed_mask = probability > 0.5
+        kept = {prompt.seed_slice: (probability, uncertainty)}
+        seed_uncertainty = float(uncertainty[seed_mask].mean()) if seed_mask.any() else 0.0
+        if seed_mask.any() or prompt.xy_limit is not None:
+            for direction in (1, -1):
+                self._walk(prompt, direction, seed_mask, seed_uncertainty, kept, progress)
+        return kept
+
+    @staticmethod
+    def _clean(kept: dict, seed_slice: int) -> np.ndarray:
+        """The object's mask over its slices ``[J, I, n]`` with only the components touching the seed slice's mask."""
+        order = sorted(kept)
+        mask = np.stack([kept[k][0] > 0.5 for k in order], axis=-1)
+        components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+        if count <= 1:
+            return mask
+        seed_labels = np.unique(components[..., order.index(seed_slice)])
+        return np.isin(components, seed_labels[seed_labels > 0])
+
+    def predict(self, prompts: Sequence[ObjectPrompt], progress: Callable[[int], None] | None = None) -> VolumePrediction:
+        """Segment one object per prompt; ``progress(n)`` is called as ``n`` more slices are decoded."""
+        if self._volume is None:
+            raise RuntimeError("call set_volume() before predict()")
+        if not prompts:
+            raise ValueError("no prompt: give one ObjectPrompt per object")
+        start, calls = time.perf_counter(), self.predictor.encoder_calls
+        shape = self.shape
+        labels = np.zeros(shape, np.uint16)
+        best = np.zeros(shape, np.float32)
+        best_uncertainty = np.zeros(shape, np.float32)
+        ranges = []
+        for index, prompt in enumerate(prompts):
+            kept = self._segment_object(prompt, progress)
+            cleaned = self._clean(kept, prompt.seed_slice)
+            for position, k in enumerate(sorted(kept)):
+                # voxels the clean-up removed count as background for this object
+                probability = np.where(cleaned[..., position], kept[k][0], 0.0).T
+                wins = probability > best[:, :, k]
+                labels[:, :, k][wins] = np.where(probability[wins] > 0.5, index + 1, 0)
+                best[:, :, k][wins] = probability[wins]
+                best_uncertainty[:, :, k][wins] = kept[k][1].T[wins]
+            ranges.append((min(kept), max(kept) + 1))
+        return VolumePrediction(labels, best, best_uncertainty, ranges, self.predictor.encoder_calls - calls, time.perf_counter() - start)
