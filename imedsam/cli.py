@@ -89,8 +89,10 @@ def _predict(args: argparse.Namespace) -> None:
     from .visualize import heat_map, overlay
 
     if is_volume_path(args.image):
+        args.encoder_engine = args.encoder_engine or "auto"
         predict_volume(args, _build_model(args))
         return
+    args.encoder_engine = args.encoder_engine or "torch"
     if args.box3d or args.slice is not None or args.window or args.modality:
         raise ValueError("--box3d, --slice, --window and --modality are for volumes (.nii, .nii.gz, .nrrd or a DICOM folder)")
     check_output_path(args.output, "--output", MASK_EXTENSIONS)
@@ -210,10 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
              "faster on a slow CPU, for a measured loss of Dice (docs/speed.md)",
     )  # fmt: skip
     predict.add_argument(
-        "--encoder-engine", choices=["torch", "openvino", "auto"], default="torch",
-        help="torch: eager PyTorch (the default: one image per call); openvino: the lite_medsam encoder compiled for "
+        "--encoder-engine", choices=["torch", "openvino", "auto"], default=None,
+        help="torch: eager PyTorch (the default for a picture: one image per call); openvino: the lite_medsam encoder compiled for "
              "this CPU, several times faster per image, after a conversion of seconds the first time a set of weights "
-             "is seen (kept in $IMEDSAM_CACHE_DIR, default ~/.cache/imedsam); auto: openvino where it applies",
+             "is seen (kept in $IMEDSAM_CACHE_DIR, default ~/.cache/imedsam); auto (the default for a volume, which "
+             "encodes many slices): openvino where it applies",
     )  # fmt: skip
     predict.set_defaults(run=_predict)
 

@@ -9,7 +9,7 @@ import tempfile
 
 import numpy as np
 
-__all__ = ["VOLUME_EXTENSIONS", "is_volume_path", "predict_volume"]
+__all__ = ["VOLUME_EXTENSIONS", "is_volume_path", "load_volume", "predict_volume", "save_nifti"]
 
 logger = logging.getLogger("imedsam")
 
@@ -45,7 +45,7 @@ def load_volume(path: str):
     return check_volume(array), np.asarray(image.affine, dtype=np.float64)
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
     """Write ``path`` whole or not at all: a temporary file in its folder, then a rename."""
     import nibabel
 
@@ -101,8 +101,8 @@ def predict_volume(args: argparse.Namespace, model) -> None:
         logger.info("label %d: slices %d..%d, %d voxels", index, first, last - 1, int((result.labels == index).sum()))
     logger.info("%d slices encoded in %.1f s", result.encoder_calls, result.seconds)
     labels = result.labels.astype(np.uint8 if len(prompts) < 256 else np.uint16)
-    _save_nifti(labels, affine, args.output)
+    save_nifti(labels, affine, args.output)
     logger.info("labels -> %s", args.output)
     if args.uncertainty:
-        _save_nifti(result.uncertainty, affine, args.uncertainty)
+        save_nifti(result.uncertainty, affine, args.uncertainty)
         logger.info("uncertainty (MC-dropout variance, max %.4g) -> %s", float(result.uncertainty.max()), args.uncertainty)

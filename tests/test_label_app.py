@@ -111,7 +111,22 @@ def test_second_prompt_on_an_image_skips_the_encoder(server):
     )  # fmt: skip
 
 
+def served_network():
+    """The network the test server serves before any training: untrained vit_tiny built from the bundle, seed 0."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundle" / "configs" / "train.yaml"))
+    parser.update({"encoder": "vit_tiny", "image_size": IMAGE_SIZE, "sam_checkpoint": None, "decode_mode": "adaptive"})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the app's default seed for untrained weights
+        return parser.get_parsed_content("network_def")
+
+
 def test_volume_slice_result_is_the_full_volume_with_one_slice(server, tmp_path):
+    from imedsam.inference import Predictor, image_plane
+
     response = infer(server["client"], "vol_0", {"roi": [5, 30, 4, 25, 3, 3], "window": [-200, 200]}, output="image")
     assert response.status_code == 200, response.text
     path = tmp_path / "result.nii.gz"
@@ -119,6 +134,58 @@ def test_volume_slice_result_is_the_full_volume_with_one_slice(server, tmp_path)
     result = np.asarray(nib.load(path).dataobj)
     assert result.shape == server["volume"].shape
     assert result[..., [0, 1, 2, 4, 5]].sum() == 0
+    predictor = Predictor(served_network())
+    predictor.set_image(image_plane(server["volume"], False, 3, [-200, 200]))
+    expected = predictor.predict([5, 4, 31, 26])[0] > 0.5
+    np.testing.assert_array_equal(result[..., 3] > 0, expected.T)
+
+
+def infer_3d(client, image, params, output="json"):
+    return client.post(f"/infer/imedsam_3d?image={image}&output={output}", data={"params": json.dumps(params)})
+
+
+def test_3d_task_returns_the_packages_volume_for_a_slicer_roi(server, tmp_path):
+    from imedsam.inference import VolumePredictor, box3d_prompt
+
+    info = server["client"].get("/info/").json()["models"]["imedsam_3d"]
+    assert info["dimension"] == 3 and info["type"] == "deepgrow"
+    # Slicer's interleaved pairs, unsorted: i 5..30, j 4..25, k 1..4
+    params = {"roi": [30, 5, 25, 4, 4, 1], "window": [-200, 200], "result_extension": ".nrrd"}
+    response = infer_3d(server["client"], "vol_0", params, output="image")
+    assert response.status_code == 200, response.text
+    assert response.content[:4] == b"NRRD"
+    path = tmp_path / "result.nrrd"
+    path.write_bytes(response.content)
+    from imedsam.inference import load_image_array
+
+    result = np.asarray(load_image_array(str(path)))
+    assert result.shape == server["volume"].shape
+    session = VolumePredictor(served_network())
+    session.set_volume(server["volume"], window=[-200, 200])
+    expected = session.predict([box3d_prompt([5, 4, 1, 31, 26, 5], server["volume"].shape)]).labels
+    np.testing.assert_array_equal(result, expected)
+
+    first = infer_3d(server["client"], "vol_0", {"box3d": [[5, 4, 1, 31, 26, 5], [0, 0, 1, 10, 10, 3]], "window": [-200, 200],
+                                                  "uncertainty": True}).json()  # fmt: skip
+    assert first["encoder_slices"] == 0  # every slice was encoded for the roi request: the cache is the task's
+    assert [o["slices"] for o in first["objects"]] == [[1, 4], [1, 2]] and "mean_in_prediction" in first["objects"][0]["uncertainty"]
+    clicks = infer_3d(server["client"], "vol_0", {"foreground": [[5, 4, 2], [30, 25, 2]], "window": [-200, 200]}).json()
+    assert clicks["objects"][0]["source"] == "clicks" and clicks["objects"][0]["seed_slice"] == 2
+
+
+@pytest.mark.parametrize(
+    "image, params, message",
+    [
+        ("vol_0", {"roi": [2, 3, 1, 20, 4, 5]}, "roi_layout"),
+        ("vol_0", {"roi": [2, 3, 1, 10, 12, 5], "roi_layout": "slicer"}, "outside the volume"),
+        ("vol_0", {"box": [1, 1, 9, 9]}, "needs 'slice'"),
+        ("vol_0", {"foreground": [[1, 1, 1]]}, "one foreground click"),
+        ("img_1", {"box3d": [1, 1, 0, 9, 9, 1]}, "2D picture"),
+    ],
+)
+def test_3d_task_bad_requests_get_a_400_naming_the_problem(server, image, params, message):
+    response = infer_3d(server["client"], image, params)
+    assert response.status_code == 400 and message in response.json()["detail"], response.text
 
 
 @pytest.mark.parametrize(

@@ -112,3 +112,33 @@ class LiteMedSAMVolumeRecipe:
             ranges.append((min(masks), max(masks) + 1))
         empty = np.zeros(0, np.float32)
         return VolumePrediction(labels, empty, empty, ranges, self.encoder_calls - calls, time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m imedsam.evaluation.lite_medsam_3d --image VOLUME --box3d X0 Y0 Z0 X1 Y1 Z1 [...] --output L.nii.gz``:
+    the recipe as one process, for the volume benchmark to time beside ``imedsam predict``."""
+    import argparse
+    import logging
+
+    from ..cli_volume import load_volume, save_nifti
+    from ..inference.volume_prompts import box3d_prompt
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--box3d", nargs=6, type=float, action="append", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--window", nargs=2, type=float)
+    parser.add_argument("--modality", choices=("ct", "mr"))
+    args = parser.parse_args(argv)
+    volume, affine = load_volume(args.image)
+    recipe = LiteMedSAMVolumeRecipe()
+    recipe.set_volume(volume, args.window, args.modality)
+    result = recipe.predict([box3d_prompt(box, volume.shape) for box in args.box3d])
+    save_nifti(result.labels.astype(np.uint8), affine, args.output)
+    logging.getLogger(__name__).info("%d slices encoded in %.1f s -> %s", result.encoder_calls, result.seconds, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

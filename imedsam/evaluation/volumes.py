@@ -109,7 +109,9 @@ def read_volume_datalist(path: str, data_root: str | None = None) -> list[dict]:
     return cases
 
 
-def _objects(label: np.ndarray, spec, min_voxels: int) -> list[tuple[str, np.ndarray]]:
+def volume_objects(label: np.ndarray, spec, min_voxels: int) -> list[tuple[str, np.ndarray]]:
+    """``(name, mask)`` per object of a label volume: ``spec`` maps names to label values, or is ``"each"`` (or
+    None) for one object per value; objects under ``min_voxels`` or on one slice are left out."""
     if spec in (None, "each"):
         spec = {str(int(v)): [int(v)] for v in np.unique(label) if v != 0}
     objects = []
@@ -191,7 +193,7 @@ class VolumeEvaluation:
             self.recipe.set_volume(volume, modality=modality)
         methods = ("imedsam", "lite_medsam") if self.recipe is not None else ("imedsam",)
         rows = []
-        for name, mask in _objects(label, case.get("objects"), self.min_voxels):
+        for name, mask in volume_objects(label, case.get("objects"), self.min_voxels):
             for protocol in self.protocols:
                 for method in methods:
                     start = time.perf_counter()

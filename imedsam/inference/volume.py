@@ -50,6 +50,7 @@ class PropagationRule(NamedTuple):
 
     margin: float = 0.1
     min_margin: float = 2.0
+    touch: float = 1.0
     min_area: int = 4
     min_overlap: float = 0.5
     max_growth: float = 2.0
@@ -82,11 +83,17 @@ def check_volume(volume) -> np.ndarray:
     return array
 
 
-def _widened(box: np.ndarray, margin: float, min_margin: float, width: int, height: int) -> np.ndarray:
+def _next_box(mask: np.ndarray, prompt_box: np.ndarray, rule: PropagationRule, width: int, height: int) -> np.ndarray:
+    """The box for the slice after one whose ``mask`` answered ``prompt_box``: the mask's box, widened by
+    ``rule.margin`` of its side on each side where the mask reached the prompt's edge (the box cut the object
+    off, so it may go on), by ``rule.min_margin`` elsewhere."""
+    box = _mask_box(mask)
     side = box[2:] - box[:2]
-    pad = np.maximum(side * margin, min_margin)
-    lower = np.maximum(box[:2] - pad, 0)
-    upper = np.minimum(box[2:] + pad, (width, height))
+    grow = np.maximum(side * rule.margin, rule.min_margin)
+    cut_low = box[:2] - prompt_box[:2] <= rule.touch
+    cut_high = prompt_box[2:] - box[2:] <= rule.touch
+    lower = np.maximum(box[:2] - np.where(cut_low, grow, rule.min_margin), 0)
+    upper = np.minimum(box[2:] + np.where(cut_high, grow, rule.min_margin), (width, height))
     return np.concatenate([lower, upper]).astype(np.float32)
 
 
@@ -200,11 +207,11 @@ class VolumePredictor:
         fg_reach = [k for k in prompt.must_reach if (k - prompt.seed_slice) * direction > 0]
         reach = max(fg_reach, key=lambda k: abs(k - prompt.seed_slice)) if fg_reach else None
         stops = {k for _, _, k in prompt.background}
-        neighbour = seed_mask
+        neighbour, neighbour_box = seed_mask, prompt.box
         k = prompt.seed_slice + direction
         while low <= k < high:
             if neighbour.any():
-                box = _intersect(_widened(_mask_box(neighbour), self.rule.margin, self.rule.min_margin, width, height), prompt.xy_limit)
+                box = _intersect(_next_box(neighbour, neighbour_box, self.rule, width, height), prompt.xy_limit)
             elif prompt.xy_limit is not None:
                 box = prompt.xy_limit
             else:
@@ -219,7 +226,7 @@ class VolumePredictor:
             if k in stops and any(mask[j, i] for i, j, kk in prompt.background if kk == k):
                 break
             keep[k] = (probability, uncertainty)
-            neighbour = mask
+            neighbour, neighbour_box = mask, box
             k += direction
 
     def _segment_object(self, prompt: ObjectPrompt, progress) -> dict[int, tuple[np.ndarray, np.ndarray]]:
