@@ -23,6 +23,10 @@ def test_slicer_roi_is_sorted_per_axis_and_becomes_pixel_edges():
     prompt = resolve_box_prompt({"roi": [40, 10, 30, 5, 2, 2]}, (64, 48, 5))
     np.testing.assert_array_equal(prompt.box, [10, 5, 41, 31])
     assert prompt.slice_index == 2 and prompt.source == "roi"
+    # corners [i0, j0, k0, i1, j1, k1]: read as Slicer's pairs its k-range (30, 40) would leave the volume
+    corners = resolve_box_prompt({"roi": [10, 5, 2, 40, 30, 2]}, (64, 48, 5))
+    np.testing.assert_array_equal(corners.box, [10, 5, 41, 31])
+    assert corners.slice_index == 2
     np.testing.assert_array_equal(resolve_box_prompt({"roi": [30, 20, 4, 6]}, (64, 48)).box, [4, 6, 31, 21])
 
 
@@ -45,7 +49,8 @@ def test_box_field_wins_and_is_clipped_to_the_image():
 @pytest.mark.parametrize(
     "request_, shape, message",
     [
-        ({"roi": [100, 120, 5, 9, 0, 0]}, (64, 48, 1), "outside the image"),
+        ({"roi": [100, 120, 5, 9, 0, 0]}, (64, 48, 1), "outside the volume"),
+        ({"roi": [2, 3, 1, 20, 4, 5]}, (64, 48, 7), "roi_layout"),
         ({"box": [5, 5, 5, 9]}, (64, 48), "zero area"),
         ({"box": [0, 0, 0.4, 9]}, (64, 48), "inverted|zero area"),
         ({"roi": [1, 2, 3]}, (64, 48), "6 values"),

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["PromptError", "BoxPrompt", "resolve_box_prompt", "normalize_roi"]
+__all__ = ["PromptError", "BoxPrompt", "ROI_LAYOUTS", "resolve_box_prompt", "normalize_roi", "roi_to_box3d"]
 
 
 class PromptError(ValueError):
@@ -56,6 +56,58 @@ def normalize_roi(roi) -> tuple[list[float], list[float], tuple[float, float] | 
     raise PromptError(
         f"roi must have 6 values [i0, i1, j0, j1, k0, k1] (3D Slicer) or 4 values [i0, j0, i1, j1], got {len(values)}"
     )
+
+
+ROI_LAYOUTS = ("slicer", "corners")
+
+
+def roi_to_box3d(roi: Sequence[float], shape: Sequence[int], layout: str | None = None) -> list[float]:
+    """``[x0, y0, z0, x1, y1, z1]`` (exclusive upper bounds) from a 6-value ``roi`` in either form clients send.
+
+    - 3D Slicer's interleaved per-axis pairs ``[i_a, i_b, j_a, j_b, k_a, k_b]`` (inclusive voxel indices, each
+      pair in any order, since the RAS to IJK mapping can flip an axis);
+    - corners ``[i0, j0, k0, i1, j1, k1]`` (inclusive, ``i0 <= i1``, ``j0 <= j1``, ``k0 <= k1``).
+
+    They are told apart by which reading lies inside the volume with every lower bound at or below its upper
+    one. Read both ways, ``[a, b, c, d, e, f]`` gives the i-range ``{a, b}`` or ``{a, d}``: when only one reading
+    fits the volume, it is taken; when both fit and they differ, the request is refused, naming both boxes, and
+    the client sends an unambiguous ``box3d`` instead.
+    """
+    if len(shape) != 3:
+        raise PromptError(f"a 6-value roi needs a 3D volume (I, J, K), got spatial shape {tuple(shape)}")
+    width, height, depth = (int(v) for v in shape)
+    values = _numbers(roi, "roi")
+    if len(values) != 6:
+        raise PromptError(f"roi must have 6 values, got {len(values)}")
+    a, b, c, d, e, f = values
+
+    def fits(box):
+        x0, y0, z0, x1, y1, z1 = box
+        return 0 <= x0 <= x1 < width + 0.5 and 0 <= y0 <= y1 < height + 0.5 and 0 <= z0 <= z1 < depth + 0.5
+
+    interleaved = [min(a, b), min(c, d), min(e, f), max(a, b), max(c, d), max(e, f)]
+    corners = [a, b, c, d, e, f]
+    candidates = {"slicer": interleaved, "corners": corners}
+    if layout is not None:
+        candidates = {layout: candidates[layout]}
+    readings = {name: box for name, box in candidates.items() if fits(box)}
+    if not readings:
+        forms = {"slicer": "[i0, i1, j0, j1, k0, k1] (3D Slicer)", "corners": "[i0, j0, k0, i1, j1, k1]"}
+        raise PromptError(
+            f"roi {roi!r} lies outside the volume of shape {(width, height, depth)} read as "
+            + " or as ".join(forms[name] for name in candidates)
+        )
+    if len(readings) == 2 and readings["slicer"] != readings["corners"]:
+        raise PromptError(
+            f"roi {roi!r} fits the volume both as [i0, i1, j0, j1, k0, k1] (i {interleaved[0]:g}..{interleaved[3]:g}, "
+            f"j {interleaved[1]:g}..{interleaved[4]:g}, k {interleaved[2]:g}..{interleaved[5]:g}) and as "
+            f"[i0, j0, k0, i1, j1, k1] (i {a:g}..{d:g}, j {b:g}..{e:g}, k {c:g}..{f:g}); send 'box3d' "
+            "[x0, y0, z0, x1, y1, z1], or 'roi_layout' ('slicer' or 'corners'), to say which"
+        )
+    x0, y0, z0, x1, y1, z1 = next(iter(readings.values()))
+    lower = [int(math.floor(v + 0.5)) for v in (x0, y0, z0)]
+    upper = [min(int(math.floor(v + 0.5)) + 1, s) for v, s in zip((x1, y1, z1), (width, height, depth))]
+    return [float(v) for v in (*lower, *upper)]
 
 
 def _points(value, name: str, dims: int) -> list[list[float]]:
@@ -112,7 +164,9 @@ def resolve_box_prompt(request: Mapping, spatial_shape: Sequence[int]) -> BoxPro
 
     - ``box``: ``[x0, y0, x1, y1]`` pixel edges (``x1`` is one past the last column), as the rest of
       :mod:`imedsam` uses;
-    - ``roi``: see :func:`normalize_roi`;
+    - ``roi``: see :func:`normalize_roi`; on a volume a 6-value roi may also be corners
+      ``[i0, j0, k0, i1, j1, k1]``, told apart by :func:`~imedsam.inference.roi_to_box3d` (``roi_layout`` settles
+      a roi that fits both ways);
     - ``foreground``: at least two clicks ``[i, j(, k)]`` on the slice, taken as opposite corners (OHIF's
       point prompt sends no box).
 
@@ -136,6 +190,10 @@ def resolve_box_prompt(request: Mapping, spatial_shape: Sequence[int]) -> BoxPro
         if x1 <= x0 or y1 <= y0:
             raise PromptError(f"box [{x0:g}, {y0:g}, {x1:g}, {y1:g}] has zero area or is inverted: x0 < x1 and y0 < y1 are required")
         box, source = [x0, y0, x1, y1], "box"
+    elif request.get("roi") is not None and len(request["roi"]) == 6 and depth is not None:
+        # a volume's 6-value roi comes in two layouts, told apart (or refused as ambiguous) by roi_to_box3d
+        x0, y0, z0, x1, y1, z1 = roi_to_box3d(request["roi"], spatial_shape, request.get("roi_layout"))
+        box, source, roi_k = [x0, y0, x1, y1], "roi", (z0, z1 - 1)
     elif request.get("roi") is not None and len(request["roi"]) > 0:
         (i0, i1), (j0, j1), roi_k = normalize_roi(request["roi"])
         box, source = [i0, j0, i1 + 1, j1 + 1], "roi"

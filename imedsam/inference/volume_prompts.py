@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .prompts import PromptError
+from .prompts import ROI_LAYOUTS, PromptError, roi_to_box3d
 
-__all__ = ["ObjectPrompt", "ROI_LAYOUTS", "box3d_prompt", "slice_box_prompt", "click_prompt", "roi_to_box3d", "resolve_volume_prompts"]
+__all__ = ["ObjectPrompt", "box3d_prompt", "slice_box_prompt", "click_prompt", "resolve_volume_prompts"]
 
 
 class ObjectPrompt(NamedTuple):
@@ -138,53 +138,6 @@ def click_prompt(foreground, background, shape: Sequence[int]) -> ObjectPrompt:
         raise PromptError(f"the clicks on slice {seed} span less than 2 voxels along i or j: click opposite corners")
     z_reached = sorted({k for _, _, k in fg})
     return ObjectPrompt(box, seed, None, None, tuple(bg), "clicks", tuple(z_reached))
-
-
-ROI_LAYOUTS = ("slicer", "corners")
-
-
-def roi_to_box3d(roi: Sequence[float], shape: Sequence[int], layout: str | None = None) -> list[float]:
-    """``[x0, y0, z0, x1, y1, z1]`` (exclusive upper bounds) from a 6-value ``roi`` in either form clients send.
-
-    - 3D Slicer's interleaved per-axis pairs ``[i_a, i_b, j_a, j_b, k_a, k_b]`` (inclusive voxel indices, each
-      pair in any order, since the RAS to IJK mapping can flip an axis);
-    - corners ``[i0, j0, k0, i1, j1, k1]`` (inclusive, ``i0 <= i1``, ``j0 <= j1``, ``k0 <= k1``).
-
-    They are told apart by which reading lies inside the volume with every lower bound at or below its upper
-    one. Read both ways, ``[a, b, c, d, e, f]`` gives the i-range ``{a, b}`` or ``{a, d}``: when only one reading
-    fits the volume, it is taken; when both fit and they differ, the request is refused, naming both boxes, and
-    the client sends an unambiguous ``box3d`` instead.
-    """
-    width, height, depth = _check_shape(shape)
-    a, b, c, d, e, f = _numbers(roi, "roi", 6)
-
-    def fits(box):
-        x0, y0, z0, x1, y1, z1 = box
-        return 0 <= x0 <= x1 < width + 0.5 and 0 <= y0 <= y1 < height + 0.5 and 0 <= z0 <= z1 < depth + 0.5
-
-    interleaved = [min(a, b), min(c, d), min(e, f), max(a, b), max(c, d), max(e, f)]
-    corners = [a, b, c, d, e, f]
-    candidates = {"slicer": interleaved, "corners": corners}
-    if layout is not None:
-        candidates = {layout: candidates[layout]}
-    readings = {name: box for name, box in candidates.items() if fits(box)}
-    if not readings:
-        forms = {"slicer": "[i0, i1, j0, j1, k0, k1] (3D Slicer)", "corners": "[i0, j0, k0, i1, j1, k1]"}
-        raise PromptError(
-            f"roi {roi!r} lies outside the volume of shape {(width, height, depth)} read as "
-            + " or as ".join(forms[name] for name in candidates)
-        )
-    if len(readings) == 2 and readings["slicer"] != readings["corners"]:
-        raise PromptError(
-            f"roi {roi!r} fits the volume both as [i0, i1, j0, j1, k0, k1] (i {interleaved[0]:g}..{interleaved[3]:g}, "
-            f"j {interleaved[1]:g}..{interleaved[4]:g}, k {interleaved[2]:g}..{interleaved[5]:g}) and as "
-            f"[i0, j0, k0, i1, j1, k1] (i {a:g}..{d:g}, j {b:g}..{e:g}, k {c:g}..{f:g}); send 'box3d' "
-            "[x0, y0, z0, x1, y1, z1], or 'roi_layout' ('slicer' or 'corners'), to say which"
-        )
-    x0, y0, z0, x1, y1, z1 = next(iter(readings.values()))
-    lower = [int(math.floor(v + 0.5)) for v in (x0, y0, z0)]
-    upper = [min(int(math.floor(v + 0.5)) + 1, s) for v, s in zip((x1, y1, z1), (width, height, depth))]
-    return [float(v) for v in (*lower, *upper)]
 
 
 def _box3d_list(value) -> list:
