@@ -255,3 +255,29 @@ def test_infer_with_the_sam_mask_decoder_ablation_saves_masks_and_no_uncertainty
     picture = np.asarray(Image.open(tmp_path / "out" / "overlays" / "b.png"))
     assert picture.shape == (50, 70, 3)
     assert tuple(picture[2, 1]) == (255, 220, 0) and tuple(picture[10, 40]) == (255, 220, 0)
+
+
+def test_evaluate_volume_scores_every_protocol_beside_the_lite_medsam_recipe(trained, tmp_path):
+    import nibabel as nib
+
+    tmp, _ = trained
+    i, j, k = np.meshgrid(np.arange(48), np.arange(40), np.arange(6), indexing="ij")
+    organ = ((i - 24) / 12) ** 2 + ((j - 20) / 9) ** 2 + ((k - 2.5) / 2.6) ** 2 <= 1
+    nib.save(nib.Nifti1Image(np.where(organ, 60, -900).astype(np.int16), np.diag([0.8, 0.8, 2.0, 1])), tmp_path / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(organ.astype(np.uint8) * 3, np.diag([0.8, 0.8, 2.0, 1])), tmp_path / "ct_label.nii.gz")
+    datalist = {"cases": [{"case": "phantom", "modality": "ct", "image": "ct.nii.gz", "label": "ct_label.nii.gz",
+                           "objects": {"organ": [3], "absent": [7]}}]}  # fmt: skip
+    (tmp_path / "volumes.json").write_text(json.dumps(datalist))
+    out = tmp_path / "eval"
+    log = ok(bundle("run", "--config_file", f"['{INFERENCE}','{os.path.join(CONFIGS, 'evaluate_volume.yaml')}']", "--encoder", "vit_tiny",
+                    "--image_size", "64", "--ckpt_dir", str(tmp / "models"), "--volume_datalist", str(tmp_path / "volumes.json"),
+                    "--data_root", str(tmp_path), "--output_dir", str(out)))  # fmt: skip
+    rows = (out / "volumes.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("case,object,protocol,method,dsc,nsd,gap_low,gap_high")
+    assert len(rows) == 1 + 3 * 2  # one object (the absent one is left out), three protocols, two methods
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["nsd_tolerance_mm"] == 2.0 and summary["objects"] == 1
+    assert set(summary["means"]) == {f"{p}/{m}" for p in ("box3d", "slice_box", "every_slice") for m in ("imedsam", "lite_medsam")}
+    # LiteMedSAM's pretrained weights find a bright ellipsoid in its tight boxes; the untrained vit_tiny need not
+    assert summary["means"]["every_slice/lite_medsam"]["dsc"] > 0.8
+    assert '"box3d/imedsam"' in log

@@ -48,7 +48,7 @@ __all__ = ["PropagationRule", "VolumePrediction", "VolumePredictor", "check_volu
 class PropagationRule(NamedTuple):
     """The propagation's parameters; the module docstring says what each does."""
 
-    margin: float = 0.1
+    margin: float = 0.2
     min_margin: float = 2.0
     touch: float = 1.0
     min_area: int = 4

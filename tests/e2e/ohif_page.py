@@ -46,6 +46,19 @@ _AXIAL_IMAGE = """() => {
 }"""
 
 
+# the axial viewport's volume (the one the MONAI Label panel turns clicks into indices with) and its camera
+_AXIAL_INDEX_TO_WORLD = """(points) => {
+  const info = window.__ohif.servicesManager.services.cornerstoneViewportService.getViewportInfo('mpr-axial');
+  const {imageData} = info.viewportData.data[0].volume;
+  return points.map(point => Array.from(imageData.indexToWorld(point)));
+}"""
+
+_AXIAL_WORLD_TO_CANVAS = """(points) => {
+  const viewport = window.__ohif.servicesManager.services.cornerstoneViewportService.getCornerstoneViewport('mpr-axial');
+  return points.map(point => Array.from(viewport.worldToCanvas(point)));
+}"""
+
+
 def chromium_executable() -> str:
     for name in CHROMIUM_NAMES:
         if path := shutil.which(name):
@@ -56,6 +69,24 @@ def chromium_executable() -> str:
 def rgb(png: bytes) -> np.ndarray:
     """``H x W x 3`` int array of a screenshot."""
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+
+
+def changed(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Pixels of two screenshots that differ visibly (an overlay drawn over the image)."""
+    return np.abs(after - before).sum(axis=2) > 30
+
+
+def read_nrrd(body: bytes) -> np.ndarray:
+    """``(I, J, K)`` array of an uncompressed 8-bit NRRD (the infer answer OHIF asks for)."""
+    header, _, raw = body.partition(b"\n\n")
+    fields = dict(line.split(": ", 1) for line in header.decode().splitlines()[1:] if ": " in line)
+    assert fields["encoding"] == "raw" and fields["type"] == "unsigned char", fields
+    sizes = [int(v) for v in fields["sizes"].split()]
+    return np.frombuffer(raw, dtype=np.uint8).reshape(sizes[::-1]).transpose(2, 1, 0)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
 
 
 class OhifSession:
@@ -103,8 +134,12 @@ class OhifSession:
         self.page.get_by_text("Point Prompts", exact=True).first.wait_for(timeout=60_000)
         assert self.page.evaluate(_FIND_PANEL_PROPS), "OHIF's MONAI Label panel props were not found"
 
-    def choose_point_prompts(self, label: str) -> None:
+    def choose_point_prompts(self, label: str, model: str | None = None) -> None:
+        """Open the Point Prompts tab, pick ``model`` there (default: the first in its list) and the label."""
         self.page.get_by_text("Point Prompts", exact=True).first.click()
+        if model is not None:  # picking a model clears the tab's label and clicks: pick it first
+            selector = self.page.locator(".modelSelector", has=self.page.locator("button[title='Run PointPrompts']"))
+            selector.locator("select").select_option(model)
         self.page.locator("tr.clickable-row", has_text=label).click()
 
     def click_axial(self, x: float, y: float) -> None:
@@ -144,6 +179,32 @@ class OhifSession:
         """The axial viewport's slice, as an index into OHIF's volume, and that image's WADO-RS id."""
         index, image_id = self.page.evaluate(_AXIAL_IMAGE)
         return index, image_id
+
+    def scroll_axial_to(self, index: int, max_steps: int = 200) -> None:
+        """Scroll the axial viewport with the mouse wheel, as a user does, until it shows slice ``index`` of
+        OHIF's volume (:meth:`axial_image`)."""
+        box = self.viewport("mpr-axial").bounding_box()
+        self.page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        step = 100  # one wheel notch: one slice; which way is found from the first notch
+        for _ in range(max_steps):
+            current = self.axial_image()[0]
+            if current == index:
+                self.page.wait_for_timeout(500)  # the frame of that slice
+                return
+            self.page.mouse.wheel(0, step if index > current else -step)
+            self.page.wait_for_timeout(200)
+            if abs(self.axial_image()[0] - index) > abs(current - index):
+                step = -step
+        raise AssertionError(f"the axial viewport did not reach slice {index}: it shows {self.axial_image()[0]}")
+
+    def axial_index_to_world(self, indices) -> np.ndarray:
+        """World (patient, mm) points of ``(i, j, k)`` indices of OHIF's volume, the indices the MONAI Label
+        panel sends for clicks."""
+        return np.array(self.page.evaluate(_AXIAL_INDEX_TO_WORLD, [list(map(float, p)) for p in indices]))
+
+    def axial_world_to_canvas(self, points) -> np.ndarray:
+        """``(x, y)`` pixels of the axial viewport where world points are drawn at its current camera."""
+        return np.array(self.page.evaluate(_AXIAL_WORLD_TO_CANVAS, [list(map(float, p)) for p in points]))
 
     def export_seg(self, series_description: str, timeout_s: float = 60) -> str:
         """Store the segmentation as DICOM SEG through OHIF's own ``storeSegmentation`` command (the command

@@ -11,21 +11,14 @@ from __future__ import annotations
 
 import json
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from dicomweb_client.api import DICOMwebClient
 
 from ct_series import Phantom, ct_series
-from ohif_page import OhifSession, chromium_executable, screenshot_dir
-from orthanc import orthanc
-from label_server import ROOT, label_server
-
-try:
-    from playwright.sync_api import sync_playwright
-except ImportError:
-    pytest.fail("Playwright is not installed: `make e2e` installs it (pip install -e '.[e2e]')", pytrace=False)
+from ohif_page import changed, dice, read_nrrd
+from ohif_stack import ohif_stack
 
 PHANTOM = Phantom()
 PATIENT_NAME = "Phantom, Kidney"  # as OHIF's study list shows Phantom^Kidney
@@ -35,48 +28,10 @@ ORGAN_GREY = 190
 APPLIED = "updated the segmentation's scalar data"  # the MONAI Label panel's log line once a result is shown
 
 
-def read_nrrd(body: bytes) -> np.ndarray:
-    """``(I, J, K)`` array of an uncompressed 8-bit NRRD (the infer answer OHIF asks for)."""
-    header, _, raw = body.partition(b"\n\n")
-    fields = dict(line.split(": ", 1) for line in header.decode().splitlines()[1:] if ": " in line)
-    assert fields["encoding"] == "raw" and fields["type"] == "unsigned char", fields
-    sizes = [int(v) for v in fields["sizes"].split()]
-    return np.frombuffer(raw, dtype=np.uint8).reshape(sizes[::-1]).transpose(2, 1, 0)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
-
-
-def changed(before: np.ndarray, after: np.ndarray) -> np.ndarray:
-    return np.abs(after - before).sum(axis=2) > 30
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    work = tmp_path_factory.mktemp("ohif")
-    datasets = ct_series(PHANTOM)
-    settings = {
-        "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "dicom-cache"),
-        "MONAI_LABEL_DICOMWEB_CACHE_EXPIRY": "1",  # labeled-image lookups are cached this many seconds
-    }
-    with orthanc(work / "orthanc") as store:
-        DICOMwebClient(store.dicomweb).store_instances(datasets)
-        app = ROOT / "apps" / "imedsam_label"
-        with label_server(app, store.dicomweb, work, conf=["--conf", "label", LABEL], env=settings) as client:
-            with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(
-                    executable_path=chromium_executable(),
-                    # software WebGL: OHIF's viewports render with SwiftShader in a headless, GPU-less browser
-                    args=["--no-sandbox", "--use-gl=angle", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"],
-                )
-                page = browser.new_page(viewport={"width": 1600, "height": 1000})
-                page.set_default_timeout(60_000)
-                ohif = OhifSession(page, str(client.base_url), screenshot_dir(ROOT))
-                try:
-                    yield SimpleNamespace(store=store, client=client, datasets=datasets, ohif=ohif, state={})
-                finally:
-                    browser.close()
+    with ohif_stack(tmp_path_factory.mktemp("ohif"), ct_series(PHANTOM), LABEL) as services:
+        yield services
 
 
 def slice_of(datasets, image_id: str) -> int:
