@@ -120,6 +120,13 @@ def test_label_maps_windows_and_pairing(tmp_path):
     assert record["boxes_per_organ"] == {"liver": 12}
     masks = [np.asarray(Image.open(tmp_path / "liver" / "masks" / n)) for n in os.listdir(tmp_path / "liver" / "masks")]
     assert set(np.unique(np.stack(masks))) == {0, LIVER}
+    # values that share a name are one object: liver and spleen merged, written as the smaller value
+    (tmp_path / "merged.json").write_text(f'{{"{LIVER}": "abdomen", "{SPLEEN}": "abdomen"}}')
+    merged = prepare_ct_slices(str(image_dir), str(label_dir), str(tmp_path / "merged"), label_map=str(tmp_path / "merged.json"))
+    assert merged["boxes_per_organ"] == {"abdomen": 12}
+    assert json.loads((tmp_path / "merged" / "labels.json").read_text()) == {str(SPLEEN): "abdomen"}
+    stacked = np.stack([np.asarray(Image.open(tmp_path / "merged" / "masks" / n)) for n in os.listdir(tmp_path / "merged" / "masks")])
+    assert set(np.unique(stacked)) == {0, SPLEEN} and (stacked > 0).sum() == sum((m > 0).sum() for m in masks) + 3 * 2 * 9 * 8  # three cases, spleen on 2 slices
     for bad in ('{"0": "background"}', '["liver"]', '{"six": "liver"}', "not json"):
         (tmp_path / "bad.json").write_text(bad)
         with pytest.raises(ValueError, match="label"):

@@ -113,9 +113,15 @@ def read_label_map(spec: str | dict) -> dict[int, str]:
     label_map = label_names_from_table(table, f"label map {spec if isinstance(spec, str) else table!r}")
     if max(label_map) > 255:
         raise ValueError(f"label values must be 1..255 (0 is background), got {sorted(label_map)}")
-    if len(set(label_map.values())) != len(label_map):
-        raise ValueError(f"label map gives two values the same name: {label_map}")
     return label_map
+
+
+def _objects_by_name(organs: dict[int, str]) -> dict[str, list[int]]:
+    """Organ name → its label values; values that share a name make one object (e.g. a tumour's sub-regions)."""
+    grouped: dict[str, list[int]] = {}
+    for value, name in sorted(organs.items()):
+        grouped.setdefault(name, []).append(value)
+    return grouped
 
 
 def window_hu(plane: np.ndarray, level: float, width: float) -> np.ndarray:
@@ -163,7 +169,8 @@ def prepare_ct_slices(
 
     Args:
         label_map: ``"bcv"`` (13 organs), ``"amos"`` (15), a JSON file or dict of value → name. Values not in
-            it are background (``{"6": "liver"}`` keeps the liver only).
+            it are background (``{"6": "liver"}`` keeps the liver only); values that share a name are one
+            object, written with the smallest of them (``{"1": "tumour", "2": "tumour", "4": "tumour"}``).
         window: (level, width) in HU; the default is the abdomen window 40/400. Unused for MR.
         modality: ``"ct"`` or ``"mr"``.
         min_pixels: an organ with fewer pixels in a slice is background there (slivers at an organ's ends
@@ -175,6 +182,7 @@ def prepare_ct_slices(
     if modality not in ("ct", "mr"):
         raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}")
     organs = read_label_map(label_map)
+    objects = _objects_by_name(organs)
     pairs = find_volume_pairs(image_dir, label_dir)
     if len(pairs) < 3:
         raise ValueError(f"a split by case needs at least 3 cases, {image_dir} has {len(pairs)}")
@@ -201,11 +209,11 @@ def prepare_ct_slices(
             for z in range(values.shape[2]):
                 plane = values[:, :, z]
                 kept = np.zeros(plane.shape, np.uint8)
-                for value in np.unique(plane):
-                    organ = plane == value
-                    if value in organs and organ.sum() >= min_pixels:
-                        kept[organ] = value
-                        boxes_per_organ[organs[value]] += 1
+                for name, object_values in objects.items():
+                    organ = np.isin(plane, object_values)
+                    if organ.sum() >= min_pixels:
+                        kept[organ] = object_values[0]
+                        boxes_per_organ[name] += 1
                 if not kept.any():
                     continue
                 name = f"{case}_z{z:03d}.png"
@@ -223,7 +231,7 @@ def prepare_ct_slices(
             json.dump({**split, "note": f"written by prepare_ct_slices; split by case, seed {seed}, fractions {list(fractions)}",
                        "cases": by_case}, f, indent=1)
         with open(os.path.join(partial, "labels.json"), "w") as f:
-            json.dump({str(value): name for value, name in sorted(organs.items())}, f, indent=1)
+            json.dump({str(values[0]): name for name, values in objects.items()}, f, indent=1)
         record = {
             "images": os.path.abspath(image_dir),
             "labels": os.path.abspath(label_dir),
