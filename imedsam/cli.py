@@ -10,6 +10,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from .cli_paths import check_output_path
 from .data.pictures import read_picture
 
 __all__ = ["main", "read_rgb_image"]
@@ -31,23 +32,6 @@ def read_rgb_image(path: str, max_pixels: int | None = None) -> np.ndarray:
     elif image.mode != "RGB":
         raise ValueError(f"{path} is a {image.mode!r} image; I-MedSAM reads 8-bit RGB or grey (L) images")
     return np.asarray(image)
-
-
-def check_output_path(path: str, option: str, extensions: tuple[str, ...]) -> None:
-    """Refuse, before any work, an output that names a folder, has no known extension, or cannot be
-    created (a parent is a regular file, or the folder is not writable)."""
-    if os.path.isdir(path):
-        raise ValueError(f"{option} {path} is a folder; name a file in it, e.g. {os.path.join(path, 'mask.png')}")
-    if os.path.splitext(path)[1].lower() not in extensions:
-        raise ValueError(f"{option} {path} must end in one of {', '.join(extensions)}")
-    parent = os.path.dirname(os.path.abspath(path))
-    existing = parent
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"{option} {path} cannot be created: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-        raise ValueError(f"{option} {path} cannot be created: {existing} is not writable")
 
 
 def _save_png(array: np.ndarray, path: str) -> None:

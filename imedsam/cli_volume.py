@@ -9,6 +9,8 @@ import tempfile
 
 import numpy as np
 
+from .cli_paths import check_output_path
+
 __all__ = ["VOLUME_EXTENSIONS", "is_volume_path", "load_volume", "predict_volume", "save_nifti"]
 
 logger = logging.getLogger("imedsam")
@@ -23,8 +25,6 @@ def is_volume_path(path: str) -> bool:
 
 
 def _check_output(path: str, option: str) -> None:
-    from .cli import check_output_path
-
     if not str(path).lower().endswith(VOLUME_OUTPUT_EXTENSIONS):
         raise ValueError(f"{option} {path} must end in .nii.gz or .nii: a volume's result is a NIfTI on its grid")
     check_output_path(path, option, (os.path.splitext(path)[1].lower(),))

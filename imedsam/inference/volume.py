@@ -10,11 +10,13 @@ The propagation rule (``docs/volumes.md`` has the measurements behind it):
 
 1. The seed slice is decoded with the prompt's box (a 3D box prompts its middle slice with its x/y extent).
 2. From there the object is followed to each neighbouring slice, in both directions. A slice is prompted
-   with the box of its neighbour's mask, **widened** on each side by ``margin`` of the box's side (at least
-   ``min_margin`` voxels): the CVPR 2024 recipe's 3-pixel widening lets a mask only shrink from slice to
-   slice as a box-prompted model keeps inside its box, which loses most of a long object. A 3D box bounds
-   the widened box by its x/y extent and the walk by its z-range, and an empty neighbour mask falls back to
-   that extent, as in the recipe.
+   with the box of its neighbour's mask, widened by ``margin`` of the box's side (at least ``min_margin``
+   voxels) on each side where that mask reached (within ``touch`` voxels) the edge of the box it answered, and
+   by ``min_margin`` elsewhere. A box-prompted model keeps inside its box: the CVPR 2024 recipe's 3-pixel
+   widening lets masks only shrink from slice to slice, and a wide margin on every side lets them drift onto
+   what surrounds the object; widening only where the box cut the mask off follows an object that widens and
+   takes the model at its word where it stopped short. A 3D box bounds every box by its x/y extent and the walk
+   by its z-range, and an empty neighbour mask falls back to that extent, as in the recipe.
 3. With no z-range (a 2D box or clicks), the walk decides where the object ends. It stops before a slice
    whose mask (a) has fewer than ``min_area`` voxels, (b) lies less than ``min_overlap`` on its neighbour's
    mask, (c) grows more than ``max_growth`` times its neighbour's area (the box has slipped onto another
@@ -46,7 +48,8 @@ __all__ = ["PropagationRule", "VolumePrediction", "VolumePredictor", "check_volu
 
 
 class PropagationRule(NamedTuple):
-    """The propagation's parameters; the module docstring says what each does."""
+    """The propagation's parameters; the module docstring says what each does (``docs/volumes.md`` has the
+    measurements behind the defaults)."""
 
     margin: float = 0.2
     min_margin: float = 2.0

@@ -46,15 +46,15 @@ _AXIAL_IMAGE = """() => {
 }"""
 
 
-# the axial viewport's volume (the one the MONAI Label panel turns clicks into indices with) and its camera
+# the axial viewport's volume (the one the MONAI Label panel turns clicks into indices with), and a viewport's camera
 _AXIAL_INDEX_TO_WORLD = """(points) => {
   const info = window.__ohif.servicesManager.services.cornerstoneViewportService.getViewportInfo('mpr-axial');
   const {imageData} = info.viewportData.data[0].volume;
   return points.map(point => Array.from(imageData.indexToWorld(point)));
 }"""
 
-_AXIAL_WORLD_TO_CANVAS = """(points) => {
-  const viewport = window.__ohif.servicesManager.services.cornerstoneViewportService.getCornerstoneViewport('mpr-axial');
+_WORLD_TO_CANVAS = """([name, points]) => {
+  const viewport = window.__ohif.servicesManager.services.cornerstoneViewportService.getCornerstoneViewport(name);
   return points.map(point => Array.from(viewport.worldToCanvas(point)));
 }"""
 
@@ -202,9 +202,9 @@ class OhifSession:
         panel sends for clicks."""
         return np.array(self.page.evaluate(_AXIAL_INDEX_TO_WORLD, [list(map(float, p)) for p in indices]))
 
-    def axial_world_to_canvas(self, points) -> np.ndarray:
-        """``(x, y)`` pixels of the axial viewport where world points are drawn at its current camera."""
-        return np.array(self.page.evaluate(_AXIAL_WORLD_TO_CANVAS, [list(map(float, p)) for p in points]))
+    def world_to_canvas(self, points, viewport: str = "mpr-axial") -> np.ndarray:
+        """``(x, y)`` pixels of ``viewport`` where world points are drawn at its current camera."""
+        return np.array(self.page.evaluate(_WORLD_TO_CANVAS, [viewport, [list(map(float, p)) for p in points]]))
 
     def export_seg(self, series_description: str, timeout_s: float = 60) -> str:
         """Store the segmentation as DICOM SEG through OHIF's own ``storeSegmentation`` command (the command

@@ -38,7 +38,7 @@ APPLIED = "updated the segmentation's scalar data"  # the MONAI Label panel's lo
 OTHER_SLICE = 10  # the rendered mask is checked this many slices away from the clicked one
 # measured in this test (lite_medsam's pretrained weights): 3D Dice 0.975, 0.97 on the other slice, 0.94
 # between the drawn overlay and the server's mask there
-MIN_DICE_3D, MIN_DICE_OTHER_SLICE, MIN_DRAWN_DICE = 0.9, 0.9, 0.8
+MIN_DICE_3D, MIN_DICE_OTHER_SLICE, MIN_DRAWN_DICE = 0.9, 0.9, 0.9
 
 if not (DATA / "dicom").is_dir():
     pytest.skip(f"the example CT series is not in {DATA}", allow_module_level=True)
@@ -95,7 +95,7 @@ def drawn_on_axial(ohif, mask2d: np.ndarray, k: int, to_world: np.ndarray, size)
     """Where the axial viewport draws slice ``k``'s ``mask2d`` (``I x J``): its pixels (``size`` rows, columns)
     whose centres fall in a masked voxel."""
     columns, rows = mask2d.shape
-    origin, along_i, along_j = ohif.axial_world_to_canvas(apply(to_world, [[0, 0, k], [columns - 1, 0, k], [0, rows - 1, k]]))
+    origin, along_i, along_j = ohif.world_to_canvas(apply(to_world, [[0, 0, k], [columns - 1, 0, k], [0, rows - 1, k]]))
     pixels_per_voxel = np.stack([(along_i - origin) / (columns - 1), (along_j - origin) / (rows - 1)], axis=1)
     y, x = np.mgrid[: size[0], : size[1]]
     centres = np.stack([x.ravel() + 0.5, y.ravel() + 0.5], axis=1) - origin
@@ -116,7 +116,8 @@ def test_two_clicks_with_imedsam_3d_segment_the_liver_on_every_slice(stack, live
     ohif.wait_for_notices_to_close()
 
     # OHIF's volume indices (what the panel sends for clicks, and how it lays the answer's voxels out) are the
-    # server's voxel indices: the same world point for each, although the files run against the slices
+    # server's voxel indices: the same world point for each (although the files' instance numbers run against
+    # the slices' order)
     columns, rows, slices = mask.shape
     probes = [[0, 0, 0], [columns - 1, 0, 0], [0, rows - 1, 0], [0, 0, slices - 1], [columns // 3, rows // 2, slices // 3]]
     assert np.allclose(apply(np.linalg.inv(to_world), ohif.axial_index_to_world(probes)), probes, atol=1e-3)
@@ -131,7 +132,7 @@ def test_two_clicks_with_imedsam_3d_segment_the_liver_on_every_slice(stack, live
     # two foreground clicks at opposite corners of the liver on that slice, where the label says it is
     ii, jj = np.nonzero(mask[:, :, seed])
     corners = [[ii.min(), jj.min(), seed], [ii.max(), jj.max(), seed]]
-    for x, y in ohif.axial_world_to_canvas(apply(to_world, corners)):
+    for x, y in ohif.world_to_canvas(apply(to_world, corners)):
         ohif.click_axial(x, y)
     ohif.screenshot("9_liver_3d_clicks")
     answer = ohif.run_point_prompt()
@@ -155,10 +156,13 @@ def test_two_clicks_with_imedsam_3d_segment_the_liver_on_every_slice(stack, live
 
     # The rendered pixels: the sagittal and coronal planes show the mask as a band through the slices ...
     ohif.wait_for_notices_to_close()  # they pop up over the coronal viewport
+    masked = np.nonzero(per_slice)[0]
+    ends = apply(to_world, [[columns // 2, rows // 2, masked.min()], [columns // 2, rows // 2, masked.max()]])
     for name in ("mpr-sagittal", "mpr-coronal"):
-        rows = np.nonzero(changed(before[name], ohif.viewport_pixels(name)).any(axis=1))[0]
-        stack.state[f"{name}_rows"] = int(np.ptp(rows)) if len(rows) else 0
-        assert len(rows) and np.ptp(rows) >= 20, (name, rows)  # one slice draws at most 8 rows (test_ohif)
+        band = np.ptp(ohif.world_to_canvas(ends, name)[:, 1])  # pixels between the first and last masked slice
+        drawn_rows = np.nonzero(changed(before[name], ohif.viewport_pixels(name)).any(axis=1))[0]
+        stack.state[f"{name}_rows"] = (int(np.ptp(drawn_rows)) if len(drawn_rows) else 0, round(float(band), 1))
+        assert len(drawn_rows) and np.ptp(drawn_rows) >= 0.8 * band, (name, drawn_rows, band)
     # ... and scrolled to another slice, the overlay is drawn where the server's mask is
     ohif.scroll_axial_to(other)
     drawn = changed(other_before, ohif.viewport_pixels("mpr-axial"))
