@@ -275,3 +275,34 @@ def test_simultaneous_infers_all_answer_and_match_sequential_ones(server, unchan
         thread.join(timeout=300)
     for index, answer in enumerate(answers):
         np.testing.assert_array_equal(answer, sequential[index % len(prompts)])
+
+
+# -- training requests ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"name": "../../../../outside/x"}, "name must be a plain name"),
+        ({"name": "/abs/path"}, "name must be a plain name"),
+        ({"name": ".."}, "name must be a plain name"),
+        ({"max_epochs": -1}, "max_epochs must be a whole number of at least 1"),
+        ({"max_epochs": "abc"}, "max_epochs must be a whole number"),
+        ({"max_epochs": 1.5}, "max_epochs must be a whole number of at least 1"),
+        ({"val_split": 5}, "val_split must be between 0 and 1"),
+        ({"learning_rate": "fast"}, "learning_rate must be a number"),
+        ({"batch_size": True}, "batch_size must be a whole number"),
+    ],
+)
+def test_bad_training_settings_are_a_400_naming_the_field_before_any_run(server, unchanged, body, message):
+    response = server["client"].post("/train/imedsam?run_sync=true", json=body)
+    assert response.status_code == 400 and message in response.json()["detail"], response.text
+    assert not (server["app_dir"] / "model" / "imedsam").exists()  # no run folder was made
+    assert server["client"].post("/train/nothing", json={}).status_code == 404
+
+
+def test_a_torn_train_stats_file_does_not_take_the_api_down(server):
+    stats = server["app_dir"] / "model" / "train_stats.json"
+    for content in (b"", b'{"name": "train_01", "total_ti', b"[1, 2]"):
+        stats.write_bytes(content)
+        info = server["client"].get("/info/")
+        assert info.status_code == 200 and info.json()["train_stats"]["imedsam"] == {}
+    stats.unlink()

@@ -122,6 +122,8 @@ class IMedSAMApp(MONAILabelApp):
 
     def train(self, request):
         try:
+            # checked here, before MONAI Label queues a run: a bad field is a 400 naming it
+            self._trainers[MODEL_NAME].settings(request)
             return super().train(request)
         except TrainingDataError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from exc

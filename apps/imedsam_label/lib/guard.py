@@ -8,9 +8,10 @@ starts (:func:`install`):
 - :class:`RequestGuard`, a small ASGI middleware that checks the ids and tags in every ``/datastore`` and
   ``/infer`` query before routing: a tag must be a plain name (400), an image id must name an image in the
   datastore (the same 404 whether or not a file of that name exists anywhere);
-- its own ``POST /infer/{model}`` and ``PUT /datastore/label`` routes, ahead of MONAI Label's: they check
-  ``params``, keep uploads in a temporary folder that is removed however the request ends, and run the
-  work in a worker thread, so ``/info/`` and other requests are answered while an image is segmented.
+- its own ``POST /infer/{model}``, ``PUT /datastore/label`` and ``POST /train/{model}`` routes, ahead of MONAI
+  Label's: they check ``params`` (a training's settings before a run is queued), keep uploads in a temporary
+  folder that is removed however the request ends, and run the work in a worker thread, so ``/info/`` and
+  other requests are answered while an image is segmented or a ``run_sync`` training runs.
 """
 
 from __future__ import annotations
@@ -173,6 +174,29 @@ def _infer_route(instance, upload_root: str):
     return infer
 
 
+def _train_route(instance):
+    async def train(
+        model: str,
+        params: dict | None = None,
+        run_sync: bool = False,
+        enqueue: bool = False,
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)),
+    ):
+        from monailabel.endpoints.train import run_model
+
+        trainer = instance._trainers.get(model)
+        if trainer is None:
+            raise HTTPException(status_code=404, detail=f"unknown trainer {model!r}; this app trains {sorted(instance._trainers)}")
+        if hasattr(trainer, "settings"):
+            try:  # checked before a run is queued: a bad field is a 400 naming it, not a failed job or a 500
+                trainer.settings(params or {})
+            except ValueError as exc:
+                raise HTTPException(status_code=400, detail=str(exc)) from None
+        return await run_in_threadpool(run_model, model, params, run_sync, enqueue)
+
+    return train
+
+
 def _save_label_route(instance, upload_root: str):
     async def save_label(
         image: str,
@@ -202,6 +226,7 @@ def install(server, instance, upload_root: str) -> None:
     routes = [
         APIRoute(f"{prefix}/infer/{{model}}", _infer_route(instance, upload_root), methods=["POST"], name="imedsam_infer"),
         APIRoute(f"{prefix}/datastore/label", _save_label_route(instance, upload_root), methods=["PUT"], name="imedsam_save_label"),
+        APIRoute(f"{prefix}/train/{{model}}", _train_route(instance), methods=["POST"], name="imedsam_train"),
     ]
     server.router.routes[:0] = routes
     # Starlette builds its middleware stack on the first request (the startup one), after which

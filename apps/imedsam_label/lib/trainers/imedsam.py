@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from typing import Any
@@ -18,11 +19,57 @@ from PIL import Image
 from imedsam.data import seeded_split
 from imedsam.inference import ImageReadError, image_plane, is_picture, label_plane, load_image_array, spatial_shape
 
+from lib.storage import copy_atomically, write_json_atomically
+
 logger = logging.getLogger(__name__)
 
 
 class TrainingDataError(ValueError):
-    """The datastore's final labels cannot make a training set; the message says why."""
+    """The request or the datastore's final labels cannot make a training run; the message says why."""
+
+
+#: a run name is a plain folder name under the app's model folder, never a path
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _whole(value, key: str, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TrainingDataError(f"{key} must be a whole number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise TrainingDataError(f"{key} must be a whole number, got {value!r}") from None
+    if number != int(number) or number < least:
+        raise TrainingDataError(f"{key} must be a whole number of at least {least}, got {value!r}")
+    return int(number)
+
+
+def _fraction(value, key: str, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TrainingDataError(f"{key} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not low < number < high:
+        raise TrainingDataError(f"{key} must be between {low:g} and {high:g} (exclusive), got {value!r}")
+    return number
+
+
+def check_train_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The training settings with each value checked and converted; a :class:`TrainingDataError` names the
+    first bad field (so the server answers 400, not 500 or a reset connection)."""
+    name = settings["name"]
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+        raise TrainingDataError(
+            f"name must be a plain name of letters, digits, '_', '-' and '.' (1-64 characters, not starting with '.' "
+            f"or '-'), got {name!r}"
+        )
+    checked = dict(settings)
+    for key in ("max_epochs", "batch_size", "train_label_size", "train_query_size", "label_size"):
+        checked[key] = _whole(settings[key], key, 1)
+    checked["seed"] = _whole(settings["seed"], "seed", 0)
+    checked["val_split"] = _fraction(settings["val_split"], "val_split", 0.0, 1.0)
+    checked["learning_rate"] = _fraction(settings["learning_rate"], "learning_rate", 0.0, 1.0)
+    return checked
 
 
 def _write_pair(folder: str, name: str, plane: np.ndarray, mask: np.ndarray) -> None:
@@ -120,14 +167,27 @@ class IMedSAMTrainer(TrainTask):
         }
 
     def stats(self) -> dict[str, Any]:
+        """The last run's figures; a missing, empty or corrupt file (a crash, a full disk) is logged and read as
+        no run, and the next run rewrites it."""
         if not os.path.isfile(self.stats_path):
             return {}
-        with open(self.stats_path) as f:
-            return json.load(f)
+        try:
+            with open(self.stats_path) as f:
+                stats = json.load(f)
+            if not isinstance(stats, dict):
+                raise ValueError("not a JSON object")
+            return stats
+        except (OSError, ValueError) as exc:
+            logger.warning("training stats %s unreadable (%s): treated as no training run yet", self.stats_path, exc)
+            return {}
+
+    def settings(self, request) -> dict[str, Any]:
+        """The run's settings: the defaults, overridden by the request's known keys, each checked."""
+        return check_train_settings({**self.config(), **{k: v for k, v in request.items() if k in self.config()}})
 
     def __call__(self, request, datastore: Datastore):
-        settings = {**self.config(), **{k: v for k, v in request.items() if k in self.config()}}
-        run_dir = os.path.join(self.model_dir, "imedsam", str(settings["name"]))
+        settings = self.settings(request)
+        run_dir = os.path.join(self.model_dir, "imedsam", settings["name"])
         shutil.rmtree(os.path.join(run_dir, "data"), ignore_errors=True)
         start = time.time()
         datalist = datastore.datalist()
@@ -174,9 +234,7 @@ class IMedSAMTrainer(TrainTask):
         workflow.finalize()
         if not os.path.isfile(best):
             raise RuntimeError(f"training finished without writing {best}")
-        staging = f"{self.publish_path}.tmp"
-        shutil.copyfile(best, staging)
-        os.replace(staging, self.publish_path)  # atomic: the infer task never reads half a file
+        copy_atomically(best, self.publish_path)  # the infer task never reads half a file
         stats = {
             "name": settings["name"],
             "total_time": round(time.time() - start, 1),
@@ -189,7 +247,6 @@ class IMedSAMTrainer(TrainTask):
             "published": self.publish_path,
             "published_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        with open(self.stats_path, "w") as f:
-            json.dump(stats, f, indent=1)
+        write_json_atomically(self.stats_path, stats)
         logger.info("I-MedSAM training %s done: best val Dice %.4f, published %s", settings["name"], best_dice, self.publish_path)
         return stats
