@@ -34,3 +34,18 @@ def test_adaptive_points_reach_the_network_the_app_builds(app_config):
 def test_a_bad_number_is_refused_with_its_key(app_config, key, value):
     with pytest.raises(ValueError, match=f"--conf {key} must be a positive whole number, got '{value}'"):
         app_config.network_overrides({key: value})
+
+
+def test_writes_leave_no_temporary_file_and_a_killed_ones_are_removed_at_start(tmp_path):
+    storage = import_app_module("lib.storage")
+    storage.write_json_atomically(str(tmp_path / "train_stats.json"), {"name": "train_01"})
+    (tmp_path / "imedsam.pt").write_bytes(b"old model")
+    (tmp_path / "new.pt").write_bytes(b"new model")
+    storage.copy_atomically(str(tmp_path / "new.pt"), str(tmp_path / "imedsam.pt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imedsam.pt", "new.pt", "train_stats.json"]
+    assert (tmp_path / "imedsam.pt").read_bytes() == b"new model"
+    # what kill -9 in the middle of a publish leaves, in this version's naming and the earlier one's
+    (tmp_path / ".imedsam.pt.abc123.tmp").write_bytes(b"half a model")
+    (tmp_path / "imedsam.pt.tmp").write_bytes(b"half a model")
+    assert sorted(storage.remove_stale_temporaries(str(tmp_path))) == [".imedsam.pt.abc123.tmp", "imedsam.pt.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imedsam.pt", "new.pt", "train_stats.json"]

@@ -27,7 +27,7 @@ from lib.configs.imedsam import IMedSAMConfig
 from lib.datastore import CheckedDatastore, DatastoreRequestError
 from lib.dicomweb import install_store_error_answers
 from lib.guard import install
-from lib.storage import PromptRecords
+from lib.storage import PromptRecords, remove_stale_temporaries
 from lib.trainers.imedsam import TrainingDataError
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class IMedSAMApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.model_dir = os.path.join(app_dir, "model")
         os.makedirs(self.model_dir, exist_ok=True)
+        remove_stale_temporaries(self.model_dir, logger)
         # uploads live here only while their request runs (lib.guard removes each request's folder)
         self.upload_root = os.path.join(app_dir, "uploads")
         self.prompt_records = PromptRecords(os.path.join(self.model_dir, "last_prompts.json"), logger)

@@ -9,7 +9,7 @@ import tempfile
 import threading
 from typing import Any
 
-__all__ = ["PromptRecords", "copy_atomically", "write_json_atomically"]
+__all__ = ["PromptRecords", "copy_atomically", "remove_stale_temporaries", "write_json_atomically"]
 
 
 def _replace_with(path: str, fill) -> None:
@@ -28,6 +28,19 @@ def _replace_with(path: str, fill) -> None:
         if os.path.exists(staging):
             os.remove(staging)
         raise
+
+
+def remove_stale_temporaries(folder: str, logger=None) -> list[str]:
+    """Remove what an interrupted write left in ``folder`` (``.NAME.XXXX.tmp`` files, and the ``NAME.tmp`` of
+    earlier versions): called at start, when no write can be running. Returns the names removed."""
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.endswith(".tmp") and os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    if removed and logger:
+        logger.warning("removed %d file(s) an interrupted write left in %s: %s", len(removed), folder, ", ".join(sorted(removed)))
+    return removed
 
 
 def write_json_atomically(path: str, value: Any) -> None:
