@@ -63,6 +63,14 @@ def test_corrupt_checkpoint_names_the_file(tmp_path):
         IMedSAM(encoder="vit_tiny", image_size=64, sam_checkpoint=corrupt)
 
 
+def test_a_checkpoint_holding_code_is_refused_without_advice_to_load_it_unsafely(tmp_path):
+    pickled = tmp_path / "objects.pt"
+    torch.save({"weight": torch.zeros(2), "callback": print}, pickled)  # a pickle that would import a callable
+    with pytest.raises(CheckpointError) as raised:
+        IMedSAM(encoder="vit_tiny", image_size=64, sam_checkpoint=pickled)
+    assert "not a checkpoint of tensors only" in str(raised.value) and "weights_only" not in str(raised.value)
+
+
 def test_truncated_checkpoint_is_a_clear_error(tmp_path, sam_checkpoint):
     path, _ = sam_checkpoint
     truncated = tmp_path / "truncated.pth"

@@ -32,6 +32,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable or does not fit the model."""
 
 
+def _load_problem(exc: Exception) -> str:
+    """What was wrong with a file ``torch.load(..., weights_only=True)`` refused, without torch's advice to load
+    it unsafely: a checkpoint here is data, and one that needs more than tensors is refused, not retried."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        reason = next((line.strip() for line in detail if line.strip()), "unsupported content")
+        return f"not a checkpoint of tensors only ({reason}); it is corrupt, or holds code or objects that are not loaded"
+    first_line = (text.strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first_line}"
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a flat ``{name: tensor}`` state dict from ``path`` (tensors only, never arbitrary pickles)."""
     path = os.fspath(path)
@@ -40,7 +52,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"could not read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"could not read checkpoint {path}: {_load_problem(exc)}") from exc
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
             f"checkpoint {path} is not a plain state dict of tensors (got {type(state).__name__}); "

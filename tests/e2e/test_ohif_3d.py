@@ -40,6 +40,13 @@ OTHER_SLICE = 10  # the rendered mask is checked this many slices away from the 
 # between the drawn overlay and the server's mask there
 MIN_DICE_3D, MIN_DICE_OTHER_SLICE, MIN_DRAWN_DICE = 0.9, 0.9, 0.9
 
+# reading the series as the server does (MONAI's ITK reader) imports ITK's SWIG bindings and MONAI's optional
+# GPU DICOM decoder, which warn about themselves
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:builtin type swig:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:NvImgCodecPydicomReader"),
+]
+
 if not (DATA / "dicom").is_dir():
     pytest.skip(f"the example CT series is not in {DATA}", allow_module_level=True)
 
