@@ -124,6 +124,8 @@ def test_predictor_runs_openvino_by_default_and_answers_as_the_eager_one(model, 
         assert (predictor._openvino_encoder is not None) == (engine == "auto")
         if engine == "auto":
             assert predictor._openvino_encoder.conversions == 0  # the graph kept by the tests above
+        # the same image again comes from the cache, also right after the engine was built
+        assert predictor.set_image(image) is True and predictor.encoder_calls == 1
     assert np.abs(answers["auto"] - answers["torch"]).max() < 1e-4
 
 

@@ -131,7 +131,11 @@ class Predictor:
             self._cache.move_to_end(key)
         else:
             with torch.no_grad():
-                self._cache[key] = self.model.encode(tensor.to(self.device), run_encoder=self._run_encoder())
+                encoding = self.model.encode(tensor.to(self.device), run_encoder=self._run_encoder())
+            # keyed by the version after encoding: the first OpenVINO conversion traces the encoder, which bumps
+            # its tensors' versions once without changing a weight, and the next prompt must find this encoding
+            key = (digest, image.shape, str(image.dtype), self.model.encoder_version())
+            self._cache[key] = encoding
             self.encoder_calls += 1
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)

@@ -59,6 +59,11 @@ _WORLD_TO_CANVAS = """([name, points]) => {
 }"""
 
 
+_FOCAL_POINT = """(name) => Array.from(
+  window.__ohif.servicesManager.services.cornerstoneViewportService.getCornerstoneViewport(name).getCamera().focalPoint
+)"""
+
+
 def chromium_executable() -> str:
     for name in CHROMIUM_NAMES:
         if path := shutil.which(name):
@@ -205,6 +210,10 @@ class OhifSession:
     def world_to_canvas(self, points, viewport: str = "mpr-axial") -> np.ndarray:
         """``(x, y)`` pixels of ``viewport`` where world points are drawn at its current camera."""
         return np.array(self.page.evaluate(_WORLD_TO_CANVAS, [viewport, [list(map(float, p)) for p in points]]))
+
+    def focal_point(self, viewport: str) -> np.ndarray:
+        """The world point at the centre of ``viewport``'s camera, on the plane it shows."""
+        return np.array(self.page.evaluate(_FOCAL_POINT, viewport))
 
     def export_seg(self, series_description: str, timeout_s: float = 60) -> str:
         """Store the segmentation as DICOM SEG through OHIF's own ``storeSegmentation`` command (the command

@@ -7,10 +7,11 @@ empty SOP class, study, series and instance UIDs and no patient name, which a DI
 (without the SOP class it has no viewer for the series): the test sets them on the datasets it uploads (from the
 files' meta header where it has them; the files are not changed). It also uploads their pixels uncompressed:
 MONAI Label's DICOMweb datastore asks for a series in the default transfer syntax (explicit VR little endian),
-and Debian's Orthanc, without its GDCM plugin, cannot transcode JPEG 2000 (the infer request gets a 502 that
-names the store's HTTP 500, "Cannot transcode image" in Orthanc's log). The reference is TotalSegmentator's
-own label of the series (a model's output, not a manual one; liver = 5), stored cropped in-plane: the liver is
-cut at the crop's edge, so Dice is measured where the label is defined.
+and Debian's Orthanc, without its GDCM plugin (``orthanc-gdcm``, which ``make e2e`` does not install), cannot
+transcode JPEG 2000 (the infer request gets a 502 that names the store's HTTP 500, "Cannot transcode image" in
+Orthanc's log). The reference is TotalSegmentator's own label of the series (a model's output, not a manual one;
+liver = 5), stored cropped in-plane: the liver is cut at the crop's edge, so Dice is measured where the label is
+defined.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ LIVER = 5  # TotalSegmentator's 'total' class id
 PATIENT_NAME = "Example, Liver"  # as OHIF's study list shows Example^Liver
 APPLIED = "updated the segmentation's scalar data"  # the MONAI Label panel's log line once a result is shown
 OTHER_SLICE = 10  # the rendered mask is checked this many slices away from the clicked one
-# measured in this test (lite_medsam's pretrained weights): 3D Dice 0.975, 0.97 on the other slice, 0.94
-# between the drawn overlay and the server's mask there
+# measured in this test (the app's default model, lite_medsam with LiteMedSAM's weights): 3D Dice 0.975, 0.974 on
+# the other slice, 0.98 between the overlay drawn there and the server's mask
 MIN_DICE_3D, MIN_DICE_OTHER_SLICE, MIN_DRAWN_DICE = 0.9, 0.9, 0.9
 
 # reading the series as the server does (MONAI's ITK reader) imports ITK's SWIG bindings and MONAI's optional
@@ -58,7 +59,8 @@ def example_series() -> list[pydicom.Dataset]:
     datasets = []
     for path in sorted((DATA / "dicom").glob("*.dcm")):
         ds = pydicom.dcmread(path)
-        ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.PatientName, ds.PatientID = "Example^Liver", "IMEDSAM-E2E-LIVER"
         ds.decompress()  # JPEG 2000 -> explicit VR little endian, losslessly: see the module's docstring
@@ -126,8 +128,9 @@ def test_two_clicks_with_imedsam_3d_segment_the_liver_on_every_slice(stack, live
     # server's voxel indices: the same world point for each (although the files' instance numbers run against
     # the slices' order)
     columns, rows, slices = mask.shape
-    probes = [[0, 0, 0], [columns - 1, 0, 0], [0, rows - 1, 0], [0, 0, slices - 1], [columns // 3, rows // 2, slices // 3]]
-    assert np.allclose(apply(np.linalg.inv(to_world), ohif.axial_index_to_world(probes)), probes, atol=1e-3)
+    probes = [[0, 0, 0], [columns - 1, 0, 0], [0, rows - 1, 0], [0, 0, slices - 1], [columns // 3, rows // 2, 7]]
+    to_index = np.linalg.inv(to_world)
+    assert np.allclose(apply(to_index, ohif.axial_index_to_world(probes)), probes, atol=1e-3)
 
     seed = int(np.argmax(mask.sum(axis=(0, 1))))  # the slice where the liver is largest
     other = seed - OTHER_SLICE if seed >= OTHER_SLICE else seed + OTHER_SLICE
@@ -163,13 +166,15 @@ def test_two_clicks_with_imedsam_3d_segment_the_liver_on_every_slice(stack, live
 
     # The rendered pixels: the sagittal and coronal planes show the mask as a band through the slices ...
     ohif.wait_for_notices_to_close()  # they pop up over the coronal viewport
-    masked = np.nonzero(per_slice)[0]
-    ends = apply(to_world, [[columns // 2, rows // 2, masked.min()], [columns // 2, rows // 2, masked.max()]])
-    for name in ("mpr-sagittal", "mpr-coronal"):
-        band = np.ptp(ohif.world_to_canvas(ends, name)[:, 1])  # pixels between the first and last masked slice
+    for name, axis in (("mpr-sagittal", 0), ("mpr-coronal", 1)):
+        plane = int(np.rint(apply(to_index, [ohif.focal_point(name)])[0, axis]))  # the column or row it shows
+        crossing = np.nonzero(np.take(label, plane, axis=axis).any(axis=0))[0]  # slices whose mask reaches it
+        ends = apply(to_world, [[columns // 2, rows // 2, crossing.min()], [columns // 2, rows // 2, crossing.max()]])
+        band = np.ptp(ohif.world_to_canvas(ends, name)[:, 1])  # its pixels from the first to the last of them
+        one_slice = band / max(np.ptp(crossing), 1)
         drawn_rows = np.nonzero(changed(before[name], ohif.viewport_pixels(name)).any(axis=1))[0]
-        stack.state[f"{name}_rows"] = (int(np.ptp(drawn_rows)) if len(drawn_rows) else 0, round(float(band), 1))
-        assert len(drawn_rows) and np.ptp(drawn_rows) >= 0.8 * band, (name, drawn_rows, band)
+        stack.state[name] = (int(np.ptp(drawn_rows)) if len(drawn_rows) else 0, round(float(band), 1))
+        assert len(drawn_rows) and np.ptp(drawn_rows) >= band - one_slice, (name, drawn_rows, band)
     # ... and scrolled to another slice, the overlay is drawn where the server's mask is
     ohif.scroll_axial_to(other)
     drawn = changed(other_before, ohif.viewport_pixels("mpr-axial"))
