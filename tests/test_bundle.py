@@ -265,7 +265,7 @@ def test_evaluate_volume_scores_every_protocol_beside_the_lite_medsam_recipe(tra
     organ = ((i - 24) / 12) ** 2 + ((j - 20) / 9) ** 2 + ((k - 2.5) / 2.6) ** 2 <= 1
     nib.save(nib.Nifti1Image(np.where(organ, 60, -900).astype(np.int16), np.diag([0.8, 0.8, 2.0, 1])), tmp_path / "ct.nii.gz")
     nib.save(nib.Nifti1Image(organ.astype(np.uint8) * 3, np.diag([0.8, 0.8, 2.0, 1])), tmp_path / "ct_label.nii.gz")
-    datalist = {"cases": [{"case": "phantom", "modality": "ct", "image": "ct.nii.gz", "label": "ct_label.nii.gz",
+    datalist = {"cases": [{"set": "phantoms", "case": "phantom", "modality": "ct", "image": "ct.nii.gz", "label": "ct_label.nii.gz",
                            "objects": {"organ": [3], "absent": [7]}}]}  # fmt: skip
     (tmp_path / "volumes.json").write_text(json.dumps(datalist))
     out = tmp_path / "eval"
@@ -273,11 +273,12 @@ def test_evaluate_volume_scores_every_protocol_beside_the_lite_medsam_recipe(tra
                     "--image_size", "64", "--ckpt_dir", str(tmp / "models"), "--volume_datalist", str(tmp_path / "volumes.json"),
                     "--data_root", str(tmp_path), "--output_dir", str(out)))  # fmt: skip
     rows = (out / "volumes.csv").read_text().strip().splitlines()
-    assert rows[0].startswith("case,object,protocol,method,dsc,nsd,gap_low,gap_high")
+    assert rows[0].startswith("set,case,object,protocol,method,dsc,nsd,gap_low,gap_high")
     assert len(rows) == 1 + 3 * 2  # one object (the absent one is left out), three protocols, two methods
     summary = json.loads((out / "summary.json").read_text())
     assert summary["nsd_tolerance_mm"] == 2.0 and summary["objects"] == 1
     assert set(summary["means"]) == {f"{p}/{m}" for p in ("box3d", "slice_box", "every_slice") for m in ("imedsam", "lite_medsam")}
     # LiteMedSAM's pretrained weights find a bright ellipsoid in its tight boxes; the untrained vit_tiny need not
     assert summary["means"]["every_slice/lite_medsam"]["dsc"] > 0.8
+    assert summary["by_set"]["phantoms"] == summary["means"]
     assert '"box3d/imedsam"' in log

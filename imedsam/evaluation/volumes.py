@@ -91,7 +91,7 @@ def read_volume_datalist(path: str, data_root: str | None = None) -> list[dict]:
 
     ``image`` and ``label`` are relative to ``data_root`` (default: the JSON's folder); ``objects`` maps a
     name to the label values that make the object (``{"whole tumour": [1, 2, 3, 4]}``), or is ``"each"`` for one
-    object per label value.
+    object per label value; an optional ``set`` groups cases in the summary.
     """
     with open(path) as handle:
         table = json.load(handle)
@@ -202,7 +202,8 @@ class VolumeEvaluation:
                     inter = float((pred & mask).sum())
                     low_gap, high_gap = end_gaps(pred, mask)
                     rows.append({
-                        "case": case.get("case", os.path.basename(case["image"])), "object": name, "protocol": protocol,
+                        "set": case.get("set", ""), "case": case.get("case", os.path.basename(case["image"])), "object": name,
+                        "protocol": protocol,
                         "method": method, "dsc": 2 * inter / float(pred.sum() + mask.sum()),
                         "nsd": surface_dice(pred, mask, spacing, self.nsd_tolerance_mm),
                         "gap_low": low_gap, "gap_high": high_gap, "seconds": round(seconds, 3),
@@ -221,21 +222,29 @@ class VolumeEvaluation:
             self._write(rows)
         return self._write(rows)
 
+    def _means(self, rows: list[dict]) -> dict:
+        means = {}
+        for protocol in self.protocols:
+            for method in ("imedsam", "lite_medsam"):
+                chosen = [r for r in rows if r["protocol"] == protocol and r["method"] == method]
+                if chosen:
+                    means[f"{protocol}/{method}"] = {
+                        key: round(float(np.mean([r[key] for r in chosen])), 4)
+                        for key in ("dsc", "nsd", "gap_low", "gap_high", "seconds")
+                    }
+        return means
+
     def _write(self, rows: list[dict]) -> dict:
         if rows:
             with open(os.path.join(self.output_dir, "volumes.csv"), "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
-        summary: dict = {"nsd_tolerance_mm": self.nsd_tolerance_mm, "objects": len({(r["case"], r["object"]) for r in rows}), "means": {}}
-        for protocol in self.protocols:
-            for method in ("imedsam", "lite_medsam"):
-                chosen = [r for r in rows if r["protocol"] == protocol and r["method"] == method]
-                if chosen:
-                    summary["means"][f"{protocol}/{method}"] = {
-                        key: round(float(np.mean([r[key] for r in chosen])), 4)
-                        for key in ("dsc", "nsd", "gap_low", "gap_high", "seconds")
-                    }
+        summary: dict = {"nsd_tolerance_mm": self.nsd_tolerance_mm, "objects": len({(r["case"], r["object"]) for r in rows})}
+        summary["means"] = self._means(rows)
+        sets = sorted({r["set"] for r in rows if r["set"]})
+        if sets:
+            summary["by_set"] = {name: self._means([r for r in rows if r["set"] == name]) for name in sets}
         with open(os.path.join(self.output_dir, "summary.json"), "w") as handle:
             json.dump(summary, handle, indent=1)
         return summary
