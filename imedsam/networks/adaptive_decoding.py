@@ -12,16 +12,12 @@ the output's area, and where it evaluates it is exact.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .coordinates import pixel_centres
 from .decode_plan import DecodePlan, ImplicitDecoderOutput
-
-if TYPE_CHECKING:
-    from .implicit_decoder import ImplicitSegmentationDecoder
 
 __all__ = ["adaptive_levels", "decode_adaptive", "level_points"]
 
@@ -42,7 +38,7 @@ def _level_size(output_size: tuple[int, int], levels: int, level: int) -> tuple[
 
 
 def decode_adaptive(
-    decoder: ImplicitSegmentationDecoder,
+    decoder: torch.nn.Module,
     plan: DecodePlan,
     box_features: torch.Tensor,
     image_features: torch.Tensor,
@@ -52,8 +48,9 @@ def decode_adaptive(
     extent: tuple[float, float] = (1.0, 1.0),
     prior: torch.Tensor | None = None,
 ) -> ImplicitDecoderOutput:
-    """Decode ``output_size`` in ``levels + 1`` levels (see the module); shapes as
-    :meth:`ImplicitSegmentationDecoder.forward`."""
+    """Decode ``output_size`` in ``levels + 1`` levels (see the module) with ``decoder``, an
+    :class:`~imedsam.networks.implicit_decoder.ImplicitSegmentationDecoder` (its tables, coarse and fine INRs);
+    shapes as its ``forward``."""
     prompts = box_features.shape[0]
 
     def level_table(size: tuple[int, int], points: int, image_rows: torch.Tensor | None = None):
