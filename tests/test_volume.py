@@ -155,6 +155,8 @@ def test_roi_forms_are_told_apart_or_refused_naming_both():
     assert roi_to_box3d([2, 3, 4, 10, 12, 14], SHAPE, "corners") == [2, 3, 4, 11, 13, 15]
     with pytest.raises(PromptError, match="outside the volume"):
         roi_to_box3d([100, 120, 0, 5, 0, 5], SHAPE)
+    with pytest.raises(PromptError, match="roi_layout must be one of"):
+        roi_to_box3d([2, 3, 4, 10, 12, 14], SHAPE, "ras")
     prompts = resolve_volume_prompts({"box3d": [[0, 0, 0, 5, 5, 3], [10, 10, 4, 20, 20, 9]]}, SHAPE)
     assert [p.z_range for p in prompts] == [(0, 3), (4, 9)]
 

@@ -71,8 +71,10 @@ def roi_to_box3d(roi: Sequence[float], shape: Sequence[int], layout: str | None 
     They are told apart by which reading lies inside the volume with every lower bound at or below its upper
     one. Read both ways, ``[a, b, c, d, e, f]`` gives the i-range ``{a, b}`` or ``{a, d}``: when only one reading
     fits the volume, it is taken; when both fit and they differ, the request is refused, naming both boxes, and
-    the client sends an unambiguous ``box3d`` instead.
+    the client says which with ``layout`` (``"slicer"`` or ``"corners"``) or sends a ``box3d``.
     """
+    if layout not in (None, *ROI_LAYOUTS):
+        raise PromptError(f"roi_layout must be one of {ROI_LAYOUTS}, got {layout!r}")
     if len(shape) != 3:
         raise PromptError(f"a 6-value roi needs a 3D volume (I, J, K), got spatial shape {tuple(shape)}")
     width, height, depth = (int(v) for v in shape)
