@@ -287,6 +287,8 @@ def test_simultaneous_infers_all_answer_and_match_sequential_ones(server, unchan
         ({"max_epochs": -1}, "max_epochs must be a whole number of at least 1"),
         ({"max_epochs": "abc"}, "max_epochs must be a whole number"),
         ({"max_epochs": 1.5}, "max_epochs must be a whole number of at least 1"),
+        ({"max_epochs": "inf"}, "max_epochs must be a whole number of at least 1"),
+        ({"seed": "nan"}, "seed must be a whole number of at least 0"),
         ({"val_split": 5}, "val_split must be between 0 and 1"),
         ({"learning_rate": "fast"}, "learning_rate must be a number"),
         ({"batch_size": True}, "batch_size must be a whole number"),

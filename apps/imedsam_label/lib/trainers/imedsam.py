@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -39,7 +40,7 @@ def _whole(value, key: str, least: int) -> int:
         number = float(value)
     except ValueError:
         raise TrainingDataError(f"{key} must be a whole number, got {value!r}") from None
-    if number != int(number) or number < least:
+    if not math.isfinite(number) or number != int(number) or number < least:
         raise TrainingDataError(f"{key} must be a whole number of at least {least}, got {value!r}")
     return int(number)
 
