@@ -271,8 +271,9 @@ class VolumePredictor:
             kept = self._segment_object(prompt, progress)
             cleaned = self._clean(kept, prompt.seed_slice)
             for position, k in enumerate(sorted(kept)):
-                # voxels the clean-up removed count as background for this object
-                probability = np.where(cleaned[..., position], kept[k][0], 0.0).T
+                # voxels the clean-up removed count as background for this object; the rest keep their probability
+                removed = (kept[k][0] > 0.5) & ~cleaned[..., position]
+                probability = np.where(removed, 0.0, kept[k][0]).T
                 wins = probability > best[:, :, k]
                 labels[:, :, k][wins] = np.where(probability[wins] > 0.5, index + 1, 0)
                 best[:, :, k][wins] = probability[wins]
