@@ -169,10 +169,15 @@ class IMedSAMInfer(BasicInferTask):
             data["box_source"], result["box"], data["slice"], "cached" if out["encoder_cached"] else "ran",
             out["encoder_s"], out["decoder_s"],
         )
-        if str(data.get("uncertainty", False)).lower() in ("1", "true", "yes"):
+        if wants_uncertainty(data):
             result["uncertainty"] = uncertainty_summary(out["uncertainty"], mask, data["box"])
         data["result"] = result
         return data
+
+
+def wants_uncertainty(data: dict[str, Any]) -> bool:
+    """Whether the request asked for the uncertainty (``true``, ``1`` or ``yes``, as JSON or as a form string)."""
+    return str(data.get("uncertainty", False)).lower() in ("1", "true", "yes")
 
 
 def uncertainty_summary(uncertainty: np.ndarray, mask: np.ndarray, box) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from monai.data import MetaTensor
 from imedsam.inference import VolumePredictor
 from imedsam.transforms import PromptVolumed
 
-from lib.infers.imedsam import IMedSAMInfer
+from lib.infers.imedsam import IMedSAMInfer, wants_uncertainty
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class IMedSAMVolumeInfer(IMedSAMInfer):
             result = session.predict(prompts)
         image = data["image"]
         data["pred"] = MetaTensor(result.labels.astype(np.uint8 if len(prompts) < 256 else np.uint16), affine=image.affine)
+        with_uncertainty = wants_uncertainty(data)
         objects = []
         for index, (prompt, (first, last)) in enumerate(zip(prompts, result.slices), start=1):
             inside = result.labels == index
@@ -72,7 +73,7 @@ class IMedSAMVolumeInfer(IMedSAMInfer):
                 "label": index, "source": prompt.source, "seed_slice": prompt.seed_slice,
                 "box": [round(float(v), 2) for v in prompt.box], "slices": [first, last - 1], "voxels": int(inside.sum()),
             }
-            if str(data.get("uncertainty", False)).lower() in ("1", "true", "yes"):
+            if with_uncertainty:
                 entry["uncertainty"] = {
                     "max": float(result.uncertainty.max()),
                     "mean_in_prediction": float(result.uncertainty[inside].mean()) if inside.any() else None,
