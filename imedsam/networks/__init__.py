@@ -2,13 +2,13 @@
 
 from .box_proposal import BoxProposal, BoxProposalHead, boxes_from_foreground
 from .checkpoint import CheckpointError, load_sam_checkpoint, read_state_dict, resize_sam_state_dict
-from .frequency_adapter import FrequencyAdapter, frequency_image
-from .image_encoder import AdaptedImageEncoder
-from .implicit_decoder import ImplicitDecoderOutput, ImplicitSegmentationDecoder
+from .adapters.frequency import FrequencyAdapter, frequency_image
+from .encoders.sam_vit import AdaptedImageEncoder
+from .implicit.decoder import ImplicitDecoderOutput, ImplicitSegmentationDecoder
 from .imedsam import IMedSAM, IMedSAMBoxMask, IMedSAMOutput, ImageEncoding
-from .lora import LoRAQKV
+from .adapters.lora import LoRAQKV
 from .presets import ENCODER_PRESETS, OFFICIAL_SAM_CHECKPOINTS, build_sam_parts
-from .prompt_path import BoxPromptPath
+from .prompts.box_path import BoxPromptPath
 
 __all__ = [
     "AdaptedImageEncoder",

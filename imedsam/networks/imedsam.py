@@ -12,14 +12,14 @@ import torch.nn.functional as F
 
 from .box_proposal import BoxProposal, BoxProposalHead, boxes_from_foreground
 from .checkpoint import load_sam_checkpoint, load_state_dict_checked, read_state_dict
-from .image_encoder import AdaptedImageEncoder
-from .implicit_decoder import ImplicitSegmentationDecoder
-from .inr_layers import rename_legacy_keys
-from .lite_medsam import LITE_MEDSAM_IMAGE_SIZE, build_lite_medsam_parts, load_lite_medsam_weights
+from .encoders.sam_vit import AdaptedImageEncoder
+from .implicit.decoder import ImplicitSegmentationDecoder
+from .implicit.layers import rename_legacy_keys
+from .encoders.lite_medsam import LITE_MEDSAM_IMAGE_SIZE, build_lite_medsam_parts, load_lite_medsam_weights
 from .precision import resolve_precision
 from .presets import build_sam_parts
-from .prompt_path import BoxPromptPath
-from .tiny_vit_encoder import AdaptedTinyViT, letterbox
+from .prompts.box_path import BoxPromptPath
+from .encoders.tiny_vit import AdaptedTinyViT, letterbox
 from .validation import check_boxes, check_image, check_output_size, check_query_lines
 
 __all__ = ["IMedSAM", "IMedSAMBoxMask", "ImageEncoding", "IMedSAMOutput"]

@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adaptive_decoding import adaptive_levels, decode_adaptive
+from .adaptive import adaptive_levels, decode_adaptive
 from .coordinates import fourier_encoding_dim, pixel_centres
-from .decode_plan import DecodePlan, DropoutDraw, ImplicitDecoderOutput
+from .plan import DecodePlan, DropoutDraw, ImplicitDecoderOutput
 from .first_layer_table import (
     DenseTapsCache,
     FirstLayerTable,
@@ -24,9 +24,9 @@ from .first_layer_table import (
     sample_mask_prior,
     table_taps,
 )
-from .inr_layers import FineHead, INRTrunk, rows_through
-from .precision import PRECISIONS, resolve_precision
-from .validation import check_query_lines
+from .layers import FineHead, INRTrunk, rows_through
+from ..precision import PRECISIONS, resolve_precision
+from ..validation import check_query_lines
 
 __all__ = ["ImplicitDecoderOutput", "ImplicitSegmentationDecoder"]
 

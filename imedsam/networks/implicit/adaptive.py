@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .coordinates import pixel_centres
-from .decode_plan import DecodePlan, ImplicitDecoderOutput
+from .plan import DecodePlan, ImplicitDecoderOutput
 
 __all__ = ["adaptive_levels", "decode_adaptive", "level_points"]
 

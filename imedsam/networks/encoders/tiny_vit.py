@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .folded_conv import fold_conv_bn_pairs
-from .frequency_adapter import frequency_adapters, frequency_image
+from ..adapters.frequency import frequency_adapters, frequency_image
 from .fused_attention import use_fused_attention_in_training
-from .lora import add_lora_to_attention
+from ..adapters.lora import add_lora_to_attention
 
 __all__ = ["AdaptedTinyViT", "letterbox"]
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from segment_anything.modeling import MaskDecoder, PromptEncoder
 
-from .checkpoint import CheckpointError, load_state_dict_checked, read_state_dict
-from .presets import build_prompt_parts
+from ..checkpoint import CheckpointError, load_state_dict_checked, read_state_dict
+from ..presets import build_prompt_parts
 
 __all__ = [
     "LITE_MEDSAM_IMAGE_SIZE",

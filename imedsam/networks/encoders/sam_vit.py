@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 from segment_anything.modeling import ImageEncoderViT
 
-from .frequency_adapter import frequency_adapters, frequency_image
-from .lora import add_lora_to_attention
+from ..adapters.frequency import frequency_adapters, frequency_image
+from ..adapters.lora import add_lora_to_attention
 
 __all__ = ["AdaptedImageEncoder"]
 

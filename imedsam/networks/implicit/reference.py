@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .coordinates import fourier_encoding, pixel_centres
-from .decode_plan import ImplicitDecoderOutput
-from .implicit_decoder import ImplicitSegmentationDecoder
+from .plan import ImplicitDecoderOutput
+from .decoder import ImplicitSegmentationDecoder
 
 __all__ = ["reference_decode"]
 
