@@ -26,7 +26,8 @@ from imedsam.networks import CheckpointError
 from lib.configs.imedsam import IMedSAMConfig
 from lib.datastore import CheckedDatastore, DatastoreRequestError
 from lib.dicomweb import install_store_error_answers
-from lib.guard import install
+from lib.guard import install, install_model_upload
+from lib.model_upload import publish_checkpoint
 from lib.storage import PromptRecords, remove_stale_temporaries
 from lib.trainers.imedsam import TrainingDataError
 
@@ -60,10 +61,11 @@ class IMedSAMApp(MONAILabelApp):
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
+        # the datastore scans for the file endings uploads are checked against (lib.datastore.SUFFIXES), not
+        # MONAI Label's MONAI_LABEL_DATASTORE_FILE_EXT: one list, so a rescan finds every file an upload stored
         return CheckedDatastore(
             self.studies,
             self.task_config.labels,
-            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
@@ -76,8 +78,9 @@ class IMedSAMApp(MONAILabelApp):
 
         if isinstance(self.datastore(), CheckedDatastore):
             install(server, self, self.upload_root)
-        else:
-            install_store_error_answers(server, self.studies)
+        else:  # DICOMweb: the store's failures answered clearly, and the checked model upload
+            install_model_upload(server, self, self.upload_root)
+            install_store_error_answers(server, self.studies)  # builds the middleware stack again
 
     def init_infers(self) -> dict[str, InferTask]:
         return self.task_config.infer()
@@ -116,10 +119,17 @@ class IMedSAMApp(MONAILabelApp):
         except CheckpointError as exc:
             raise HTTPException(status_code=500, detail=f"the served checkpoint cannot be loaded: {exc}") from exc
         if datastore.get_image_uri(image) and request.get("model") == MODEL_NAME:
-            # The last box prompted on an image is the box its UGS score is computed with.
+            # The last box prompted on an image is the box its UGS score is computed with. Best effort: a
+            # record that cannot be written (a full disk) is logged, and the mask still goes back.
             params = result.get("params") or {}
             self.prompt_records.set(image, params.get("box"), params.get("slice"))
         return result
+
+    def replace_model(self, model: str, path: str, name: str) -> dict:
+        """``PUT /model/{model}``: serve the checkpoint ``path`` (the client's ``name``) once it is checked
+        against the served network; the checkpoint it replaces is kept (lib.model_upload)."""
+        published = self.model_file(model, validate=False)
+        return publish_checkpoint(self.task_config.network, path, published, name)
 
     def train(self, request):
         try:

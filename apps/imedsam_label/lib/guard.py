@@ -8,10 +8,14 @@ starts (:func:`install`):
 - :class:`RequestGuard`, a small ASGI middleware that checks the ids and tags in every ``/datastore`` and
   ``/infer`` query before routing: a tag must be a plain name (400), an image id must name an image in the
   datastore (the same 404 whether or not a file of that name exists anywhere);
-- its own ``POST /infer/{model}``, ``PUT /datastore/label`` and ``POST /train/{model}`` routes, ahead of MONAI
-  Label's: they check ``params`` (a training's settings before a run is queued), keep uploads in a temporary
-  folder that is removed however the request ends, and run the work in a worker thread, so ``/info/`` and
-  other requests are answered while an image is segmented or a ``run_sync`` training runs.
+- its own ``POST /infer/{model}``, ``PUT /datastore/label``, ``PUT /datastore/image`` (and MONAI Label's older
+  ``PUT /datastore/``), ``PUT /model/{model}`` and ``POST /train/{model}`` routes, ahead of MONAI Label's: they
+  check ``params`` (a training's settings before a run is queued), check uploaded images, labels and
+  checkpoints before anything is replaced, keep uploads in a temporary folder that is removed however the
+  request ends, and run the work in a worker thread, so ``/info/`` and other requests are answered while an
+  image is segmented or a ``run_sync`` training runs;
+- an answer for a disk that refuses a write anywhere in the server: 507 for a full disk, 503 for other I/O
+  errors, naming what could not be written but no server path (:func:`lib.storage.storage_problem`).
 """
 
 from __future__ import annotations
@@ -33,16 +37,26 @@ from monailabel.endpoints.infer import send_response
 from monailabel.endpoints.user.auth import RBAC, User
 from starlette.concurrency import run_in_threadpool
 
-from lib.datastore import PLAIN_NAME, CheckedDatastore, DatastoreRequestError, check_new_image_id, check_tag
+from lib.datastore import (
+    LABEL_POLICIES,
+    PLAIN_NAME,
+    SUFFIXES,
+    CheckedDatastore,
+    DatastoreRequestError,
+    check_new_image_id,
+    check_tag,
+    suffix_of,
+)
+from lib.storage import storage_problem
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RequestGuard", "install", "parse_params"]
+__all__ = ["RequestGuard", "install", "install_model_upload", "parse_params"]
 
 #: the largest ``params`` form field accepted, in characters
 MAX_PARAMS_CHARS = 1_000_000
-#: file name endings accepted for uploaded images and labels
-UPLOAD_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".nrrd", ".seg.nrrd")
+#: file name endings accepted for uploaded images and labels: the datastore's own list, which it scans for
+UPLOAD_SUFFIXES = SUFFIXES
 _DEVICE = re.compile(r"^(cpu|cuda(:\d{1,2})?)$")
 # params keys that would name server files or override the query; the query and uploads do that
 _FORBIDDEN_PARAMS = ("image", "label", "file", "session")
@@ -82,20 +96,34 @@ def _to_http(check, *args):
         raise HTTPException(status_code=exc.status, detail=str(exc)) from None
 
 
+def _client_name(upload: UploadFile) -> str:
+    """The upload's file name as the client gave it (its last part): what messages call the file."""
+    return os.path.basename((upload.filename or "").replace("\\", "/"))[:255]
+
+
 def _upload_suffix(upload: UploadFile, what: str) -> str:
-    name = os.path.basename(upload.filename or "")
-    lower = name.lower()
-    suffix = next((s for s in sorted(UPLOAD_SUFFIXES, key=len, reverse=True) if lower.endswith(s)), None)
+    name = _client_name(upload)
+    suffix = suffix_of(name)
     if suffix is None:
         raise HTTPException(status_code=400, detail=f"the {what} file {name!r} is not one of {', '.join(UPLOAD_SUFFIXES)}")
     return suffix
 
 
-def _save_upload(upload: UploadFile, folder: str, what: str) -> str:
-    path = os.path.join(folder, f"{what}{_upload_suffix(upload, what)}")
-    with open(path, "wb") as f:
-        while chunk := upload.file.read(1 << 20):
-            f.write(chunk)
+def _save_upload(upload: UploadFile, folder: str, what: str, suffix: str | None = None) -> str:
+    """Copy the upload into ``folder`` as ``<what><suffix>`` (default: its own, which must be one of
+    :data:`UPLOAD_SUFFIXES`); 400 for an empty file, 507/503 when the disk refuses it."""
+    path = os.path.join(folder, f"{what}{suffix if suffix is not None else _upload_suffix(upload, what)}")
+    try:
+        with open(path, "wb") as f:
+            while chunk := upload.file.read(1 << 20):
+                f.write(chunk)
+    except OSError as exc:
+        problem = storage_problem(exc, f"the uploaded {what} {_client_name(upload)!r}", "nothing was stored")
+        if problem is None:
+            raise
+        raise HTTPException(status_code=problem[0], detail=problem[1]) from None
+    if os.path.getsize(path) == 0:
+        raise HTTPException(status_code=400, detail=f"the {what} file is empty")
     return path
 
 
@@ -209,29 +237,89 @@ def _save_label_route(instance, upload_root: str):
         datastore: CheckedDatastore = instance.datastore()  # its save_label checks the tag, image and label
         with tempfile.TemporaryDirectory(dir=upload_root) as folder:
             path = _save_upload(label, folder, "label")
-            if os.path.getsize(path) == 0:
-                raise HTTPException(status_code=400, detail="the label file is empty")
-            label_id = await run_in_threadpool(lambda: _to_http(datastore.save_label, image, path, tag or "final", info))
+            save = datastore.save_label  # the label and its record together, or neither (507/503 on a full disk)
+            label_id = await run_in_threadpool(_to_http, save, image, path, tag or "final", info, _client_name(label))
         answer = instance.on_save_label(image, label_id) or {}
         return {**answer, "image": image, "label": label_id}
 
     return save_label
 
 
+def _add_image_route(instance, upload_root: str):
+    async def add_image(
+        image: str | None = None,
+        labels: str | None = None,
+        params: str = Form("{}"),
+        file: UploadFile = File(...),
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+    ):
+        info = parse_params(params)
+        if labels is not None and labels not in LABEL_POLICIES:
+            raise HTTPException(status_code=400, detail=f"labels must be one of {', '.join(LABEL_POLICIES)}, got {labels!r}")
+        if user and getattr(user, "username", None):
+            info["user"] = user.username
+        name = _client_name(file)
+        datastore: CheckedDatastore = instance.datastore()  # its add_image checks the file and the labels it replaces
+        with tempfile.TemporaryDirectory(dir=upload_root) as folder:
+            path = _save_upload(file, folder, "image")
+            add = datastore.add_image
+            image_id = await run_in_threadpool(_to_http, add, image or "", path, info, labels, name)
+        return {"image": image_id}
+
+    return add_image
+
+
+def _update_model_route(instance, upload_root: str):
+    async def update_model(
+        model: str,
+        file: UploadFile = File(...),
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+    ):
+        if model not in instance._infers:
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}; this app serves {sorted(instance._infers)}")
+        with tempfile.TemporaryDirectory(dir=upload_root) as folder:
+            path = _save_upload(file, folder, "checkpoint", ".pt")
+            return await run_in_threadpool(_to_http, instance.replace_model, model, path, _client_name(file) or "checkpoint")
+
+    return update_model
+
+
+async def _disk_error(request, exc: OSError):
+    """A write the disk refused, anywhere in the server: 507 (full) or 503, naming the file but not its folder."""
+    problem = storage_problem(exc, outcome="the request did not complete")
+    if problem is None:
+        raise exc
+    logger.error("%s %s: %s (%s)", request.method, request.url.path, problem[1], exc)
+    return JSONResponse({"detail": problem[1]}, status_code=problem[0])
+
+
+def install_model_upload(server, instance, upload_root: str) -> None:
+    """Whatever the datastore (local or DICOMweb): the checked ``PUT /model/{model}`` ahead of MONAI Label's,
+    and disk errors answered with 507/503. The caller builds the middleware stack again afterwards."""
+    pathlib.Path(upload_root).mkdir(parents=True, exist_ok=True)
+    prefix = settings.MONAI_LABEL_API_STR
+    route = APIRoute(f"{prefix}/model/{{model}}", _update_model_route(instance, upload_root), methods=["PUT"], name="imedsam_update_model")
+    server.router.routes.insert(0, route)
+    server.add_exception_handler(OSError, _disk_error)
+
+
 def install(server, instance, upload_root: str) -> None:
     """Put :class:`RequestGuard` in front of ``server`` (the FastAPI app of ``monailabel start_server``,
-    already running) and its own infer and label-save routes ahead of MONAI Label's."""
-    pathlib.Path(upload_root).mkdir(parents=True, exist_ok=True)
+    already running) and its own infer, image, label, model and training routes ahead of MONAI Label's."""
+    install_model_upload(server, instance, upload_root)
     prefix = settings.MONAI_LABEL_API_STR
     routes = [
         APIRoute(f"{prefix}/infer/{{model}}", _infer_route(instance, upload_root), methods=["POST"], name="imedsam_infer"),
         APIRoute(f"{prefix}/datastore/label", _save_label_route(instance, upload_root), methods=["PUT"], name="imedsam_save_label"),
+        APIRoute(f"{prefix}/datastore/image", _add_image_route(instance, upload_root), methods=["PUT"], name="imedsam_add_image"),
+        APIRoute(f"{prefix}/datastore/", _add_image_route(instance, upload_root), methods=["PUT"], name="imedsam_add_image_v1"),
         APIRoute(f"{prefix}/train/{{model}}", _train_route(instance), methods=["POST"], name="imedsam_train"),
     ]
     server.router.routes[:0] = routes
-    # Starlette builds its middleware stack on the first request (the startup one), after which
-    # add_middleware is refused: wrap the built stack instead.
-    if server.middleware_stack is None:
-        server.middleware_stack = server.build_middleware_stack()
-    server.middleware_stack = RequestGuard(server.middleware_stack, instance.datastore(), prefix)
-    logger.info("request guard installed: ids, tags and params are checked; infer and label saves run off the event loop")
+    # Starlette builds its middleware stack, which holds the exception handlers, on the first request (the
+    # startup one), after which add_middleware is refused: build it again and wrap it.
+    server.middleware_stack = RequestGuard(server.build_middleware_stack(), instance.datastore(), prefix)
+    logger.info(
+        "request guard installed: ids, tags and params are checked; images, labels and checkpoints are checked before "
+        "they are stored; infers and saves run off the event loop; a full disk is answered with 507"
+    )

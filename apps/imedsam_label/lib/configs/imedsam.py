@@ -11,7 +11,7 @@ import torch
 from monai.bundle import ConfigParser
 from monailabel.interfaces.config import TaskConfig
 
-from imedsam.data import pictures
+from imedsam.data import headers, pictures
 from imedsam.inference import ENCODER_ENGINES
 
 from lib.activelearning.ugs import UGSStrategy
@@ -85,7 +85,8 @@ class IMedSAMConfig(TaskConfig):
       volumes (default, LiteMedSAM's: CT L40/W400, other volumes the 0.5-99.5 percentiles of their non-zero
       voxels);
     - ``max_image_pixels`` (50,000,000): larger images and volume planes are refused (400) before they are
-      decoded; ``max_decode_side`` (1024): larger outputs are decoded at that size and upsampled, so that one
+      decoded; ``max_image_voxels`` (268,435,456, 512 x 512 x 1024): larger volumes are refused (400) from
+      their header when they are uploaded or labelled; ``max_decode_side`` (1024): larger outputs are decoded at that size and upsampled, so that one
       request's time and memory stay bounded;
     - ``cache_slices`` (384): slice encodings the 3D task keeps (4 MiB each for ``lite_medsam``), so that
       objects and requests on one volume encode each slice once;
@@ -102,7 +103,9 @@ class IMedSAMConfig(TaskConfig):
         self.labels = {conf.get("label", "object"): 1}
         self.window = _window(conf.get("window"))
         if conf.get("max_image_pixels"):
-            pictures.MAX_IMAGE_PIXELS = int(conf["max_image_pixels"])
+            pictures.MAX_IMAGE_PIXELS = _positive_int(conf, "max_image_pixels", pictures.MAX_IMAGE_PIXELS)
+        if conf.get("max_image_voxels"):
+            headers.MAX_IMAGE_VOXELS = _positive_int(conf, "max_image_voxels", headers.MAX_IMAGE_VOXELS)
         self.max_decode_side = int(conf.get("max_decode_side", 1024))
         self.encoder_engine = conf.get("encoder_engine", "auto")
         if self.encoder_engine not in ENCODER_ENGINES:
