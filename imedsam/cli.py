@@ -42,7 +42,7 @@ def _save_png(array: np.ndarray, path: str) -> None:
 def _build_model(args: argparse.Namespace):
     import torch
 
-    from .networks import IMedSAM
+    from .networks import build_imedsam
 
     if args.checkpoint is None and args.sam_checkpoint is None and args.encoder != "lite_medsam":
         logger.warning(
@@ -52,8 +52,8 @@ def _build_model(args: argparse.Namespace):
         )
     if args.image_size is None:
         args.image_size = 256 if args.encoder == "lite_medsam" else 384
-    model = IMedSAM(
-        encoder=args.encoder,
+    model = build_imedsam(
+        args.encoder,
         image_size=args.image_size,
         sam_checkpoint=args.sam_checkpoint,
         fa_mode=args.fa_mode,

@@ -40,7 +40,7 @@ import torch
 from benchmark_common import count_gflop, cpu_summary, matmul_gflops, median_seconds
 
 from imedsam.inference import OpenVINOEncoder, Predictor, resolve_encoder_engine
-from imedsam.networks import IMedSAM
+from imedsam.networks import build_imedsam
 from imedsam.networks.precision import cpu_runs_bfloat16_natively, resolve_precision
 
 
@@ -68,7 +68,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     image_size = args.image_size or (256 if args.encoder == "lite_medsam" else 384)
-    model = IMedSAM(encoder=args.encoder, image_size=image_size).eval()  # encoder/decoder_precision "auto", the default
+    model = build_imedsam(args.encoder, image_size=image_size).eval()  # encoder/decoder_precision "auto", the default
     model.encoder_precision = model.decoder.precision = args.precision
     default_precision = resolve_precision(args.precision, "cpu")
     height, width = args.picture

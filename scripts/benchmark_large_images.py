@@ -70,9 +70,9 @@ def capped_dice(
     from imedsam.data import box_from_mask, polyp_datalist, read_mask
     from imedsam.inference import Predictor
     from imedsam.metrics import binary_metrics
-    from imedsam.networks import IMedSAM
+    from imedsam.networks import build_imedsam
 
-    model = IMedSAM()
+    model = build_imedsam()
     if checkpoint:
         model.load_checkpoint(checkpoint)
     model.encoder_precision = model.decoder.precision = precision

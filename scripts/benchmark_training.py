@@ -34,13 +34,13 @@ from benchmark_common import count_gflop, matmul_gflops
 def run_one(args) -> dict:
     from imedsam.engine import PromptInferer, parameter_groups
     from imedsam.losses import CoarseFineLoss
-    from imedsam.networks import IMedSAM
+    from imedsam.networks import build_imedsam
 
     torch.manual_seed(0)
     size, batch, label = args.image_size, args.batch_size, args.label_size
     stages = tuple(int(stage) for stage in args.checkpoint_stage_set.split(",") if stage)
-    model = IMedSAM(encoder=args.encoder, image_size=size, freeze_sam=True, checkpoint_stages=stages,
-                    encoder_precision=args.precision, decoder_precision=args.precision).train()
+    model = build_imedsam(args.encoder, image_size=size, freeze_sam=True, checkpoint_stages=stages,
+                          encoder_precision=args.precision, decoder_precision=args.precision).train()
     optimizer = torch.optim.AdamW(parameter_groups(model, 1e-3), lr=1e-3)
     loss_fn = CoarseFineLoss()
     inferer = PromptInferer((label, label), return_all=True, query_size=args.query_size)

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-NETWORK_OPTIONS = ("encoder", "lora_rank", "fa_mode")
+NETWORK_OPTIONS = ("lora_rank", "fa_mode")
 
 
 def evaluate(predictor, datalist: list[dict]) -> list[dict]:
@@ -77,9 +77,9 @@ def main(argv=None) -> int:
 
     from imedsam.data import polyp_datalist
     from imedsam.inference import Predictor
-    from imedsam.networks import IMedSAM
+    from imedsam.networks import build_imedsam
 
-    model = IMedSAM(**{key: getattr(args, key) for key in NETWORK_OPTIONS}).load_checkpoint(args.checkpoint)
+    model = build_imedsam(args.encoder, **{key: getattr(args, key) for key in NETWORK_OPTIONS}).load_checkpoint(args.checkpoint)
     if model.box_proposal is None or not model.box_proposal.is_trained:
         parser.exit(2, f"evaluate_box_proposal: error: {args.checkpoint} has no trained box-proposal head\n")
     predictor = Predictor(model)

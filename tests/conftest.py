@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from imedsam.networks import IMedSAM
+from imedsam.networks import IMedSAM, build_imedsam
 
 E2E_DIR = Path(__file__).resolve().parent / "e2e"
 
@@ -75,7 +75,7 @@ def tiny_model(**kwargs) -> IMedSAM:
     so that eval-mode tests exercise them."""
     options = {"encoder": "vit_tiny", "image_size": 64}
     options.update(kwargs)
-    model = IMedSAM(**options)
+    model = build_imedsam(options.pop("encoder"), **options)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm1d):

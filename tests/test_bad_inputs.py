@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from imedsam.networks import IMedSAM
+from imedsam.networks import IMedSAM, build_imedsam
 
 
 @pytest.mark.parametrize(
@@ -57,12 +57,12 @@ def test_bad_box_shape_and_output_size(model: IMedSAM, images, boxes):
 
 def test_bad_configuration():
     with pytest.raises(ValueError, match="unknown encoder 'vit_x'"):
-        IMedSAM(encoder="vit_x")
+        build_imedsam("vit_x")
     with pytest.raises(ValueError, match="multiple of 16"):
-        IMedSAM(encoder="vit_tiny", image_size=100)
+        build_imedsam("vit_tiny", image_size=100)
     with pytest.raises(ValueError, match="fa_mode"):
-        IMedSAM(encoder="vit_tiny", image_size=64, fa_mode="wavelet")
+        build_imedsam("vit_tiny", image_size=64, fa_mode="wavelet")
     with pytest.raises(ValueError, match="ugs_top_k"):
-        IMedSAM(encoder="vit_tiny", image_size=64, ugs_top_k=1.5)
+        build_imedsam("vit_tiny", image_size=64, ugs_top_k=1.5)
     with pytest.raises(ValueError, match="at least 2 passes"):
-        IMedSAM(encoder="vit_tiny", image_size=64, mc_samples=1)
+        build_imedsam("vit_tiny", image_size=64, mc_samples=1)

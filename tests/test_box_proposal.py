@@ -14,7 +14,7 @@ from imedsam.data import box_from_mask, box_iou, synthetic_polyp
 from imedsam.inference import Predictor
 from imedsam.inference.predictor import image_to_tensor
 from imedsam.losses import CoarseFineLoss, DiceBCELoss
-from imedsam.networks import IMedSAM, boxes_from_foreground
+from imedsam.networks import boxes_from_foreground, build_imedsam
 
 
 def test_box_iou():
@@ -85,7 +85,7 @@ def test_an_untrained_or_missing_head_is_refused_and_an_old_checkpoint_loads_wit
 def trained_model(tmp_path_factory):
     """The pretrained lite_medsam with its head trained (on the frozen embedding) on 16 generated polyps."""
     torch.manual_seed(0)
-    model = IMedSAM(lora_rank=0, fa_mode="none").eval()
+    model = build_imedsam(lora_rank=0, fa_mode="none").eval()
     pictures = [synthetic_polyp((192, 256), seed=seed) for seed in range(20)]
     with torch.no_grad():
         encodings = [model.encode(image_to_tensor(image)) for image, _ in pictures]

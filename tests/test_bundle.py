@@ -14,7 +14,7 @@ from monai.bundle import ConfigParser
 from PIL import Image
 
 from imedsam.data import polyp_datalist, write_synthetic_dataset
-from imedsam.networks import IMedSAM, IMedSAMBoxMask
+from imedsam.networks import IMedSAMBoxMask, build_imedsam
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "bundle", "configs")
@@ -52,7 +52,7 @@ def test_run_training_form_trains_and_saves_a_plain_state_dict(trained):
     tmp, log = trained
     assert "val_mean_dice" in log
     state = torch.load(tmp / "models" / "model.pt", weights_only=True)
-    model = IMedSAM(encoder="vit_tiny", image_size=64, freeze_sam=False)
+    model = build_imedsam("vit_tiny", image_size=64, freeze_sam=False)
     assert set(state) == set(model.state_dict())
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp / "eval" / "tensorboard"))
 
@@ -154,13 +154,13 @@ def test_ckpt_export_torchscript_matches_the_eager_model(trained, tmp_path):
     # a trace records the encoder and the prompt path in float32 (autocast is not recorded), whatever "auto"
     # means on this CPU: the eager models run them in float32 too
     precisions = dict(encoder_precision="float32", decoder_precision="float32")
-    eager = IMedSAMBoxMask(encoder="vit_tiny", image_size=64, **precisions).load_checkpoint(tmp / "models" / "model.pt").eval()
+    eager = build_imedsam("vit_tiny", image_size=64, **precisions, model_class=IMedSAMBoxMask).load_checkpoint(tmp / "models" / "model.pt").eval()
     # traced at batch 1 (the --input_shape), so it is called one image at a time
     x = torch.rand(2, 4, 64, 64)
     x[:, 3] = 0
     x[0, 3, 5:40, 10:50] = 1
     x[1, 3, 20:60, 2:30] = 1
-    plain = IMedSAM(encoder="vit_tiny", image_size=64, **precisions).load_checkpoint(tmp / "models" / "model.pt").eval()
+    plain = build_imedsam("vit_tiny", image_size=64, **precisions).load_checkpoint(tmp / "models" / "model.pt").eval()
     with torch.no_grad():
         for i in range(2):
             torch.testing.assert_close(exported(x[i : i + 1]), eager(x[i : i + 1]), atol=1e-4, rtol=1e-4)
@@ -232,7 +232,7 @@ def test_inference_config_serves_the_pretrained_lite_medsam_with_no_checkpoint(t
 
 def test_evaluate_the_sam_mask_decoder_ablation(tmp_path):
     write_synthetic_dataset(tmp_path / "data", count=5, size=(48, 48))
-    torch.save(IMedSAM(encoder="vit_tiny", image_size=64, use_inr=False, freeze_sam=False).state_dict(), tmp_path / "no_inr.pt")
+    torch.save(build_imedsam("vit_tiny", image_size=64, use_inr=False, freeze_sam=False).state_dict(), tmp_path / "no_inr.pt")
     log = ok(bundle("run", "--config_file", f"['{TRAIN}','{EVALUATE}']", *SMALL, "--use_inr", "False", "--label_size", "48",
                     "--ckpt_file", str(tmp_path / "no_inr.pt"), *folders(tmp_path)[:2], "--output_dir", str(tmp_path / "eval")))
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
@@ -245,7 +245,7 @@ def test_infer_with_the_sam_mask_decoder_ablation_saves_masks_and_no_uncertainty
     images.mkdir()
     Image.fromarray(np.full((50, 70, 3), 90, np.uint8)).save(images / "b.png")
     (tmp_path / "boxes.json").write_text(json.dumps({"b": [[1, 2, 30, 40], [40, 10, 66, 45]]}))
-    torch.save(IMedSAM(encoder="vit_tiny", image_size=64, use_inr=False, freeze_sam=False).state_dict(), tmp_path / "no_inr.pt")
+    torch.save(build_imedsam("vit_tiny", image_size=64, use_inr=False, freeze_sam=False).state_dict(), tmp_path / "no_inr.pt")
     ok(bundle("run", "--config_file", INFERENCE, "--encoder", "vit_tiny", "--image_size", "64", "--use_inr", "False",
               "--dataset_dir", str(images), "--boxes_file", str(tmp_path / "boxes.json"),
               "--ckpt_file", str(tmp_path / "no_inr.pt"), "--output_dir", str(tmp_path / "out")))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from imedsam.networks import CheckpointError, IMedSAM
+from imedsam.networks import CheckpointError, build_imedsam
 from imedsam.networks.checkpoint import verify_official_checkpoint
 from imedsam.networks.presets import build_sam_parts
 
@@ -29,7 +29,7 @@ def sam_checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("image_size", [384, 512])
 def test_sam_1024_checkpoint_loads_resized(sam_checkpoint, image_size):
     path, state = sam_checkpoint
-    model = IMedSAM(encoder="vit_tiny", image_size=image_size, sam_checkpoint=path)
+    model = build_imedsam("vit_tiny", image_size=image_size, sam_checkpoint=path)
     vit = model.image_encoder.vit
     grid = image_size // 16
     expected_pos = F.interpolate(state["image_encoder.pos_embed"].permute(0, 3, 1, 2), size=(grid, grid), mode="bilinear", align_corners=False)
@@ -53,21 +53,21 @@ def test_sam_1024_checkpoint_loads_resized(sam_checkpoint, image_size):
 def test_missing_checkpoint_names_the_file(tmp_path):
     missing = tmp_path / "nowhere.pth"
     with pytest.raises(CheckpointError, match=f"checkpoint not found: {missing}"):
-        IMedSAM(encoder="vit_tiny", image_size=64, sam_checkpoint=missing)
+        build_imedsam("vit_tiny", image_size=64, sam_checkpoint=missing)
 
 
 def test_corrupt_checkpoint_names_the_file(tmp_path):
     corrupt = tmp_path / "broken.pth"
     corrupt.write_bytes(os.urandom(1000))
     with pytest.raises(CheckpointError, match="could not read checkpoint .*broken.pth"):
-        IMedSAM(encoder="vit_tiny", image_size=64, sam_checkpoint=corrupt)
+        build_imedsam("vit_tiny", image_size=64, sam_checkpoint=corrupt)
 
 
 def test_a_checkpoint_holding_code_is_refused_without_advice_to_load_it_unsafely(tmp_path):
     pickled = tmp_path / "objects.pt"
     torch.save({"weight": torch.zeros(2), "callback": print}, pickled)  # a pickle that would import a callable
     with pytest.raises(CheckpointError) as raised:
-        IMedSAM(encoder="vit_tiny", image_size=64, sam_checkpoint=pickled)
+        build_imedsam("vit_tiny", image_size=64, sam_checkpoint=pickled)
     assert "not a checkpoint of tensors only" in str(raised.value) and "weights_only" not in str(raised.value)
 
 
@@ -76,7 +76,7 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path, sam_checkpoint):
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
     with pytest.raises(CheckpointError, match="could not read checkpoint .*truncated.pth"):
-        IMedSAM(encoder="vit_tiny", image_size=64, sam_checkpoint=truncated)
+        build_imedsam("vit_tiny", image_size=64, sam_checkpoint=truncated)
 
 
 def test_checkpoint_of_another_sam_size_lists_the_mismatched_shapes(sam_checkpoint, tmp_path):
@@ -87,7 +87,7 @@ def test_checkpoint_of_another_sam_size_lists_the_mismatched_shapes(sam_checkpoi
     path = tmp_path / "wrong.pth"
     torch.save(wrong, path)
     with pytest.raises(CheckpointError) as error:
-        IMedSAM(encoder="vit_tiny", image_size=64, sam_checkpoint=path)
+        build_imedsam("vit_tiny", image_size=64, sam_checkpoint=path)
     message = str(error.value)
     assert "wrong.pth [image_encoder]" in message and "built as 'vit_tiny'" in message
     assert "patch_embed.proj.weight: checkpoint (256, 3, 16, 16) vs model (192, 3, 16, 16)" in message
@@ -98,14 +98,14 @@ def test_imedsam_checkpoint_given_as_sam_checkpoint_is_refused(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(tiny_model().state_dict(), path)
     with pytest.raises(CheckpointError, match="is an I-MedSAM checkpoint, not a SAM checkpoint: load it as model_checkpoint"):
-        IMedSAM(encoder="vit_tiny", image_size=64, sam_checkpoint=path)
+        build_imedsam("vit_tiny", image_size=64, sam_checkpoint=path)
 
 
 def test_non_tensor_checkpoint_is_refused(tmp_path):
     path = tmp_path / "dict.pth"
     torch.save({"epoch": 3}, path)
     with pytest.raises(CheckpointError, match="not a plain state dict of tensors"):
-        IMedSAM(encoder="vit_tiny", image_size=64, sam_checkpoint=path)
+        build_imedsam("vit_tiny", image_size=64, sam_checkpoint=path)
 
 
 def test_official_file_name_with_wrong_content_fails_the_md5_check(tmp_path):
@@ -122,21 +122,21 @@ def test_foreign_state_dict_is_not_taken_for_sam(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(2), "fc.bias": torch.zeros(2)}, path)
     with pytest.raises(CheckpointError, match="is not a SAM checkpoint: none of its keys start with image_encoder"):
-        IMedSAM(encoder="vit_tiny", image_size=64, sam_checkpoint=path)
+        build_imedsam("vit_tiny", image_size=64, sam_checkpoint=path)
 
 
 def test_model_checkpoint_round_trip_and_mismatch(tmp_path, images, boxes):
     model = tiny_model().eval()
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), path)
-    restored = IMedSAM(encoder="vit_tiny", image_size=64).load_checkpoint(path).eval()
+    restored = build_imedsam("vit_tiny", image_size=64).load_checkpoint(path).eval()
     with torch.no_grad():
         torch.testing.assert_close(restored(images, boxes), model(images, boxes))
     with pytest.raises(CheckpointError, match="num_classes=2") as error:
-        IMedSAM(encoder="vit_tiny", image_size=64, num_classes=2).load_checkpoint(path)
+        build_imedsam("vit_tiny", image_size=64, num_classes=2).load_checkpoint(path)
     assert "unexpected keys" in str(error.value) or "missing keys" in str(error.value)
     with pytest.raises(CheckpointError, match="image_size=128.*\n.*pos_embed: checkpoint \\(1, 4, 4, 192\\) vs model \\(1, 8, 8, 192\\)"):
-        IMedSAM(encoder="vit_tiny", image_size=128).load_checkpoint(path)
+        build_imedsam("vit_tiny", image_size=128).load_checkpoint(path)
 
 
 def test_a_checkpoint_with_the_decoders_positional_keys_still_loads(tmp_path):
@@ -152,6 +152,6 @@ def test_a_checkpoint_with_the_decoders_positional_keys_still_loads(tmp_path):
         legacy[".".join(parts)] = value
     assert {"decoder.coarse_trunk.3.running_var", "decoder.fine_heads.0.3.weight", "decoder.fine_trunk.0.bias"} <= set(legacy)
     torch.save(legacy, tmp_path / "legacy.pt")
-    loaded = IMedSAM(encoder="vit_tiny", image_size=64).load_checkpoint(tmp_path / "legacy.pt")
+    loaded = build_imedsam("vit_tiny", image_size=64).load_checkpoint(tmp_path / "legacy.pt")
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imedsam.networks import CheckpointError, IMedSAM
+from imedsam.networks import CheckpointError, IMedSAM, build_imedsam
 from imedsam.networks.lite_medsam import (
     LiteMedSAMReference,
     build_lite_medsam_parts,
@@ -26,7 +26,7 @@ STAGES = [(128, 2, 128), (160, 6, 64), (320, 2, 64)]
 
 @pytest.fixture(scope="module")
 def pretrained() -> IMedSAM:
-    return IMedSAM().eval()
+    return build_imedsam().eval()
 
 
 def _parts():
@@ -134,7 +134,7 @@ def test_missing_or_altered_weights_file_is_a_clear_error(tmp_path):
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(CheckpointError, match="not the released LiteMedSAM checkpoint"):
-        IMedSAM(sam_checkpoint=altered)
+        build_imedsam(sam_checkpoint=altered)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(open(lite_medsam_weights_path(), "rb").read()[:1000])
     with pytest.raises(CheckpointError, match="altered or truncated"):
@@ -143,7 +143,7 @@ def test_missing_or_altered_weights_file_is_a_clear_error(tmp_path):
 
 def test_lite_medsam_refuses_another_input_size():
     with pytest.raises(ValueError, match="256"):
-        IMedSAM(encoder="lite_medsam", image_size=384)
+        build_imedsam("lite_medsam", image_size=384)
 
 
 def test_trainable_parameter_count(pretrained):
@@ -175,7 +175,7 @@ def test_non_square_images_segment_in_place(pretrained, shape, centre):
         logits, uncertainty = pretrained.decode(pretrained.encode(image), box, return_uncertainty=True)
     assert logits.shape == (1, 1, *shape)
     assert _dice(logits[0, 0].numpy() > 0, mask) > 0.9
-    sam = IMedSAM(use_inr=False, mask_prior=False).eval()
+    sam = build_imedsam(use_inr=False, mask_prior=False).eval()
     with torch.no_grad():
         sam_logits = sam(image, box)
     assert sam_logits.shape == (1, 1, *shape)
@@ -187,7 +187,7 @@ def test_untrained_model_is_lite_medsams_mask_and_its_uncertainty_marks_the_boun
 
     image, mask = _disk_image(200, 260, (100, 120), 60)
     box = torch.tensor([[[56.0, 36.0, 184.0, 164.0]]])
-    sam = IMedSAM(use_inr=False, mask_prior=False).eval()
+    sam = build_imedsam(use_inr=False, mask_prior=False).eval()
     with torch.no_grad():
         encoding = pretrained.encode(image)
         out = pretrained.decode_all(encoding, box)
@@ -207,7 +207,7 @@ def test_untrained_model_is_lite_medsams_mask_and_its_uncertainty_marks_the_boun
 
 
 def test_training_starts_from_lite_medsam_and_moves_away_from_it():
-    model = IMedSAM(mc_samples_train=2)
+    model = build_imedsam(mc_samples_train=2)
     image, mask = _disk_image(128, 128, (64, 64), 30)
     box = torch.tensor([[[30.0, 30.0, 98.0, 98.0]]])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -281,7 +281,7 @@ def test_adaptive_decoding_keeps_exact_decodings_dice_on_real_polyps(pretrained)
 
 
 def test_training_mode_keeps_the_frozen_tinyvits_batchnorm_statistics():
-    model = IMedSAM()
+    model = build_imedsam()
     norms = [m for m in model.image_encoder.vit.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     before = [m.running_mean.clone() for m in norms]
     image = torch.rand(2, 3, 256, 256)
@@ -369,7 +369,7 @@ def test_checkpointed_stages_and_fused_attention_give_the_same_gradients_and_a_b
     with pytest.raises(ValueError, match="checkpoint_stages"):
         AdaptedTinyViT(copy.deepcopy(vit), checkpoint_stages=(3,))
     with pytest.raises(ValueError, match="checkpoint_stages"):
-        IMedSAM(encoder="vit_tiny", image_size=64, checkpoint_stages=(0,))
+        build_imedsam("vit_tiny", image_size=64, checkpoint_stages=(0,))
 
 
 def test_fused_attention_is_tinyvits_attention_and_only_trains_fused():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from imedsam.networks import IMedSAM, frequency_image
+from imedsam.networks import build_imedsam, frequency_image
 from imedsam.networks.image_encoder import AdaptedImageEncoder
 from imedsam.networks.lora import LoRAQKV
 from imedsam.networks.presets import build_sam_parts
@@ -18,7 +18,7 @@ def _trainable(model):
 
 
 def test_vit_b_trainable_parameter_count_is_about_1_6m():
-    model = IMedSAM(encoder="vit_b", image_size=384)
+    model = build_imedsam("vit_b", image_size=384)
     trainable = _trainable(model)
     total = sum(p.numel() for p in model.parameters())
     assert 1_500_000 <= trainable <= 1_700_000, trainable

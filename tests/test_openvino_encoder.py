@@ -9,7 +9,7 @@ import torch
 
 from imedsam.inference import OpenVINOEncoder, Predictor, resolve_encoder_engine
 from imedsam.metrics import dice
-from imedsam.networks import IMedSAM
+from imedsam.networks import IMedSAM, build_imedsam
 from imedsam.networks.precision import cpu_runs_bfloat16_natively
 
 from conftest import tiny_model
@@ -21,7 +21,7 @@ SPLIT = os.path.join(KVASIR, "..", "splits", "kvasir_sessile_split.json")
 @pytest.fixture(scope="module")
 def model() -> IMedSAM:
     torch.manual_seed(0)
-    network = IMedSAM().eval()  # LiteMedSAM's weights: masks worth comparing
+    network = build_imedsam().eval()  # LiteMedSAM's weights: masks worth comparing
     network.encoder_precision = network.decoder.precision = "float32"  # exact comparisons
     return network
 

@@ -10,7 +10,7 @@ from monai.transforms import RandAffined
 from conftest import tiny_model
 from imedsam.data import box_from_mask
 from imedsam.engine import PromptInferer, parameter_groups
-from imedsam.networks import IMedSAMBoxMask
+from imedsam.networks import IMedSAMBoxMask, build_imedsam
 from imedsam.transforms import BinarizeMaskd, BoxFromMaskd, EnsureRGBd, KeepForegroundd, ThresholdLogitsd
 
 
@@ -118,7 +118,7 @@ def test_freeze_sam_false_trains_sam_weights_too():
 
 
 def test_box_mask_model_reads_the_box_channel_and_refuses_bad_input(images):
-    model = IMedSAMBoxMask(encoder="vit_tiny", image_size=64).eval()
+    model = build_imedsam("vit_tiny", image_size=64, model_class=IMedSAMBoxMask).eval()
     x = torch.cat([images, torch.zeros(2, 1, 72, 88)], dim=1)
     x[0, 3, 10:40, 5:60] = 1
     x[1, 3, 0:72, 80:88] = 1

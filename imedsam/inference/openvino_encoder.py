@@ -109,8 +109,8 @@ class OpenVINOEncoder:
 
     Example::
 
-        >>> from imedsam.networks import IMedSAM
-        >>> model = IMedSAM().eval()
+        >>> from imedsam.networks import build_imedsam
+        >>> model = build_imedsam().eval()
         >>> encoder = OpenVINOEncoder(model, cache_dir=None)
         >>> model.encode(torch.rand(1, 3, 50, 60), run_encoder=encoder).embedding.shape
         torch.Size([1, 256, 64, 64])

@@ -68,8 +68,8 @@ class Predictor:
     Example::
 
         >>> import numpy as np
-        >>> from imedsam.networks import IMedSAM
-        >>> predictor = Predictor(IMedSAM(encoder="vit_tiny", image_size=64))
+        >>> from imedsam.networks import build_imedsam
+        >>> predictor = Predictor(build_imedsam("vit_tiny", image_size=64))
         >>> predictor.set_image(np.zeros((50, 70, 3), np.uint8))  # False: the encoder ran
         False
         >>> probability, uncertainty = predictor.predict([5, 5, 40, 30])

@@ -131,10 +131,10 @@ class VolumePredictor:
     Example::
 
         >>> import numpy as np
-        >>> from imedsam.networks import IMedSAM
+        >>> from imedsam.networks import build_imedsam
         >>> from imedsam.inference import box3d_prompt
         >>> volume = np.zeros((40, 32, 6), np.float32); volume[10:30, 8:24, 1:5] = 1
-        >>> session = VolumePredictor(IMedSAM(encoder="vit_tiny", image_size=64), encoder_engine="torch")
+        >>> session = VolumePredictor(build_imedsam("vit_tiny", image_size=64), encoder_engine="torch")
         >>> session.set_volume(volume)
         >>> result = session.predict([box3d_prompt([10, 8, 1, 30, 24, 5], volume.shape)])
         >>> result.labels.shape, result.slices

@@ -1,23 +1,31 @@
-"""The I-MedSAM network and its parts."""
+"""The I-MedSAM network and its parts: ``build_imedsam`` makes one from a preset; ``IMedSAM`` puts parts together.
 
-from .box_proposal import BoxProposal, BoxProposalHead, boxes_from_foreground
-from .checkpoint import CheckpointError, load_sam_checkpoint, read_state_dict, resize_sam_state_dict
+Subpackages: ``encoders`` (SAM's ViT, LiteMedSAM's TinyViT), ``adapters`` (LoRA, the Frequency Adapter),
+``prompts`` (the box prompt path) and ``implicit`` (the implicit segmentation decoder).
+"""
+
 from .adapters.frequency import FrequencyAdapter, frequency_image
-from .encoders.sam_vit import AdaptedImageEncoder
-from .implicit.decoder import ImplicitDecoderOutput, ImplicitSegmentationDecoder
-from .imedsam import IMedSAM, IMedSAMBoxMask, IMedSAMOutput, ImageEncoding
 from .adapters.lora import LoRAQKV
-from .presets import ENCODER_PRESETS, OFFICIAL_SAM_CHECKPOINTS, build_sam_parts
+from .box_proposal import BoxProposal, BoxProposalHead, boxes_from_foreground
+from .build import build_imedsam
+from .checkpoint import CheckpointError, load_sam_checkpoint, read_state_dict, resize_sam_state_dict
+from .encoders.sam_vit import AdaptedImageEncoder
+from .encoders.tiny_vit import AdaptedTinyViT
+from .imedsam import IMedSAM, IMedSAMBoxMask, IMedSAMOutput, ImageEncoding
+from .implicit.decoder import ImplicitDecoderOutput, ImplicitSegmentationDecoder
+from .presets import ENCODER_PRESETS, IMEDSAM_PRESETS, OFFICIAL_SAM_CHECKPOINTS, build_sam_parts
 from .prompts.box_path import BoxPromptPath
 
 __all__ = [
     "AdaptedImageEncoder",
+    "AdaptedTinyViT",
     "BoxPromptPath",
     "BoxProposal",
     "BoxProposalHead",
     "CheckpointError",
     "ENCODER_PRESETS",
     "FrequencyAdapter",
+    "IMEDSAM_PRESETS",
     "IMedSAM",
     "IMedSAMBoxMask",
     "IMedSAMOutput",
@@ -27,6 +35,7 @@ __all__ = [
     "LoRAQKV",
     "OFFICIAL_SAM_CHECKPOINTS",
     "boxes_from_foreground",
+    "build_imedsam",
     "build_sam_parts",
     "frequency_image",
     "load_sam_checkpoint",

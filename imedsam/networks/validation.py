@@ -1,10 +1,12 @@
-"""Checks of the network's inputs, with errors that say what is wrong and how to fix it."""
+"""Checks of the network's inputs and of the parts it is built from, with errors that say what is wrong and
+how to fix it."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
-__all__ = ["check_image", "check_boxes", "check_output_size", "check_query_lines"]
+__all__ = ["check_image", "check_boxes", "check_output_size", "check_parts", "check_query_lines"]
 
 
 def check_image(image: torch.Tensor) -> None:
@@ -74,3 +76,23 @@ def check_output_size(output_size) -> tuple[int, int]:
     if height <= 0 or width <= 0:
         raise ValueError(f"output_size must be positive, got {output_size!r}")
     return height, width
+
+
+def check_parts(image_encoder: nn.Module, prompt_path: nn.Module, decoder: nn.Module | None) -> None:
+    """Refuse an image encoder, a box prompt path and an implicit decoder (or None) that do not fit together
+    (see :class:`~imedsam.networks.IMedSAM`), naming what to change."""
+    channels = prompt_path.mask_decoder.transformer_dim
+    if not hasattr(image_encoder, "image_size"):
+        raise TypeError(f"the image encoder must say its input side as image_size; {type(image_encoder).__name__} does not")
+    if decoder is None:
+        if not prompt_path.sam_mask:
+            raise ValueError("without an implicit decoder the model outputs SAM's mask: build the prompt path with sam_mask=True")
+        return
+    if decoder.mask_prior and not prompt_path.sam_mask:
+        raise ValueError("a decoder with mask_prior refines SAM's mask logit: build the prompt path with sam_mask=True")
+    box_channels = decoder.box_channels - int(decoder.mask_prior)
+    if (box_channels, decoder.image_channels) != (prompt_path.out_channels, channels):
+        raise ValueError(
+            f"the decoder reads {box_channels} box-map and {decoder.image_channels} embedding channels; the prompt "
+            f"path gives {prompt_path.out_channels} and {channels}"
+        )

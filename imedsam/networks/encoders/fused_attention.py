@@ -1,9 +1,9 @@
 """TinyViT's window attention through PyTorch's fused kernel when it trains.
 
 TinyViT computes ``softmax(q k^T * scale + bias) v`` one operator at a time, so autograd keeps the
-``[windows, heads, N, N]`` attention map, twice (the softmax's output and the second matmul's input): about
-70 MiB per block of lite_medsam's 64 x 64-token stage for a batch of two, a large share of what a training step
-holds. :func:`torch.nn.functional.scaled_dot_product_attention` computes the same function, and on a CPU
+``[windows, heads, N, N]`` attention map, twice (the softmax's output and the second matmul's input), a large
+share of what a training step holds (measured in ``docs/speed.md``, "Fused attention in training").
+:func:`torch.nn.functional.scaled_dot_product_attention` computes the same function, and on a CPU
 its flash kernel keeps only q, k, v, the output and a log-sum-exp per row for the backward pass (with TinyViT
 frozen, as I-MedSAM trains it: a bias that needs a gradient sends PyTorch to its unfused kernel). Inference
 keeps TinyViT's own forward: the eager reference the tests compare against, and the graph OpenVINO converts.

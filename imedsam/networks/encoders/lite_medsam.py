@@ -19,7 +19,7 @@ from PIL import Image
 from segment_anything.modeling import MaskDecoder, PromptEncoder
 
 from ..checkpoint import CheckpointError, load_state_dict_checked, read_state_dict
-from ..presets import build_prompt_parts
+from ..presets import LITE_MEDSAM_IMAGE_SIZE, build_prompt_parts
 
 __all__ = [
     "LITE_MEDSAM_IMAGE_SIZE",
@@ -30,8 +30,6 @@ __all__ = [
     "verify_lite_medsam_weights",
 ]
 
-#: LiteMedSAM's encoder input side; its TinyViT hard-codes the 64 x 64 token grid this gives.
-LITE_MEDSAM_IMAGE_SIZE = 256
 LITE_MEDSAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 
 

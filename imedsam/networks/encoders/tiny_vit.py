@@ -63,7 +63,7 @@ class AdaptedTinyViT(nn.Module):
 
     Args:
         tiny_vit: LiteMedSAM's TinyViT holding its weights (see
-            :func:`~imedsam.networks.lite_medsam.build_lite_medsam_parts`). It is frozen here.
+            :func:`~imedsam.networks.encoders.lite_medsam.build_lite_medsam_parts`). It is frozen here.
         lora_rank, lora_alpha: the q/v updates; rank 0 disables LoRA.
         fa_mode: ``"amplitude"``, ``"phase"`` or ``"none"``.
         fa_hidden_dim: bottleneck width of each frequency adapter.
@@ -74,8 +74,8 @@ class AdaptedTinyViT(nn.Module):
             backward pass and run their forward again there: the same gradients for less memory (their
             attention maps and MLP activations are not kept), for one more forward pass of those stages.
         fused_attention: in training, run the attention blocks through PyTorch's fused attention kernel,
-            which keeps no attention map for the backward pass (:mod:`~imedsam.networks.fused_attention`;
-            the same function, about 280 MiB less held per step of two images). Inference is unaffected.
+            which keeps no attention map for the backward pass (:mod:`~imedsam.networks.encoders.fused_attention`;
+            the same function, for less training memory: ``docs/speed.md``). Inference is unaffected.
 
     ``forward(image, frozen_stem_dtype=torch.bfloat16)`` runs the frozen stem (the patch embedding and the
     convolutional first stage, which have no adapter, and the frequency stream's copy of them) under
@@ -88,7 +88,7 @@ class AdaptedTinyViT(nn.Module):
 
     Example::
 
-        >>> from imedsam.networks.lite_medsam import build_lite_medsam_parts
+        >>> from imedsam.networks.encoders.lite_medsam import build_lite_medsam_parts
         >>> encoder = AdaptedTinyViT(build_lite_medsam_parts()[0]).eval()
         >>> with torch.no_grad():
         ...     encoder(torch.rand(1, 3, 256, 256)).shape

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .coordinates import pixel_centres
+from .fine import refine
 from .plan import DecodePlan, ImplicitDecoderOutput
 
 __all__ = ["adaptive_levels", "decode_adaptive", "level_points"]
@@ -49,7 +50,7 @@ def decode_adaptive(
     prior: torch.Tensor | None = None,
 ) -> ImplicitDecoderOutput:
     """Decode ``output_size`` in ``levels + 1`` levels (see the module) with ``decoder``, an
-    :class:`~imedsam.networks.implicit_decoder.ImplicitSegmentationDecoder` (its tables, coarse and fine INRs);
+    :class:`~imedsam.networks.implicit.decoder.ImplicitSegmentationDecoder` (its tables, coarse and fine INRs);
     shapes as its ``forward``."""
     prompts = box_features.shape[0]
 
@@ -81,6 +82,6 @@ def decode_adaptive(
     shape = (prompts, *output_size)
     if decoder.ugs_top_k == 0:
         return ImplicitDecoderOutput(coarse.view(shape), coarse.view(shape), variance.view(shape), None)
-    fine = decoder.refine(plan, box_features, image_features, index, class_ids, table, kept, kept_positions="in order")
+    fine = refine(decoder, plan, box_features, image_features, index, class_ids, table, kept, kept_positions="in order")
     final = coarse.scatter(1, index, fine)
     return ImplicitDecoderOutput(final.view(shape), coarse.view(shape), variance.view(shape), index)

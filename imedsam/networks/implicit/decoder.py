@@ -1,20 +1,23 @@
-"""Implicit segmentation decoder with uncertainty-guided sampling (UGS).
+"""Implicit segmentation decoder with uncertainty-guided sampling (UGS): the module and its exact mode.
 
-The method as the paper states it is :func:`~imedsam.networks.implicit_reference.reference_decode`; this
-module computes the same maths fast and with bounded memory. Each call follows one :class:`DecodePlan`;
-the first layers are lookup tables (:mod:`~imedsam.networks.first_layer_table`), the adaptive mode is in
-:mod:`~imedsam.networks.adaptive_decoding`.
+The method as the paper states it is :func:`~imedsam.networks.implicit.reference.reference_decode`; this
+decoder computes the same maths fast and with bounded memory, from the pieces beside it: each call follows one
+:class:`~imedsam.networks.implicit.plan.DecodePlan`, the first layers are lookup tables
+(:mod:`~imedsam.networks.implicit.first_layer_table`), the later layers are in
+:mod:`~imedsam.networks.implicit.layers`, the per-class heads under MC dropout in
+:mod:`~imedsam.networks.implicit.heads`, and the adaptive mode in :mod:`~imedsam.networks.implicit.adaptive`.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..precision import PRECISIONS, resolve_precision
+from ..validation import check_query_lines
 from .adaptive import adaptive_levels, decode_adaptive
 from .coordinates import fourier_encoding_dim, pixel_centres
-from .plan import DecodePlan, DropoutDraw, ImplicitDecoderOutput
+from .fine import refine
 from .first_layer_table import (
     DenseTapsCache,
     FirstLayerTable,
@@ -24,9 +27,9 @@ from .first_layer_table import (
     sample_mask_prior,
     table_taps,
 )
+from .heads import coarse_logit, logit_variance, with_mask_prior
 from .layers import FineHead, INRTrunk, rows_through
-from ..precision import PRECISIONS, resolve_precision
-from ..validation import check_query_lines
+from .plan import DecodePlan, DropoutDraw, ImplicitDecoderOutput
 
 __all__ = ["ImplicitDecoderOutput", "ImplicitSegmentationDecoder"]
 
@@ -47,25 +50,10 @@ class ImplicitSegmentationDecoder(nn.Module):
     and the uncertainty is the variance of the probability: it is informative before any training, high
     where the passes disagree about the side of the boundary and near zero deep inside or outside.
 
-    How it stays fast and bounded (the maths is that of the plain description above):
-
-    * the first linear layer of each INR is a lookup table (:mod:`~imedsam.networks.first_layer_table`),
-      so a point's first-layer output is one ``embedding_bag`` sum of ten table rows;
-    * dropout acts on the trunk output, so the T passes share the trunk and repeat only the logit row of
-      the head, and the coarse features are computed only at the refined points;
-    * at inference the T dropout masks are fixed sub-networks drawn from ``mc_seed`` (shared by all
-      points), so the output is deterministic, traceable and its variance is not zero; in training the
-      masks are drawn afresh at every call (:meth:`plan`);
-    * at inference the BatchNorms are folded into the layers before them, and query points are decoded in
-      chunks of ``chunk_size``; the trunk is recomputed at the refined points instead of being kept for
-      every pixel; ``precision="bfloat16"`` runs the trunks' matmuls in bfloat16 (heads and variance stay
-      float32);
-    * ``mode="adaptive"`` (inference) decodes a grid coarser by a power of two (at most
-      ``adaptive_coarse_size`` on a side) and, at each finer level up to the output, only the points
-      nearest the predicted boundary: ``adaptive_points`` at the output's level, half as many at each level
-      below (:mod:`~imedsam.networks.adaptive_decoding`);
-    * ``query_lines`` decodes only a sub-lattice of the output's rows and columns: training on a random one
-      each step costs what a coarser grid costs, while the loss still reads the mask at full resolution.
+    At inference the T dropout masks are fixed sub-networks drawn from ``mc_seed`` and shared by all points, so
+    the output is deterministic and traceable and its variance is not zero; in training they are drawn afresh
+    at every call (:meth:`plan`). How it stays fast and bounded, with the maths unchanged: ``docs/speed.md``,
+    "What makes it fast".
 
     Args:
         box_channels: channels of the box-conditioned map (SAM: 32).
@@ -86,8 +74,7 @@ class ImplicitSegmentationDecoder(nn.Module):
             inference.
         adaptive_coarse_size: largest side of the first grid of ``mode="adaptive"``.
         adaptive_points: points per prompt evaluated at the output's level of ``mode="adaptive"``, halved at
-            each coarser level. With the defaults the Kvasir-Sessile test split's mean Dice stays within
-            0.0003 of decoding every pixel (``docs/speed.md``).
+            each coarser level (its Dice against exact decoding: ``docs/speed.md``).
         mask_prior: refine SAM's mask logit (``forward`` then needs ``mask_weights``); False is the paper's
             plain decoder.
         prior_dropout: dropout probability over SAM's mask-head channels in the MC passes.
@@ -263,80 +250,6 @@ class ImplicitSegmentationDecoder(nn.Module):
         """``first-layer output -> trunk output``: the plain trunk in training, the folded one at inference."""
         return (lambda first: rows_through(trunk, first)) if plan.training else trunk.folded(plan.dtype)
 
-    # -- heads, per class ---------------------------------------------------------------------------------
-    def _per_class(self, fn, x: torch.Tensor, class_ids: torch.Tensor, out_dim: int, assignment=None) -> torch.Tensor:
-        """``fn(cls, x_of_its_prompts, their_assignment)`` for each class present; ``[P, N, out_dim]``."""
-        if self.num_classes == 1:
-            return fn(0, x, assignment)
-        out = None
-        for cls in torch.unique(class_ids).tolist():
-            rows = class_ids == cls
-            result = fn(cls, x[rows], None if assignment is None else assignment[rows])
-            if out is None:  # the heads' dtype, which differs from a bfloat16 trunk's
-                out = result.new_zeros(*x.shape[:-1], out_dim)
-            out[rows] = result
-        return out
-
-    def coarse_logit(self, plan: DecodePlan, trunk: torch.Tensor, class_ids, assignment=None) -> torch.Tensor:
-        """The coarse logit ``[P, N]``; in training each point's trunk output is masked by its assigned mask.
-
-        ``(mask * h) . w = h . (mask * w)``: the pool's masks act on the weight row, so the ``[points, width]``
-        masked trunk is never made (its elementwise product costs as much as the head).
-        """
-
-        def head(cls, h, assigned):
-            layer = self.coarse_heads[cls]
-            weight, bias = layer.weight[:1].to(h.dtype), layer.bias[:1].to(h.dtype)
-            if not plan.training:
-                return F.linear(h, weight, bias).float()
-            per_mask = F.linear(h, plan.dropout.pool.to(h.dtype) * weight, bias)  # [..., pool]
-            return per_mask.gather(-1, assigned.unsqueeze(-1))
-
-        return self._per_class(head, trunk, class_ids, 1, assignment).squeeze(-1)
-
-    def logit_variance(self, plan: DecodePlan, trunk: torch.Tensor, class_ids, prior: torch.Tensor | None = None):
-        """MC-dropout variance per point ``[P, N]``: of the coarse logit, or with a mask prior (``prior
-        [P, N, 1 + T]``, SAM's logit and its T dropout passes) of the probability ``sigmoid(prior_t +
-        correction_t)``."""
-        masks = plan.dropout.passes.to(trunk.dtype)
-        with_bias = prior is not None  # the bias does not change the variance of a logit, but does of a probability
-
-        def passes(cls, h, _):
-            layer = self.coarse_heads[cls]
-            bias = layer.bias[:1].to(h.dtype) if with_bias else None
-            return F.linear(h.detach(), (layer.weight[:1] * masks).to(h.dtype), bias).float()
-
-        logits = self._per_class(passes, trunk, class_ids, masks.shape[0])
-        if prior is None:
-            return logits.var(dim=-1)
-        return torch.sigmoid(logits + prior[..., 1:].detach()).var(dim=-1)
-
-    def coarse_features(self, plan: DecodePlan, trunk: torch.Tensor, class_ids, assignment=None) -> torch.Tensor:
-        """The features ``[P, K, F]`` the coarse INR hands to the fine INR; in training through each point's
-        assigned dropout mask."""
-
-        def head(cls, h, assigned):
-            layer = self.coarse_heads[cls]
-            if plan.training:
-                h = h * plan.dropout.pool[assigned].to(h.dtype)
-            return F.linear(h, layer.weight[1:].to(h.dtype), layer.bias[1:].to(h.dtype)).float()
-
-        return self._per_class(head, trunk, class_ids, self.coarse_heads[0].out_features - 1, assignment)
-
-    def coarse_features_to_fine(self, trunk: torch.Tensor, class_ids, feature_w: torch.Tensor) -> torch.Tensor:
-        """At inference, the fine INR's first-layer input from the coarse features ``[P, K, C]``: the coarse
-        head's feature rows and the fine layer's columns ``feature_w`` that read them, composed into one
-        layer (``W_f (W_h h + b_h) = (W_f W_h) h + W_f b_h``), so the ``[K, F]`` features are never made."""
-
-        def composed(cls, h, _):
-            head = self.coarse_heads[cls]
-            return F.linear(h, (feature_w @ head.weight[1:]).to(h.dtype), (feature_w @ head.bias[1:]).to(h.dtype)).float()
-
-        return self._per_class(composed, trunk, class_ids, feature_w.shape[0])
-
-    def fine_logit(self, hidden: torch.Tensor, class_ids) -> torch.Tensor:
-        return self._per_class(lambda cls, h, _: rows_through(self.fine_heads[cls], h), hidden, class_ids, 1).squeeze(-1)
-
     # -- the two INRs on a grid -------------------------------------------------------------------------------
     def coarse_at(self, plan: DecodePlan, table: FirstLayerTable, index, class_ids, keep_trunk: bool):
         """Coarse logits and MC variance ``[P, N]`` at raster ``index [P, N]`` (None: the whole grid), in the
@@ -352,57 +265,12 @@ class ImplicitSegmentationDecoder(nn.Module):
                 first, prior = self.first_layer(table, index[:, start : start + step])
             trunk = run_trunk(first)
             assignment = None if plan.dropout.assignment is None else plan.dropout.assignment[:, start : start + step]
-            logit = self.coarse_logit(plan, trunk, class_ids, assignment)
+            logit = coarse_logit(self.coarse_heads, plan, trunk, class_ids, assignment)
             logits.append(logit if prior is None else logit + prior[..., 0])
-            variances.append(self.logit_variance(plan, trunk, class_ids, prior))
+            variances.append(logit_variance(self.coarse_heads, plan, trunk, class_ids, prior))
         # One chunk: its trunk serves the refined points. Several: they are recomputed rather than all kept.
         kept = trunk if (keep_trunk and step >= num) else None
         return torch.cat(logits, dim=1), torch.cat(variances, dim=1), kept
-
-    def refine(
-        self, plan: DecodePlan, box_features, image_features, index, class_ids, coarse_table, kept_trunk,
-        kept_positions: torch.Tensor | str | None = None,
-    ):  # fmt: skip
-        """Fine logits ``[P, K]`` at raster ``index [P, K]`` of the query grid of ``coarse_table``.
-
-        The coarse trunk there is taken from ``kept_trunk`` (rows at ``kept_positions``, by default the
-        raster indices themselves; ``"in order"``: its rows are those of ``index``, in order) or recomputed
-        when nothing was kept.
-        """
-        if kept_positions is None:
-            kept_positions = index
-        fine_table = self.first_layer_table(
-            self.fine_input, self.fine_trunk, plan, box_features, image_features, coarse_table.ys, coarse_table.xs,
-            coarse_table.pixel_grid, coarse_table.extent, points=index.shape[1],
-        )  # fmt: skip
-        feature_w = self.fine_input.weight[:, self.point_dim :]
-        if not plan.training:
-            feature_w = feature_w * self.fine_trunk.input_fold()[0].unsqueeze(-1)
-        run_coarse = self.trunk_runner(self.coarse_trunk, plan)
-        run_fine = self.trunk_runner(self.fine_trunk, plan)
-        step = index.shape[1] if (kept_trunk is not None or plan.chunk_points is None) else plan.chunk_points
-        fine_logits = []
-        for start in range(0, index.shape[1], step):
-            part = index[:, start : start + step]
-            if kept_trunk is not None and isinstance(kept_positions, str):
-                trunk = kept_trunk  # one chunk whenever something was kept (``step`` above)
-            elif kept_trunk is not None:
-                rows = kept_positions[:, start : start + step]
-                trunk = kept_trunk.gather(1, rows.unsqueeze(-1).expand(-1, -1, kept_trunk.shape[-1]))
-            else:
-                trunk = run_coarse(self.first_layer(coarse_table, part)[0])
-            if plan.training:
-                assignment = plan.dropout.assignment.gather(1, part)
-                from_coarse = F.linear(self.coarse_features(plan, trunk, class_ids, assignment), feature_w)
-            else:
-                from_coarse = self.coarse_features_to_fine(trunk, class_ids, feature_w)
-            first, prior = self.first_layer(fine_table, part)
-            hidden = run_fine(first + from_coarse.to(fine_table.values.dtype)).float()
-            fine_logit = self.fine_logit(hidden, class_ids)
-            if coarse_table.mask_prior is not None:
-                fine_logit = fine_logit + sample_mask_prior(coarse_table, *table_taps(coarse_table, part))[..., 0]
-            fine_logits.append(fine_logit)
-        return torch.cat(fine_logits, dim=1)
 
     # -- forward ----------------------------------------------------------------------------------------
     def forward(
@@ -422,7 +290,7 @@ class ImplicitSegmentationDecoder(nn.Module):
         ``query_lines = (rows [h], columns [w])``, integer indices of rows and columns of the output grid,
         decodes only the ``h x w`` sub-lattice they span (exact mode): outputs are then ``[P, h, w]``, and UGS
         refines its fraction of those points. Training uses it to see every part of a full-resolution
-        mask at a fraction of the points (see :func:`~imedsam.networks.coordinates.stratified_lines`).
+        mask at a fraction of the points (see :func:`~imedsam.networks.implicit.coordinates.stratified_lines`).
 
         ``extent = (fy, fx)``: the output covers the top-left ``fy x fx`` fraction of both maps (a letterboxed
         image, whose padding is not decoded). ``mask_weights [P, box_channels]`` (with ``mask_prior``): the
@@ -449,7 +317,7 @@ class ImplicitSegmentationDecoder(nn.Module):
             ys, xs = pixel_centres(height, device)[rows.to(device)], pixel_centres(width, device)[columns.to(device)]
             height, width = rows.numel(), columns.numel()
         plan = self.plan(mode, prompts, height * width, device, box_features.dtype)
-        box_features, prior = self.with_mask_prior(plan, box_features, mask_weights)
+        box_features, prior = with_mask_prior(plan, box_features, mask_weights)
         if plan.mode == "adaptive":
             levels = adaptive_levels((height, width), self.adaptive_coarse_size)
             if levels > 0:
@@ -464,17 +332,6 @@ class ImplicitSegmentationDecoder(nn.Module):
         if k == 0:
             return ImplicitDecoderOutput(coarse.view(shape), coarse.view(shape), variance.view(shape), None)
         refined_index = torch.topk(variance, k, dim=1).indices
-        fine = self.refine(plan, box_features, image_features, refined_index, class_ids, table, kept)
+        fine = refine(self, plan, box_features, image_features, refined_index, class_ids, table, kept)
         final = coarse.scatter(1, refined_index, fine)
         return ImplicitDecoderOutput(final.view(shape), coarse.view(shape), variance.view(shape), refined_index)
-
-    def with_mask_prior(self, plan: DecodePlan, box_features: torch.Tensor, mask_weights: torch.Tensor | None):
-        """With a mask prior: the box map with SAM's mask logit appended as a channel, and the prior table
-        ``[P * hb * wb, 1 + T]`` of that logit and of its T dropout passes over the mask head's channels."""
-        if mask_weights is None:
-            return box_features, None
-        weighted = mask_weights[:, :, None, None] * box_features
-        logit = weighted.sum(dim=1, keepdim=True)
-        passes = torch.einsum("tc,pchw->pthw", plan.dropout.prior_passes.to(weighted.dtype), weighted.detach())
-        prior = torch.cat([logit, passes], dim=1).permute(0, 2, 3, 1)
-        return torch.cat([box_features, logit], dim=1), prior.reshape(-1, prior.shape[-1])

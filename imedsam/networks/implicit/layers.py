@@ -47,7 +47,7 @@ class INRTrunk(nn.Module):
     """``first-layer output [N, C] -> features [N, width]``: BatchNorm, ReLU, Linear, BatchNorm, ReLU.
 
     The first layer itself is not here: the decoder evaluates it as a table (see
-    :mod:`~imedsam.networks.first_layer_table`), and in eval mode :attr:`input_norm` is folded into that
+    :mod:`~imedsam.networks.implicit.first_layer_table`), and in eval mode :attr:`input_norm` is folded into that
     table (:meth:`input_fold`) and :attr:`output_norm` into :attr:`linear` (:meth:`folded`).
     """
 
