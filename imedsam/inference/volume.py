@@ -25,7 +25,7 @@ The propagation rule (``docs/volumes.md`` has the measurements behind it):
    click covered by a slice's mask stops the walk before that slice; foreground clicks keep it going at least
    to their slices.
 4. Clean-up in 3D: only the connected components of the object's mask (26-connectivity) that touch the seed
-   slice's mask are kept.
+   slice's mask are kept (all of them when the seed slice's mask is empty, which only a 3D box's walk outlives).
 5. Several objects: object ``n`` is label ``n + 1``; where objects overlap, the most probable wins.
 """
 
@@ -246,14 +246,16 @@ class VolumePredictor:
 
     @staticmethod
     def _clean(kept: dict, seed_slice: int) -> np.ndarray:
-        """The object's mask over its slices ``[J, I, n]`` with only the components touching the seed slice's mask."""
+        """The object's mask over its slices ``[J, I, n]`` with only the components touching the seed slice's mask
+        (all of them where that mask is empty: a 3D box's walk then has no anchor, and nothing it found is dropped)."""
         order = sorted(kept)
         mask = np.stack([kept[k][0] > 0.5 for k in order], axis=-1)
         components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-        if count <= 1:
-            return mask
         seed_labels = np.unique(components[..., order.index(seed_slice)])
-        return np.isin(components, seed_labels[seed_labels > 0])
+        seed_labels = seed_labels[seed_labels > 0]
+        if count <= 1 or seed_labels.size == 0:
+            return mask
+        return np.isin(components, seed_labels)
 
     def predict(self, prompts: Sequence[ObjectPrompt], progress: Callable[[int], None] | None = None) -> VolumePrediction:
         """Segment one object per prompt; ``progress(n)`` is called as ``n`` more slices are decoded."""
