@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny_model
 from imedsam.networks import build_imedsam, frequency_image
@@ -111,8 +112,16 @@ def test_frequency_image_amplitude_ignores_circular_shifts_and_phase_does_not():
 def test_output_any_resolution_and_per_box_shapes(model, images):
     boxes = torch.tensor([[[10.0, 12.0, 60.0, 50.0], [0.0, 0.0, 88.0, 72.0]]] * 2)
     with torch.no_grad():
-        assert model(images, boxes).shape == (2, 2, 72, 88)
+        both = model(images, boxes)
+        assert both.shape == (2, 2, 72, 88)
         assert model(images, boxes, output_size=(17, 150)).shape == (2, 2, 17, 150)
+        # each box is decoded on its own: a box's logits do not depend on the other boxes or images of the batch
+        for b in range(2):
+            for n in range(2):
+                alone = model(images[b : b + 1], boxes[b : b + 1, n : n + 1])
+                torch.testing.assert_close(both[b, n], alone[0, 0], atol=1e-4, rtol=1e-4)
+    # the two boxes differ, and so do their masks
+    assert not torch.allclose(both[:, 0], both[:, 1])
 
 
 def test_uncertainty_is_nonzero_and_refined_points_are_the_most_uncertain_of_each_image(model, images, boxes):
@@ -178,7 +187,17 @@ def test_sam_mask_decoder_ablation(images, boxes):
     model = tiny_model(use_inr=False).eval()
     with torch.no_grad():
         logits = model(images, boxes, output_size=(50, 60))
-    assert logits.shape == (2, 1, 50, 60)
+        # segment-anything's own prompt encoder and mask decoder (single-mask output) on the same embedding, the
+        # box scaled to the encoder's square input, and the low-resolution mask bilinearly resized
+        size = model.image_size
+        embedding = model.encode(images).embedding
+        sam_boxes = boxes[:, 0] * torch.tensor([size / 88, size / 72, size / 88, size / 72])
+        prompt_encoder, mask_decoder = model.prompt_path.prompt_encoder, model.prompt_path.mask_decoder
+        for b in range(2):
+            sparse, dense = prompt_encoder(points=None, boxes=sam_boxes[b : b + 1], masks=None)
+            low_res, _ = mask_decoder(embedding[b : b + 1], prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=False)
+            expected = F.interpolate(low_res, size=(50, 60), mode="bilinear", align_corners=False)
+            torch.testing.assert_close(logits[b : b + 1], expected, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="use_inr=False"):
         model.decode(model.encode(images), boxes, return_uncertainty=True)
 
