@@ -63,8 +63,12 @@ def test_slices_masks_labels_and_split_by_case(tmp_path):
     picture = np.asarray(Image.open(out / "images" / "img0003_z002.png"))
     mask = np.asarray(Image.open(out / "masks" / "img0003_z002.png"))
     assert picture.shape == (SHAPE[1], SHAPE[0]) and picture.dtype == np.uint8
-    # radiological view of a RAS+ plane
-    assert np.array_equal(mask, label[:, :, 2].T[::-1, ::-1])
+    # radiological view of a RAS+ plane: the patient's right (high x) on the picture's left, anterior (high y) at
+    # the top, so voxel (x, y) is pixel (row 39 - y, column 47 - x); case 3's liver is x 7..18, y 6..15
+    expected = np.zeros((SHAPE[1], SHAPE[0]), np.uint8)
+    expected[24:34, 29:41] = LIVER
+    expected[12:20, 9:18] = SPLEEN
+    assert np.array_equal(mask, expected)
     assert np.array_equal(picture, window_hu(hu[:, :, 2], 40, 400).T[::-1, ::-1])
     assert set(np.unique(mask)) == {0, SPLEEN, LIVER}
     split = json.loads((out / "split.json").read_text())
