@@ -8,10 +8,8 @@ import io
 import json
 import os
 import shutil
-import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,27 +22,12 @@ from PIL import Image  # noqa: E402
 
 from imedsam.data import synthetic_polyp  # noqa: E402
 from label_server import label_server  # noqa: E402
+from upload_files import forged_png, png_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (72, 96)  # height, width of the studies' pictures
 CONF = ["--conf", "bundle", str(ROOT / "bundle"), "--conf", "encoder", "vit_tiny", "--conf", "image_size", "64",
         "--conf", "label", "polyp", "--conf", "max_image_pixels", "4000000"]  # fmt: skip
-
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _forged_png(width: int, height: int) -> bytes:
-    """A decompression bomb's header: a PNG that claims ``width x height`` pixels in about 100 bytes."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
 
 def _snapshot(folder: Path, skip: tuple[str, ...]) -> set[str]:
@@ -101,7 +84,7 @@ def unchanged(server):
 def _label_png(height=SHAPE[0], width=SHAPE[1], value=1) -> bytes:
     label = np.zeros((height, width), np.uint8)
     label[10:30, 20:50] = value
-    return _png(label)
+    return png_bytes(label)
 
 
 def _put_label(client, query: str, content: bytes, name: str = "label.png"):
@@ -133,11 +116,11 @@ def _put_label(client, query: str, content: bytes, name: str = "label.png"):
 def test_bad_label_saves_are_refused_and_nothing_is_stored(server, unchanged, query, content, name, status, message):
     contents = {
         None: _label_png(),
-        "small": _png(np.zeros((10, 10), np.uint8)),
+        "small": png_bytes(np.zeros((10, 10), np.uint8)),
         "png": _label_png(),
         "png_as_nifti": _label_png(),
         "values": _label_png(value=255),
-        "colour": _png(np.stack([np.zeros(SHAPE, np.uint8), np.ones(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8)], -1)),
+        "colour": png_bytes(np.stack([np.zeros(SHAPE, np.uint8), np.ones(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8)], -1)),
     }
     response = _put_label(server["client"], query, contents.get(content, content), name)
     assert response.status_code == status, response.text
@@ -191,8 +174,8 @@ def test_malformed_infer_requests_get_a_4xx_that_names_the_problem(server, uncha
 @pytest.mark.parametrize(
     "name, content, message",
     [
-        ("bomb.png", _forged_png(60_000, 60_000), "too large to decode"),
-        ("big.png", _forged_png(2500, 2000), "above the limit of 4,000,000 pixels"),
+        ("bomb.png", forged_png(60_000, 60_000), "too large to decode"),
+        ("big.png", forged_png(2500, 2000), "above the limit of 4,000,000 pixels"),
         ("image.exe", b"MZ", "is not one of"),
         ("broken.png", b"garbage", "could not read image"),
     ],
@@ -224,7 +207,7 @@ def test_a_good_label_is_stored_atomically_and_overwrites_cleanly(server):
 def test_info_answers_within_a_second_while_a_large_infer_runs(server):
     client = server["client"]
     picture = np.asarray(Image.open(server["outside"] / "good.png").resize((1800, 1350)))
-    content = _png(picture)
+    content = png_bytes(picture)
     statuses = []
     stop = threading.Event()
 

@@ -7,14 +7,11 @@ mask, and an uploaded checkpoint replaces the served one only once it is checked
 The same cases in process are in ``test_label_datastore.py``.
 """
 
-import gzip
 import io
 import json
 import os
 import shutil
-import struct
 import time
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from PIL import Image  # noqa: E402
 from conftest import import_app_module  # noqa: E402
 from imedsam.data import synthetic_polyp  # noqa: E402
 from label_server import label_server  # noqa: E402
+from upload_files import forged_nifti, forged_png, png_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (72, 96)  # height, width of the studies' pictures
@@ -40,39 +38,14 @@ CONF = ["--conf", "bundle", str(ROOT / "bundle"), "--conf", "encoder", "vit_tiny
         "polyp", "--conf", "max_image_pixels", "4000000", "--conf", "max_image_voxels", "1000000"]  # fmt: skip
 
 
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _forged_png(width: int, height: int) -> bytes:
-    """A PNG that claims ``width x height`` pixels in about 100 bytes."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
-
-
-def _forged_nifti(shape, data: bytes = b"") -> bytes:
-    """A gzip NIfTI whose header claims ``shape`` (16-bit voxels) and holds only ``data``."""
-    header = nib.Nifti1Header()
-    header.set_data_shape(shape)
-    header.set_data_dtype(np.int16)
-    header["vox_offset"] = 352
-    return gzip.compress(header.binaryblock + b"\0" * 4 + data)
-
-
 def _label(value=1, shape=SHAPE) -> bytes:
     label = np.zeros(shape, np.uint8)
     label[10:30, 20:50] = value
-    return _png(label)
+    return png_bytes(label)
 
 
 def _picture(seed: int, shape=SHAPE) -> bytes:
-    return _png(synthetic_polyp(shape, seed=seed)[0])
+    return png_bytes(synthetic_polyp(shape, seed=seed)[0])
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +114,10 @@ def _put_label(client, image: str, content: bytes, name: str = "label.png"):
     "query, name, content, message",
     [
         ("image=img_new", "noise.png", "NOISE", "the image cannot be stored: could not read noise.png"),
-        ("image=img_new", "bomb.png", _forged_png(60_000, 60_000), "bomb.png is too large to decode"),
-        ("image=img_new", "big.png", _forged_png(2500, 2000), "above the limit of 4,000,000 pixels"),
-        ("image=img_new", "huge.nii.gz", _forged_nifti((2000, 2000, 1000)), "4,000,000,000 voxels, above the limit of 1,000,000"),
-        ("image=img_new", "cut.nii.gz", _forged_nifti(VOLUME, b"\0" * 100), "cut.nii.gz is cut short"),
+        ("image=img_new", "bomb.png", forged_png(60_000, 60_000), "bomb.png is too large to decode"),
+        ("image=img_new", "big.png", forged_png(2500, 2000), "above the limit of 4,000,000 pixels"),
+        ("image=img_new", "huge.nii.gz", forged_nifti((2000, 2000, 1000)), "4,000,000,000 voxels, above the limit of 1,000,000"),
+        ("image=img_new", "cut.nii.gz", forged_nifti(VOLUME, b"\0" * 100), "cut.nii.gz is cut short"),
         ("image=img_new", "empty.png", b"", "the image file is empty"),
         ("image=img_new", "image.exe", b"MZ", "is not one of"),
         ("", "bad name.png", "GOOD", "image id 'bad name' is not a plain name"),
@@ -170,7 +143,7 @@ def test_a_good_image_is_stored_and_listed(server, clean):
     response = client.put("/datastore/", files={"file": ("named_7.png", _picture(12))})
     assert response.status_code == 200 and response.json() == {"image": "named_7"}
     volume = io.BytesIO()
-    volume.write(_forged_nifti(VOLUME, b"\0" * (2 * np.prod(VOLUME))))
+    volume.write(forged_nifti(VOLUME, b"\0" * (2 * np.prod(VOLUME))))
     assert _put_image(client, "image=vol_new", volume.getvalue(), "scan.nii.gz").json() == {"image": "vol_new"}
     assert {"img_new", "named_7", "vol_new"} <= set(_record(server)["objects"])
 
