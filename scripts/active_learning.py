@@ -10,11 +10,11 @@ The pool is the split's ``train`` list. For each ``--seeds`` value, a seed set o
 labeled; each round, each strategy picks ``--query_size`` more, the bundle's model is trained again from its
 initial network (the pretrained ``lite_medsam`` by default) for ``--steps`` optimiser steps on what is
 labeled, and evaluated on the ``test`` list, and on every image of ``--cross_domain_dir`` when given (see
-:mod:`imedsam.active_learning`). ``--runner bundle`` trains through ``train.yaml``; ``--runner embeddings``
-freezes the whole encoder and fine-tunes the parts after it on cached embeddings, far cheaper. Writes
-``--output`` (one row per seed, strategy and round), a PNG of mean test Dice against labeled count with the
-spread across seeds, and a Markdown summary (``.md``) with the per-count means and the paired
-UGS-minus-other differences.
+:mod:`imedsam.active_learning` and :mod:`imedsam.evaluation.active_learning_runs`). ``--runner bundle``
+trains through ``train.yaml``; ``--runner embeddings`` freezes the whole encoder and fine-tunes the parts
+after it on cached embeddings, far cheaper. Writes ``--output`` (one row per seed, strategy and round), a PNG
+of mean test Dice against labeled count with the spread across seeds, and a Markdown summary (``.md``) with
+the per-count means and the paired UGS-minus-other differences.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from imedsam.active_learning import STRATEGIES, BundleRunner, EmbeddingRunner, simulate_active_learning
+from imedsam.active_learning import STRATEGIES, simulate_active_learning
 from imedsam.data import polyp_datalist
+from imedsam.evaluation import BundleRunner, EmbeddingRunner
 from imedsam.metrics import score_box_baselines
 
 BUNDLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundle")

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from conftest import tiny_model
-from imedsam.active_learning import BundleRunner, EmbeddingRunner, score_images, scoring_box, select_images, simulate_active_learning
+from imedsam.active_learning import score_images, scoring_box, select_images, simulate_active_learning
 from imedsam.data import polyp_datalist, write_synthetic_dataset
+from imedsam.evaluation import BundleRunner, EmbeddingRunner
 from imedsam.metrics import ENTROPY_FLOOR, mc_dropout_entropy, ugs_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,7 +19,9 @@ from imedsam.networks import IMedSAMBoxMask, build_imedsam
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "bundle", "configs")
 TRAIN, EVALUATE = os.path.join(CONFIGS, "train.yaml"), os.path.join(CONFIGS, "evaluate.yaml")
-INFERENCE, MULTI_GPU = os.path.join(CONFIGS, "inference.yaml"), os.path.join(CONFIGS, "multi_gpu_train.yaml")
+INFERENCE_OVERLAY, MULTI_GPU = os.path.join(CONFIGS, "inference.yaml"), os.path.join(CONFIGS, "multi_gpu_train.yaml")
+EVALUATE_VOLUME = os.path.join(CONFIGS, "evaluate_volume.yaml")
+INFERENCE = f"['{TRAIN}','{INFERENCE_OVERLAY}']"  # inference.yaml is an overlay on train.yaml, which holds the network
 META = os.path.join(CONFIGS, "metadata.json")
 SCHEMA = os.path.join(ROOT, "..", "shared", "reference", "bundle_meta_schema_20240725.json")
 SMALL = ["--encoder", "vit_tiny", "--image_size", "64", "--batch_size", "2", "--max_epochs", "1"]
@@ -79,7 +81,17 @@ def test_training_decodes_a_half_size_sub_lattice_by_default_and_every_pixel_on_
     assert "train_query_size: 48" in log and "val_mean_dice" in log and (tmp_path / "models" / "model.pt").is_file()
 
 
-@pytest.mark.parametrize("config", [TRAIN, INFERENCE])
+def test_the_network_is_defined_once_in_train_yaml():
+    train = ConfigParser.load_config_file(TRAIN)
+    network_keys = {"network_kwargs", "network_def", "export_network_def", *(ref[1:] for ref in train["network_kwargs"].values())}
+    assert {"encoder", "image_size", "use_inr", "decode_mode", "adaptive_points", "mask_prior"} <= network_keys
+    for overlay in (EVALUATE, INFERENCE_OVERLAY, MULTI_GPU, EVALUATE_VOLUME):
+        # evaluate_volume.yaml only chooses the adaptive decoding, the volumes' default
+        allowed = {"decode_mode"} if overlay == EVALUATE_VOLUME else set()
+        assert set(ConfigParser.load_config_file(overlay)) & network_keys <= allowed, overlay
+
+
+@pytest.mark.parametrize("config", [TRAIN, [TRAIN, INFERENCE_OVERLAY]], ids=["train", "inference"])
 def test_adaptive_points_reach_the_decoder_from_the_command_line_keys(config):
     parser = ConfigParser()
     parser.read_config(config)
@@ -138,7 +150,7 @@ def test_verify_metadata_against_the_schema(tmp_path):
 
 
 def test_verify_net_in_out_with_a_box():
-    log = ok(bundle("verify_net_in_out", "network_def", "--meta_file", META, "--config_file", INFERENCE, "--encoder", "vit_tiny",
+    log = ok(bundle("verify_net_in_out", "network_def", "--meta_file", META, "--config_file", TRAIN, "--encoder", "vit_tiny",
                     "--image_size", "64", "--_meta_#network_data_format#inputs#image#spatial_shape", "[64,64]",
                     "--extra_forward_args", "{'boxes': [[[4.0, 6.0, 40.0, 50.0]]]}"))
     assert "data shape of network is verified with no error" in log
@@ -148,7 +160,7 @@ def test_ckpt_export_torchscript_matches_the_eager_model(trained, tmp_path):
     tmp, _ = trained
     ts = tmp_path / "model.ts"
     ok(bundle("ckpt_export", "export_network_def", "--filepath", str(ts), "--ckpt_file", str(tmp / "models" / "model.pt"),
-              "--meta_file", META, "--config_file", INFERENCE, "--encoder", "vit_tiny", "--image_size", "64", "--use_trace", "True", "--input_shape", "[1,4,64,64]",
+              "--meta_file", META, "--config_file", TRAIN, "--encoder", "vit_tiny", "--image_size", "64", "--use_trace", "True", "--input_shape", "[1,4,64,64]",
               "--decoder_precision", "float32"))  # fmt: skip
     exported = torch.jit.load(str(ts))
     # a trace records the encoder and the prompt path in float32 (autocast is not recorded), whatever "auto"
@@ -269,7 +281,7 @@ def test_evaluate_volume_scores_every_protocol_beside_the_lite_medsam_recipe(tra
                            "objects": {"organ": [3], "absent": [7]}}]}  # fmt: skip
     (tmp_path / "volumes.json").write_text(json.dumps(datalist))
     out = tmp_path / "eval"
-    log = ok(bundle("run", "--config_file", f"['{INFERENCE}','{os.path.join(CONFIGS, 'evaluate_volume.yaml')}']", "--encoder", "vit_tiny",
+    log = ok(bundle("run", "--config_file", f"['{TRAIN}','{INFERENCE_OVERLAY}','{EVALUATE_VOLUME}']", "--encoder", "vit_tiny",
                     "--image_size", "64", "--ckpt_dir", str(tmp / "models"), "--volume_datalist", str(tmp_path / "volumes.json"),
                     "--data_root", str(tmp_path), "--output_dir", str(out)))  # fmt: skip
     rows = (out / "volumes.csv").read_text().strip().splitlines()
