@@ -101,10 +101,11 @@ def _predict(args: argparse.Namespace) -> None:
         logger.info("proposed box %s (confidence %.2f)", args.box, confidence)
         if confidence < 0.5:
             logger.warning("the proposal is unsure (peak foreground probability %.2f < 0.5): check the box, or draw one with --box", confidence)
-    probability, uncertainty = predictor.predict(args.box, output_size=args.output_size, class_id=args.class_id)
-    if predictor.decode_size != probability.shape:
-        logger.info("decoded at %dx%d (--max-decode-side %d), upsampled to %dx%d", predictor.decode_size[1],
-                    predictor.decode_size[0], args.max_decode_side, probability.shape[1], probability.shape[0])  # fmt: skip
+    prediction = predictor.predict(args.box, output_size=args.output_size, class_id=args.class_id)
+    probability, uncertainty = prediction
+    if prediction.upsampled:
+        logger.info("decoded at %dx%d (--max-decode-side %d), upsampled to %dx%d", prediction.decode_size[1],
+                    prediction.decode_size[0], args.max_decode_side, probability.shape[1], probability.shape[0])  # fmt: skip
     mask = probability > args.threshold
     _save_png(mask.astype(np.uint8) * 255, args.output)
     logger.info("mask %dx%d, %d foreground pixels -> %s", mask.shape[1], mask.shape[0], int(mask.sum()), args.output)

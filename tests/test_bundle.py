@@ -152,7 +152,7 @@ def test_verify_metadata_against_the_schema(tmp_path):
 def test_verify_net_in_out_with_a_box():
     log = ok(bundle("verify_net_in_out", "network_def", "--meta_file", META, "--config_file", TRAIN, "--encoder", "vit_tiny",
                     "--image_size", "64", "--_meta_#network_data_format#inputs#image#spatial_shape", "[64,64]",
-                    "--extra_forward_args", "{'boxes': [[[4.0, 6.0, 40.0, 50.0]]]}"))
+                    "--extra_forward_args", "{'prompts': [[[4.0, 6.0, 40.0, 50.0]]]}"))
     assert "data shape of network is verified with no error" in log
 
 

@@ -20,8 +20,8 @@ httpx = pytest.importorskip("httpx")
 nib = pytest.importorskip("nibabel")
 from PIL import Image  # noqa: E402
 
-from imedsam.active_learning import BundleRunner  # noqa: E402
 from imedsam.data import synthetic_polyp  # noqa: E402
+from imedsam.evaluation import BundleRunner  # noqa: E402
 from label_server import label_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def served_network():
 
 
 def test_volume_slice_result_is_the_full_volume_with_one_slice(server, tmp_path):
-    from imedsam.inference import Predictor, image_plane
+    from imedsam.inference import Predictor
 
     response = infer(server["client"], "vol_0", {"roi": [5, 30, 4, 25, 3, 3], "window": [-200, 200]}, output="image")
     assert response.status_code == 200, response.text
@@ -134,10 +134,13 @@ def test_volume_slice_result_is_the_full_volume_with_one_slice(server, tmp_path)
     result = np.asarray(nib.load(path).dataobj)
     assert result.shape == server["volume"].shape
     assert result[..., [0, 1, 2, 4, 5]].sum() == 0
+    # slice 3 as a picture, stated here: rows are j, columns i, the window mapped to [0, 1], grey to RGB
+    picture = np.clip((server["volume"][:, :, 3].swapaxes(0, 1) + 200) / 400, 0, 1)
     predictor = Predictor(served_network())
-    predictor.set_image(image_plane(server["volume"], False, 3, [-200, 200]))
-    expected = predictor.predict([5, 4, 31, 26])[0] > 0.5
-    np.testing.assert_array_equal(result[..., 3] > 0, expected.T)
+    predictor.set_image(np.repeat(picture[..., None], 3, axis=-1))
+    expected = predictor.predict([5, 4, 31, 26]).probability > 0.5  # Slicer's inclusive roi, as a box
+    assert expected.any(), "the served model found nothing in the box: the comparison below would prove nothing"
+    np.testing.assert_array_equal(result[..., 3] > 0, expected.swapaxes(0, 1))
 
 
 def infer_3d(client, image, params, output="json"):
@@ -297,6 +300,8 @@ def test_training_set_export_checks_labels_and_slices_volumes(server, tmp_path):
     )
     assert sorted(split["train"] + split["val"]) == ["vol_0_slice0001", "vol_0_slice0004"] and len(split["val"]) == 1
     mask = np.asarray(Image.open(out / "masks" / "vol_0_slice0004.png"))
-    np.testing.assert_array_equal(mask > 127, label[:, :, 4].T > 0)
+    expected = np.zeros((32, 40), bool)  # the slice as a picture: rows are j, columns i
+    expected[10:25, 8:30] = True
+    np.testing.assert_array_equal(mask > 127, expected)
     picture = np.asarray(Image.open(out / "images" / "vol_0_slice0004.png"))
     assert picture.shape == (32, 40, 3)

@@ -120,7 +120,7 @@ def test_predictor_runs_openvino_by_default_and_answers_as_the_eager_one(model, 
     for engine in ("auto", "torch"):
         predictor = Predictor(model, encoder_engine=engine, decode_mode="exact")
         predictor.set_image(image)
-        answers[engine] = predictor.predict([40, 30, 250, 200])[0]
+        answers[engine] = predictor.predict([40, 30, 250, 200]).probability
         assert (predictor._openvino_encoder is not None) == (engine == "auto")
         if engine == "auto":
             assert predictor._openvino_encoder.conversions == 0  # the graph kept by the tests above
@@ -149,11 +149,11 @@ def test_bfloat16_graph_keeps_the_float32_masks_on_real_polyps(model, cache_root
         box = box_from_mask(target)
         model.encoder_precision = "float32"
         reference.set_image(image)
-        expected = reference.predict(box)[0] > 0.5
+        expected = reference.predict(box).probability > 0.5
         model.encoder_precision = "auto"  # bfloat16 here
         try:
             fast.set_image(image)
-            got = fast.predict(box)[0] > 0.5
+            got = fast.predict(box).probability > 0.5
         finally:
             model.encoder_precision = "float32"
         assert fast._openvino_encoder.conversions == 0

@@ -107,7 +107,7 @@ def test_decode_mode_is_adaptive_by_default_and_exact_on_request():
     maps = {}
     for name, predictor in (("fast", fast), ("exact", exact), ("following", following)):
         predictor.set_image(image)
-        maps[name] = predictor.predict(box)[0]
+        maps[name] = predictor.predict(box).probability
     with torch.no_grad():
         tensor = torch.from_numpy(image.transpose(2, 0, 1)).float().unsqueeze(0) / 255
         expected = torch.sigmoid(model.decode(model.encode(tensor), torch.tensor([[box]], dtype=torch.float32), mode="exact"))

@@ -1,4 +1,4 @@
-"""Inferer that hands box prompts (and an output size) to I-MedSAM."""
+"""Inferer that hands prompts (and an output size) to I-MedSAM."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import torch
 from monai.inferers import Inferer
 
 from imedsam.networks.coordinates import stratified_lines
+from imedsam.networks.prompts.prompts import Prompts, as_prompts
 
 __all__ = ["PromptInferer"]
 
 
 class PromptInferer(Inferer):
-    """Call I-MedSAM with the boxes that ``PrepareBatchExtraInput`` takes from the batch.
+    """Call I-MedSAM with the prompts that ``PrepareBatchExtraInput`` takes from the batch.
 
     Args:
         output_size: ``(H, W)`` of the decoded map; None decodes at the input image's size.
@@ -26,8 +27,10 @@ class PromptInferer(Inferer):
             :class:`~imedsam.losses.CoarseFineLoss` reads the full-resolution target there. None, or the
             output grid's size: every pixel.
 
-    Called as ``inferer(images, network, boxes=..., output_size=...)``; an ``output_size`` given in the call
-    (a ``[B, 2]`` tensor from the batch, all rows equal) wins over the constructor's.
+    Called as ``inferer(images, network, boxes=..., output_size=...)`` with ``boxes [B, N, 4]`` (what the
+    bundle's ``extra_keys={'boxes': 'box'}`` passes), or with ``prompts=`` a :class:`~imedsam.networks.Prompts`;
+    either reaches the network as a ``Prompts``. An ``output_size`` given in the call (a ``[B, 2]`` tensor from
+    the batch, all rows equal) wins over the constructor's.
     """
 
     def __init__(
@@ -58,9 +61,16 @@ class PromptInferer(Inferer):
             raise ValueError(f"query_size {self.query_size} exceeds the output grid {height} x {width}")
         return tuple(stratified_lines(n, self.query_size, device) for n in (height, width))
 
-    def __call__(self, inputs: torch.Tensor, network, boxes: torch.Tensor | None = None, output_size=None, **kwargs):
-        if boxes is None:
-            raise ValueError("PromptInferer needs boxes: set prepare_batch to PrepareBatchExtraInput(extra_keys={'boxes': 'box'})")
+    def __call__(
+        self, inputs: torch.Tensor, network, boxes: torch.Tensor | None = None, output_size=None,
+        prompts: Prompts | None = None, **kwargs,
+    ):  # fmt: skip
+        if (boxes is None) == (prompts is None):
+            raise ValueError(
+                "PromptInferer needs boxes or prompts (one of the two): set prepare_batch to "
+                "PrepareBatchExtraInput(extra_keys={'boxes': 'box'})"
+            )
+        prompts = as_prompts(prompts if boxes is None else boxes, inputs.device)
         size = self.output_size
         if output_size is not None:
             sizes = torch.as_tensor(output_size).reshape(-1, 2)
@@ -69,10 +79,10 @@ class PromptInferer(Inferer):
             size = tuple(int(v) for v in sizes[0])
         if self.return_all:
             lines = self._query_lines(size or inputs.shape[-2:], inputs.device)
-            return network(inputs, boxes, size, return_all=True, query_lines=lines)
+            return network(inputs, prompts, size, return_all=True, query_lines=lines)
         if not self.with_uncertainty:
-            return network(inputs, boxes, size)
-        out = network(inputs, boxes, size, return_all=True)
+            return network(inputs, prompts, size)
+        out = network(inputs, prompts, size, return_all=True)
         if out.uncertainty is None:
             raise ValueError(
                 "with_uncertainty=True, but this network returns no uncertainty map: SAM's mask decoder "

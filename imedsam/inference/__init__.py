@@ -12,12 +12,14 @@ from .planes import (
     spatial_shape,
 )
 from .openvino_encoder import ENCODER_ENGINES, OpenVINOEncoder, resolve_encoder_engine
+from .prediction import Prediction
 from .predictor import Predictor, image_to_tensor
 from .prompts import ROI_LAYOUTS, BoxPrompt, PromptError, normalize_roi, resolve_box_prompt, roi_to_box3d
 from .volume import PropagationRule, VolumePrediction, VolumePredictor, check_volume
 from .volume_prompts import ObjectPrompt, box3d_prompt, click_prompt, resolve_volume_prompts, slice_box_prompt
 
 __all__ = [
+    "Prediction",
     "Predictor",
     "image_to_tensor",
     "VolumePredictor",

@@ -1,4 +1,4 @@
-"""Interactive box-prompt prediction with the image encoding cached between prompts."""
+"""Interactive prompted prediction with the image encoding cached between prompts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from ..networks.imedsam import DECODE_MODES, IMedSAM, ImageEncoding
+from ..networks.prompts.prompts import Prompts
 from .openvino_encoder import ENCODER_ENGINES, OpenVINOEncoder, resolve_encoder_engine
+from .prediction import Prediction
 
 __all__ = ["Predictor", "image_to_tensor"]
 
@@ -42,7 +44,7 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class Predictor:
-    """Segment an image from box prompts; the encoder runs once per image and model state.
+    """Segment an image from prompts; the encoder runs once per image and model state.
 
     Encodings are kept in a small LRU cache keyed by the image's content and by the state of the encoder's
     parameters, so re-prompting an image, or coming back to a recent one, skips the encoder, while loading
@@ -53,7 +55,7 @@ class Predictor:
         cache_size: how many image encodings to keep.
         max_decode_side: the largest side the decoder is queried at. A larger output is decoded at that size
             (aspect kept) and its logits and uncertainty upsampled bilinearly, so that time and memory stay
-            bounded whatever the image's size; :attr:`decode_size` says what the last call decoded. None
+            bounded whatever the image's size; each :class:`Prediction`'s ``decode_size`` says what it decoded. None
             decodes every output pixel.
         decode_mode: ``"adaptive"`` (the default here) evaluates the implicit decoder on a coarse grid and,
             level by level, only near the predicted boundary; on the Kvasir-Sessile test split its masks are
@@ -72,9 +74,12 @@ class Predictor:
         >>> predictor = Predictor(build_imedsam("vit_tiny", image_size=64))
         >>> predictor.set_image(np.zeros((50, 70, 3), np.uint8))  # False: the encoder ran
         False
-        >>> probability, uncertainty = predictor.predict([5, 5, 40, 30])
+        >>> probability, uncertainty = predictor.predict([5, 5, 40, 30])  # a Prediction unpacks as its two maps
         >>> probability.shape, uncertainty.shape
         ((50, 70), (50, 70))
+        >>> prediction = predictor.predict(Prompts(boxes=[[[5, 5, 40, 30], [0, 0, 20, 20]]]), output_size=(100, 140))
+        >>> prediction.probability.shape, prediction.decode_size, prediction.cache_hit
+        ((2, 100, 140), (100, 140), False)
     """
 
     def __init__(
@@ -99,9 +104,9 @@ class Predictor:
         self.cache_size = cache_size
         self.max_decode_side = max_decode_side
         self.decode_mode = decode_mode
-        self.decode_size: tuple[int, int] | None = None
         self._cache: OrderedDict[tuple, ImageEncoding] = OrderedDict()
         self._encoding: ImageEncoding | None = None
+        self._encoding_cached = False  # whether set_image found self._encoding in the cache
         self.encoder_calls = 0
 
     @property
@@ -140,6 +145,7 @@ class Predictor:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         self._encoding = self._cache[key]
+        self._encoding_cached = cached
         return cached
 
     def propose_box(self) -> tuple[np.ndarray, float]:
@@ -154,24 +160,33 @@ class Predictor:
         return proposal.boxes[0].cpu().numpy(), float(proposal.confidence[0])
 
     def predict(
-        self, box, output_size: tuple[int, int] | None = None, class_id: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Probability and uncertainty maps for one box ``[x0, y0, x1, y1]`` or several (``[N, 4]``).
+        self, prompts: Prompts | np.ndarray | list, output_size: tuple[int, int] | None = None, class_id: int | None = None
+    ) -> Prediction:
+        """Probability and uncertainty maps for one box ``[x0, y0, x1, y1]``, several (``[N, 4]``) or a
+        :class:`~imedsam.networks.Prompts` for this one image (``boxes [1, N, 4]``).
 
-        Boxes are in pixels of the image given to :meth:`set_image`. The maps are ``H x W`` (``N x H x W`` for
-        several boxes) at the image's size or at ``output_size = (H, W)``: the implicit decoder is queried at
-        that resolution directly, nothing is resized. The uncertainty is the MC-dropout variance of the
-        logit (0 where all dropout passes agree).
+        Prompts are in pixels of the image given to :meth:`set_image`. The maps are ``H x W`` for one plain box,
+        else ``N x H x W``, at the image's size or at ``output_size = (H, W)``: the implicit decoder is queried
+        at that resolution directly (unless ``max_decode_side`` caps it), nothing is resized. Returns a
+        :class:`~imedsam.inference.Prediction`, which unpacks as ``probability, uncertainty``.
+
+        Raises ``RuntimeError`` before :meth:`set_image`; ``ValueError`` for a box of the wrong shape, prompts
+        for more than one image, or a kind of prompt the model cannot use (see ``IMedSAM.prompt_kinds``).
         """
         if self._encoding is None:
             raise RuntimeError("call set_image() before predict()")
-        boxes = torch.as_tensor(np.asarray(box, dtype=np.float32))
-        single = boxes.dim() == 1
-        if single:
-            boxes = boxes.unsqueeze(0)
-        if boxes.dim() != 2 or boxes.shape[-1] != 4:
-            raise ValueError(f"box must be [x0, y0, x1, y1] or an N x 4 array, got shape {tuple(boxes.shape)}")
-        class_ids = None if class_id is None else torch.full((1, boxes.shape[0]), int(class_id))
+        single = False
+        if not isinstance(prompts, Prompts):
+            boxes = torch.as_tensor(np.asarray(prompts, dtype=np.float32))
+            single = boxes.dim() == 1
+            if single:
+                boxes = boxes.unsqueeze(0)
+            if boxes.dim() != 2 or boxes.shape[-1] != 4:
+                raise ValueError(f"box must be [x0, y0, x1, y1] or an N x 4 array, got shape {tuple(boxes.shape)}")
+            prompts = Prompts(boxes=boxes.unsqueeze(0))
+        elif prompts.batch_size != 1:
+            raise ValueError(f"the predictor segments one image: give Prompts for one ([1, N, ...]), got {prompts.batch_size}")
+        class_ids = None if class_id is None else torch.full((1, prompts.num_prompts), int(class_id))
         size = tuple(int(v) for v in (output_size or (self._encoding.height, self._encoding.width)))
         decode_size = size
         if self.max_decode_side is not None and max(size) > self.max_decode_side:
@@ -179,12 +194,13 @@ class Predictor:
             decode_size = tuple(max(1, round(v * scale)) for v in size)
         with torch.no_grad():
             logits, uncertainty = self.model.decode(
-                self._encoding, boxes.unsqueeze(0).to(self.device), decode_size, return_uncertainty=True, class_ids=class_ids,
+                self._encoding, prompts.to(self.device), decode_size, return_uncertainty=True, class_ids=class_ids,
                 mode=self.decode_mode,
             )
             if decode_size != size:
                 logits, uncertainty = (F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in (logits, uncertainty))
-        self.decode_size = decode_size
         probability = torch.sigmoid(logits[0]).cpu().numpy()
         uncertainty = uncertainty[0].cpu().numpy()
-        return (probability[0], uncertainty[0]) if single else (probability, uncertainty)
+        if single:
+            probability, uncertainty = probability[0], uncertainty[0]
+        return Prediction(probability, uncertainty, decode_size, self._encoding_cached)

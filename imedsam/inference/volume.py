@@ -187,7 +187,8 @@ class VolumePredictor:
     def decode_slice(self, k: int, box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probability and uncertainty (``J x I``) of slice ``k`` for ``box`` ``[x0, y0, x1, y1]``."""
         self.predictor.set_image(self.plane(k))
-        return self.predictor.predict(box)
+        prediction = self.predictor.predict(box)
+        return prediction.probability, prediction.uncertainty
 
     # -- propagation -------------------------------------------------------------------------------------
     def _continues(self, mask, probability, uncertainty, neighbour, seed_uncertainty) -> bool:

@@ -1,7 +1,7 @@
 """The I-MedSAM network and its parts: ``build_imedsam`` makes one from a preset; ``IMedSAM`` puts parts together.
 
 Subpackages: ``encoders`` (SAM's ViT, LiteMedSAM's TinyViT), ``adapters`` (LoRA, the Frequency Adapter),
-``prompts`` (the box prompt path) and ``implicit`` (the implicit segmentation decoder).
+``prompts`` (the :class:`Prompts` value and the box prompt path) and ``implicit`` (the implicit segmentation decoder).
 """
 
 from .adapters.frequency import FrequencyAdapter, frequency_image
@@ -15,6 +15,7 @@ from .imedsam import IMedSAM, IMedSAMBoxMask, IMedSAMOutput, ImageEncoding
 from .implicit.decoder import ImplicitDecoderOutput, ImplicitSegmentationDecoder
 from .presets import ENCODER_PRESETS, IMEDSAM_PRESETS, OFFICIAL_SAM_CHECKPOINTS, build_sam_parts
 from .prompts.box_path import BoxPromptPath
+from .prompts.prompts import Prompts, as_prompts
 
 __all__ = [
     "AdaptedImageEncoder",
@@ -34,8 +35,10 @@ __all__ = [
     "ImplicitSegmentationDecoder",
     "LoRAQKV",
     "OFFICIAL_SAM_CHECKPOINTS",
+    "Prompts",
     "boxes_from_foreground",
     "build_imedsam",
+    "as_prompts",
     "build_sam_parts",
     "frequency_image",
     "load_sam_checkpoint",

@@ -18,6 +18,7 @@ from .implicit.layers import rename_legacy_keys
 from .outputs import IMedSAMOutput, ImageEncoding
 from .precision import resolve_precision
 from .prompts.box_path import BoxPromptPath
+from .prompts.prompts import Prompts, as_prompts
 from .validation import check_boxes, check_image, check_output_size, check_parts, check_query_lines
 
 __all__ = ["DECODE_MODES", "IMedSAM", "IMedSAMBoxMask", "IMedSAMOutput", "ImageEncoding"]
@@ -54,12 +55,14 @@ class IMedSAM(nn.Module):
 
     Settings, attributes that may change at any time: :attr:`decode_mode` and :attr:`encoder_precision` (below).
 
-    Shapes: ``image [B, 3, h, w]`` RGB in [0, 1]; ``boxes [B, N, 4]`` x0, y0, x1, y1 in pixels of ``image``;
-    output logits ``[B, N, H, W]`` with ``(H, W) = output_size`` (default ``(h, w)``).
+    Shapes: ``image [B, 3, h, w]`` RGB in [0, 1]; ``prompts`` a :class:`~imedsam.networks.prompts.Prompts` of
+    ``boxes [B, N, 4]`` x0, y0, x1, y1 in pixels of ``image``, or that box tensor alone (:attr:`prompt_kinds`:
+    boxes only; points or a modality are refused); output logits ``[B, N, H, W]`` with ``(H, W) = output_size``
+    (default ``(h, w)``).
 
     Example::
 
-        >>> from imedsam.networks import AdaptedImageEncoder, BoxPromptPath, ImplicitSegmentationDecoder
+        >>> from imedsam.networks import AdaptedImageEncoder, BoxPromptPath, ImplicitSegmentationDecoder, Prompts
         >>> from imedsam.networks.presets import build_sam_parts
         >>> vit, prompt_encoder, mask_decoder = build_sam_parts("vit_tiny", 64)
         >>> model = IMedSAM(
@@ -68,11 +71,13 @@ class IMedSAM(nn.Module):
         ...     decoder=ImplicitSegmentationDecoder(),
         ... ).eval()
         >>> with torch.no_grad():
-        ...     logits = model(torch.rand(1, 3, 80, 100), torch.tensor([[[10.0, 20, 60, 70]]]))
+        ...     logits = model(torch.rand(1, 3, 80, 100), Prompts(boxes=[[[10.0, 20, 60, 70]]]))
         >>> logits.shape
         torch.Size([1, 1, 80, 100])
     """
 
+    #: the kinds of :class:`~imedsam.networks.prompts.Prompts` this model uses; it refuses any other
+    prompt_kinds: tuple[str, ...] = ("boxes",)
     #: ``"exact"`` (every pixel through the coarse INR, the method) or ``"adaptive"``: how :meth:`decode_all`
     #: decodes unless its ``mode`` says otherwise
     decode_mode: str = "exact"
@@ -187,13 +192,15 @@ class IMedSAM(nn.Module):
     def decode_all(
         self,
         encoding: ImageEncoding,
-        boxes: torch.Tensor,
+        prompts: Prompts | torch.Tensor,
         output_size: tuple[int, int] | None = None,
         class_ids: torch.Tensor | None = None,
         mode: str | None = None,
         query_lines: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> IMedSAMOutput:
-        """Decode every box of every image: final and coarse logits, uncertainty and refined points.
+        """Decode every prompt of every image: final and coarse logits, uncertainty and refined points.
+
+        ``prompts``: a :class:`~imedsam.networks.prompts.Prompts` or its boxes alone, ``[B, N, 4]``.
 
         ``mode`` is ``"exact"`` or ``"adaptive"`` (default: the model's ``decode_mode``); training always
         decodes exactly. ``query_lines = (rows, columns)`` decodes only that sub-lattice of the output grid
@@ -204,6 +211,7 @@ class IMedSAM(nn.Module):
             raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
         embedding, height, width, extent = encoding
         batch = embedding.shape[0]
+        boxes = as_prompts(prompts, embedding.device).only(self.prompt_kinds, type(self).__name__).boxes
         if output_size is None:
             output_size = (height, width)
         if not torch.jit.is_tracing():
@@ -242,41 +250,40 @@ class IMedSAM(nn.Module):
     def decode(
         self,
         encoding: ImageEncoding,
-        boxes: torch.Tensor,
+        prompts: Prompts | torch.Tensor,
         output_size: tuple[int, int] | None = None,
         return_uncertainty: bool = False,
         class_ids: torch.Tensor | None = None,
         mode: str | None = None,
     ):
-        """Logits ``[B, N, H, W]`` for ``boxes [B, N, 4]``, or ``(logits, uncertainty)``; ``mode`` as in
-        :meth:`decode_all`."""
+        """Logits ``[B, N, H, W]`` for ``prompts`` (a :class:`~imedsam.networks.prompts.Prompts` or boxes
+        ``[B, N, 4]``), or ``(logits, uncertainty)``; ``mode`` as in :meth:`decode_all`."""
         if return_uncertainty and not self.use_inr:
             raise ValueError("the uncertainty map comes from the implicit decoder; this model has use_inr=False")
-        out = self.decode_all(encoding, boxes, output_size, class_ids, mode)
+        out = self.decode_all(encoding, prompts, output_size, class_ids, mode)
         return (out.logits, out.uncertainty) if return_uncertainty else out.logits
 
     def forward(
         self,
         image: torch.Tensor,
-        boxes: torch.Tensor,
+        prompts: Prompts | torch.Tensor,
         output_size: tuple[int, int] | None = None,
         return_all: bool = False,
         query_lines: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """Logits ``[B, N, H, W]``; with ``return_all`` the whole :class:`IMedSAMOutput` (what training needs,
-        through ``forward`` so that DistributedDataParallel sees the call). ``boxes`` may be a nested list.
+        through ``forward`` so that DistributedDataParallel sees the call). ``prompts``: a
+        :class:`~imedsam.networks.prompts.Prompts`, or its boxes alone (a tensor or a nested list).
         ``query_lines`` (with ``return_all``): decode only those rows and columns, see :meth:`decode_all`."""
-        if not isinstance(boxes, torch.Tensor):
-            boxes = torch.as_tensor(boxes, dtype=torch.float32, device=image.device)
         if query_lines is not None and not return_all:
             raise ValueError("query_lines need return_all=True: the output must carry the lines its maps cover")
         encoding = self.encode(image)
         if return_all:
-            out = self.decode_all(encoding, boxes, output_size, query_lines=query_lines)
+            out = self.decode_all(encoding, prompts, output_size, query_lines=query_lines)
             if self.training and self.box_proposal is not None:
                 out = out._replace(proposal_logits=self.box_proposal(encoding.embedding.detach()))
             return out
-        return self.decode(encoding, boxes, output_size)
+        return self.decode(encoding, prompts, output_size)
 
     def propose_boxes(self, encoding: ImageEncoding) -> BoxProposal:
         """A box for each image of ``encoding``, from the image alone: ``boxes [B, 4]`` in its pixels and a

@@ -135,13 +135,12 @@ class IMedSAMInfer(BasicInferTask):
             start = time.perf_counter()
             cached = self._predictor.set_image(data["plane"])
             encoded = time.perf_counter()
-            probability, uncertainty = self._predictor.predict(data["box"])
+            prediction = self._predictor.predict(data["box"])
             decoded = time.perf_counter()
-            decode_size = list(self._predictor.decode_size)
         return {
-            "decode_size": decode_size,
-            "probability": probability,
-            "uncertainty": uncertainty,
+            "decode_size": list(prediction.decode_size),
+            "probability": prediction.probability,
+            "uncertainty": prediction.uncertainty,
             "encoder_cached": cached,
             "encoder_s": encoded - start,
             "decoder_s": decoded - encoded,
