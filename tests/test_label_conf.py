@@ -37,7 +37,7 @@ def test_a_bad_number_is_refused_with_its_key(app_config, key, value):
 
 
 def test_writes_leave_no_temporary_file_and_a_killed_ones_are_removed_at_start(tmp_path):
-    storage = import_app_module("lib.storage")
+    storage = import_app_module("lib.server.storage")
     storage.write_json_atomically(str(tmp_path / "train_stats.json"), {"name": "train_01"})
     (tmp_path / "imedsam.pt").write_bytes(b"old model")
     (tmp_path / "new.pt").write_bytes(b"new model")

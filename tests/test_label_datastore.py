@@ -26,10 +26,10 @@ from conftest import import_app_module  # noqa: E402
 from imedsam.data.headers import read_header  # noqa: E402
 from imedsam.inference import load_image_array, spatial_shape  # noqa: E402
 
-datastore_module = import_app_module("lib.datastore")
-storage = import_app_module("lib.storage")
-guard = import_app_module("lib.guard")
-model_upload = import_app_module("lib.model_upload")
+datastore_module = import_app_module("lib.server.datastore")
+storage = import_app_module("lib.server.storage")
+guard = import_app_module("lib.server.guard")
+model_upload = import_app_module("lib.server.model_upload")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (72, 96)  # height, width of the pictures

@@ -12,7 +12,7 @@ STORE = "http://127.0.0.1:8042/dicom-web"
 
 @pytest.fixture(scope="module")
 def dicomweb():
-    return import_app_module("lib.dicomweb")
+    return import_app_module("lib.server.dicomweb")
 
 
 def http_error(status: int) -> requests.HTTPError:

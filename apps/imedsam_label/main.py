@@ -24,11 +24,11 @@ from imedsam.inference import ImageReadError, PromptError
 from imedsam.networks import CheckpointError
 
 from lib.configs.imedsam import IMedSAMConfig
-from lib.datastore import CheckedDatastore, DatastoreRequestError
-from lib.dicomweb import install_store_error_answers
-from lib.guard import install, install_model_upload
-from lib.model_upload import publish_checkpoint
-from lib.storage import PromptRecords, remove_stale_temporaries
+from lib.server.datastore import CheckedDatastore, DatastoreRequestError
+from lib.server.dicomweb import install_store_error_answers
+from lib.server.guard import install, install_model_upload
+from lib.server.model_upload import publish_checkpoint
+from lib.server.storage import PromptRecords, remove_stale_temporaries
 from lib.trainers.imedsam import TrainingDataError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class IMedSAMApp(MONAILabelApp):
         self.model_dir = os.path.join(app_dir, "model")
         os.makedirs(self.model_dir, exist_ok=True)
         remove_stale_temporaries(self.model_dir, logger)
-        # uploads live here only while their request runs (lib.guard removes each request's folder)
+        # uploads live here only while their request runs (lib.server.guard removes each request's folder)
         self.upload_root = os.path.join(app_dir, "uploads")
         self.prompt_records = PromptRecords(os.path.join(self.model_dir, "last_prompts.json"), logger)
         self.task_config = IMedSAMConfig()
@@ -61,7 +61,7 @@ class IMedSAMApp(MONAILabelApp):
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
             return super().init_datastore()
-        # the datastore scans for the file endings uploads are checked against (lib.datastore.SUFFIXES), not
+        # the datastore scans for the file endings uploads are checked against (lib.server.datastore.SUFFIXES), not
         # MONAI Label's MONAI_LABEL_DATASTORE_FILE_EXT: one list, so a rescan finds every file an upload stored
         return CheckedDatastore(
             self.studies,
@@ -127,7 +127,7 @@ class IMedSAMApp(MONAILabelApp):
 
     def replace_model(self, model: str, path: str, name: str) -> dict:
         """``PUT /model/{model}``: serve the checkpoint ``path`` (the client's ``name``) once it is checked
-        against the served network; the checkpoint it replaces is kept (lib.model_upload)."""
+        against the served network; the checkpoint it replaces is kept (lib.server.model_upload)."""
         published = self.model_file(model, validate=False)
         return publish_checkpoint(self.task_config.network, path, published, name)
 

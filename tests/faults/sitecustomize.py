@@ -5,7 +5,7 @@ e.g. ``{"*/labels/final/.img_1.png.*": "ENOSPC"}``. The file is read at each fsy
 faults of a running server by rewriting it; without the variable nothing is changed.
 
 A full disk shows at fsync in the app: every file it writes goes to a temporary file that is flushed and
-fsynced before it is renamed into place (``lib.storage``).
+fsynced before it is renamed into place (``lib.server.storage``).
 """
 
 import errno

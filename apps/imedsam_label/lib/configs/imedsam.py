@@ -16,7 +16,6 @@ from imedsam.inference import ENCODER_ENGINES
 
 from lib.activelearning.ugs import UGSStrategy
 from lib.infers.imedsam import IMedSAMInfer
-from lib.infers.imedsam_3d import IMedSAMVolumeInfer
 from lib.scoring.ugs import UGSScoring
 from lib.trainers.imedsam import IMedSAMTrainer
 
@@ -131,14 +130,12 @@ class IMedSAMConfig(TaskConfig):
                 "its masks are meaningless until you train or pass a checkpoint",
                 self.network_overrides["encoder"],
             )
-        self._infer = IMedSAMInfer(
-            self.network, self.path, self.labels, self.model_version, window=self.window, max_decode_side=self.max_decode_side,
-            encoder_engine=self.encoder_engine,
-        )
-        self._infer_3d = IMedSAMVolumeInfer(
-            self.network, self.path, self.labels, self.model_version, window=self.window, max_decode_side=self.max_decode_side,
-            encoder_engine=self.encoder_engine, cache_slices=_positive_int(conf, "cache_slices", 384),
-        )
+        served = dict(window=self.window, max_decode_side=self.max_decode_side, encoder_engine=self.encoder_engine)
+        self._infer = IMedSAMInfer(self.network, self.path, self.labels, self.model_version, dimension=2, **served)
+        self._infer_3d = IMedSAMInfer(
+            self.network, self.path, self.labels, self.model_version, dimension=3,
+            cache_size=_positive_int(conf, "cache_slices", 384), **served,
+        )  # fmt: skip
 
     def _build_network(self, seed: int):
         parser = ConfigParser()

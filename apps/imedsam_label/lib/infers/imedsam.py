@@ -1,41 +1,64 @@
-"""The box-prompt infer task: one 2D plane per request, the image encoding cached between prompts."""
+"""The box-prompt infer task, 2D (one plane per request) or 3D (a whole volume per request), with the image and
+slice encodings cached between prompts."""
 
 from __future__ import annotations
 
-import base64
 import copy
-import io
 import logging
 import os
-import threading
-import time
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
-from monai.data import MetaTensor
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from imedsam.inference import Predictor, place_plane
-from imedsam.metrics import ugs_score
 from imedsam.networks import IMedSAM
-from imedsam.transforms import PromptPlaned
+from imedsam.transforms import PromptPlaned, PromptVolumed
+
+from lib.infers.inferers import PlanePromptInferer, PredictorCache, VolumePromptInferer
+from lib.transforms.results import PlaneResultd, VolumeResultd
 
 logger = logging.getLogger(__name__)
 
+DESCRIPTIONS = {
+    2: "I-MedSAM: box-prompted 2D segmentation with an uncertainty map",
+    3: "I-MedSAM in 3D: one box, roi or two clicks give a whole 3D mask",
+}
+
 
 class IMedSAMInfer(BasicInferTask):
-    """I-MedSAM on one slice or picture, prompted by a box (``box``, ``roi``, or two corner clicks).
+    """I-MedSAM prompted by a box: ``dimension=2`` on one slice or picture, ``dimension=3`` on a whole volume.
 
-    Request fields besides MONAI Label's own: ``box`` / ``roi`` / ``foreground`` (the prompt, see
+    MONAI Label's hooks do the work: :meth:`pre_transforms` load the image and read the prompt
+    (:class:`~imedsam.transforms.PromptPlaned` or :class:`~imedsam.transforms.PromptVolumed`), :meth:`inferer`
+    binds the request's prompt to the model's cached predictor (:mod:`lib.infers.inferers`), and
+    :meth:`post_transforms` put the mask on the image's grid and write the result JSON
+    (:mod:`lib.transforms.results`).
+
+    2D request fields besides MONAI Label's own: ``box`` / ``roi`` / ``foreground`` (the prompt, see
     :func:`imedsam.inference.resolve_box_prompt`), ``slice`` (volumes), ``window`` (``[low, high]`` intensity
-    window), ``uncertainty`` (true: add the UGS uncertainty map to the result JSON).
+    window), ``uncertainty`` (true: add the UGS uncertainty map to the result JSON). The result label has the
+    image's full size: a 2D mask for a picture, or a volume that is zero except on the prompted slice.
 
-    The result label has the image's full size: a 2D mask for a picture, or a volume that is zero except
-    on the prompted slice. The image encoder runs once per (plane, model weights): a second prompt on the
-    same image skips it, and publishing a new checkpoint reloads the model and empties the cache.
+    3D request fields (:func:`imedsam.inference.resolve_volume_prompts`), for volumes (NIfTI, NRRD, DICOM series):
+
+    - ``box3d``: ``[x0, y0, z0, x1, y1, z1]`` voxel indices, upper bounds exclusive, or a list of them (label
+      ``n + 1`` for the ``n``-th);
+    - ``roi``: 3D Slicer's ``[i0, i1, j0, j1, k0, k1]`` (inclusive, each pair in any order) or corners
+      ``[i0, j0, k0, i1, j1, k1]``; the two are told apart by which reading fits the volume, and a roi that
+      fits both ways is refused unless ``roi_layout`` (``"slicer"`` or ``"corners"``) says which;
+    - ``box`` with ``slice``: a 2D box on one slice; the propagation finds where the object ends;
+    - ``foreground`` (and ``background``) clicks ``[i, j, k]``: two foreground clicks on one slice are a box's
+      opposite corners; a background click that the mask would cover stops the walk before that slice;
+    - ``window`` ``[low, high]``; ``uncertainty`` (true: add the uncertainty summary).
+
+    The 3D result is the label volume on the image's grid (``result_extension`` ``.nii.gz``, ``.nrrd``, ...), and
+    the result JSON says per object which slices were decoded, how many slices the encoder ran on, and, with
+    ``uncertainty``, the UGS uncertainty inside the mask.
+
+    The image encoder runs once per (plane, model weights), up to ``cache_size`` planes (default 8 in 2D, 384
+    slices in 3D): a second prompt on the same image or volume skips it, and publishing a new checkpoint reloads
+    the model and empties the cache.
     """
 
     def __init__(
@@ -44,41 +67,49 @@ class IMedSAMInfer(BasicInferTask):
         path: list[str],
         labels: dict[str, int],
         model_version,
+        dimension: int = 2,
         window=None,
-        cache_size: int = 8,
+        cache_size: int | None = None,
         max_decode_side: int | None = 1024,
         encoder_engine: str = "auto",
-        description: str = "I-MedSAM: box-prompted 2D segmentation with an uncertainty map",
+        description: str | None = None,
     ) -> None:
+        if dimension not in DESCRIPTIONS:
+            raise ValueError(f"dimension must be 2 or 3, got {dimension!r}")
         super().__init__(
             path=path,
             network=network,
             type=InferType.DEEPGROW,
             labels=labels,
-            dimension=2,
-            description=description,
+            dimension=dimension,
+            description=description or DESCRIPTIONS[dimension],
+            input_key="plane" if dimension == 2 else "volume",  # what PromptPlaned / PromptVolumed add
             config={"uncertainty": False},
             load_strict=True,
         )
         self.window = window
-        self.cache_size = cache_size
-        self.max_decode_side = max_decode_side
-        self.encoder_engine = encoder_engine
         self.model_version = model_version
-        self._lock = threading.RLock()
-        self._predictor: Predictor | None = None
+        if cache_size is None:
+            cache_size = 8 if dimension == 2 else 384
+        self._predictors = PredictorCache(cache_size, max_decode_side, encoder_engine)
+        self._lock = self._predictors.lock
 
     def is_valid(self) -> bool:
         return True
 
     def pre_transforms(self, data=None):
-        return [PromptPlaned(keys="image", window=self.window)]
+        prompt = PromptPlaned if self.dimension == 2 else PromptVolumed
+        return [prompt(keys="image", window=self.window)]
 
     def inferer(self, data=None):
-        return None  # run_inferer below drives the network through the cached predictor
+        data["inference"] = record = {}  # what the run says besides its maps, for the post transforms
+        if self.dimension == 2:
+            return PlanePromptInferer(self._predictors, data["box"], record)
+        return VolumePromptInferer(self._predictors, data["object_prompts"], data["window"], record)
 
     def post_transforms(self, data=None):
-        return []
+        result = PlaneResultd if self.dimension == 2 else VolumeResultd
+        return [result(keys=self.output_label_key, model_version=self.model_version, result=self.output_json_key)]
 
     def _get_network(self, device, data):
         # Differs from BasicInferTask._get_network where it must: the checkpoint is read as data
@@ -102,17 +133,9 @@ class IMedSAMInfer(BasicInferTask):
     def clear_cache(self):
         with self._lock:
             super().clear_cache()
-            self._predictor = None
+            self._predictors.clear()
 
-    def _plane_predictor(self, device) -> Predictor:
-        network = self._get_network(device, None)
-        if self._predictor is None or self._predictor.model is not network:
-            # decode_mode None: the network's, which the app's --conf decode_mode set
-            # a new network (a published checkpoint) gets a new predictor, so the OpenVINO graph follows it
-            self._predictor = Predictor(
-                network, self.cache_size, self.max_decode_side, decode_mode=None, encoder_engine=self.encoder_engine
-            )
-        return self._predictor
+    # UGS scoring (lib.scoring.ugs) prompts planes with the 2D task outside MONAI Label's request flow
 
     def can_propose_boxes(self, device="cpu") -> bool:
         """Whether the served model has a trained box-proposal head."""
@@ -123,72 +146,15 @@ class IMedSAMInfer(BasicInferTask):
         """The served model's proposed box for ``data["plane"]`` (``[x0, y0, x1, y1]`` in its pixels) and its
         confidence; the plane's encoding stays cached for the prompt that follows."""
         with self._lock:
-            predictor = self._plane_predictor(device)
+            predictor = self._predictors.plane(self._get_network(device, None))
             predictor.set_image(data["plane"])
             box, confidence = predictor.propose_box()
         return [float(v) for v in box], confidence
 
     def predict_plane(self, data: dict[str, Any], device="cpu") -> dict[str, Any]:
-        """Run the model on ``data["plane"]`` with ``data["box"]``; probability and uncertainty, ``H x W``."""
-        with self._lock:
-            self._plane_predictor(device)
-            start = time.perf_counter()
-            cached = self._predictor.set_image(data["plane"])
-            encoded = time.perf_counter()
-            prediction = self._predictor.predict(data["box"])
-            decoded = time.perf_counter()
-        return {
-            "decode_size": list(prediction.decode_size),
-            "probability": prediction.probability,
-            "uncertainty": prediction.uncertainty,
-            "encoder_cached": cached,
-            "encoder_s": encoded - start,
-            "decoder_s": decoded - encoded,
-        }
-
-    def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cpu"):
-        out = self.predict_plane(data, device)
-        mask = (out["probability"] > 0.5).astype(np.uint8)
-        pred = place_plane(mask, data["spatial_shape"], data["slice"])
-        image = data["image"]
-        data["pred"] = MetaTensor(pred, affine=image.affine) if data["slice"] is not None else pred
-        result = {
-            "box": [round(float(v), 2) for v in data["box"]],
-            "box_source": data["box_source"],
-            "slice": data["slice"],
-            "foreground_pixels": int(mask.sum()),
-            "encoder_cached": out["encoder_cached"],
-            "encoder_s": round(out["encoder_s"], 4),
-            "decoder_s": round(out["decoder_s"], 4),
-            "decode_size": out["decode_size"],  # [H, W]; smaller than the image: decoded there, then upsampled
-            "model": self.model_version(),
-        }
-        logger.info(
-            "I-MedSAM prompt (%s box %s, slice %s): encoder %s %.3f s, decoder %.3f s",
-            data["box_source"], result["box"], data["slice"], "cached" if out["encoder_cached"] else "ran",
-            out["encoder_s"], out["decoder_s"],
-        )
-        if wants_uncertainty(data):
-            result["uncertainty"] = uncertainty_summary(out["uncertainty"], mask, data["box"])
-        data["result"] = result
-        return data
-
-
-def wants_uncertainty(data: dict[str, Any]) -> bool:
-    """Whether the request asked for the uncertainty (``true``, ``1`` or ``yes``, as JSON or as a form string)."""
-    return str(data.get("uncertainty", False)).lower() in ("1", "true", "yes")
-
-
-def uncertainty_summary(uncertainty: np.ndarray, mask: np.ndarray, box) -> dict[str, Any]:
-    """The UGS map as a base64 8-bit PNG (``H x W``; value = pixel / 255 * ``max``) and its summary figures."""
-    region = mask.astype(bool)
-    peak = float(uncertainty.max())
-    scaled = np.round(255.0 * uncertainty / peak) if peak > 0 else np.zeros_like(uncertainty)
-    buffer = io.BytesIO()
-    Image.fromarray(scaled.astype(np.uint8)).save(buffer, format="PNG")
-    return {
-        "map_png": base64.b64encode(buffer.getvalue()).decode("ascii"),
-        "max": peak,
-        "mean_in_prediction": float(uncertainty[region].mean()) if region.any() else None,
-        "score": ugs_score(uncertainty, mask, box),
-    }
+        """Run the model on ``data["plane"]`` with ``data["box"]``: probability and uncertainty (``H x W``) and
+        the run's record (``encoder_cached``, ``encoder_s``, ``decoder_s``, ``decode_size``)."""
+        record: dict[str, Any] = {}
+        inferer = PlanePromptInferer(self._predictors, data["box"], record)
+        maps = inferer(torch.from_numpy(data["plane"])[None], self._get_network(device, None))
+        return {"probability": maps["probability"][0].numpy(), "uncertainty": maps["uncertainty"][0].numpy(), **record}

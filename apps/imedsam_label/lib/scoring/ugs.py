@@ -15,7 +15,7 @@ from imedsam.metrics import ugs_score
 from imedsam.transforms import PromptPlaned
 
 from lib.infers.imedsam import IMedSAMInfer
-from lib.storage import PromptRecords
+from lib.server.storage import PromptRecords
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from PIL import Image
 from imedsam.data import seeded_split
 from imedsam.inference import ImageReadError, image_plane, is_picture, label_plane, load_image_array, spatial_shape
 
-from lib.storage import copy_atomically, write_json_atomically
+from lib.server.storage import copy_atomically, write_json_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ starts (:func:`install`):
   request ends, and run the work in a worker thread, so ``/info/`` and other requests are answered while an
   image is segmented or a ``run_sync`` training runs;
 - an answer for a disk that refuses a write anywhere in the server: 507 for a full disk, 503 for other I/O
-  errors, naming what could not be written but no server path (:func:`lib.storage.storage_problem`).
+  errors, naming what could not be written but no server path (:func:`lib.server.storage.storage_problem`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from monailabel.endpoints.infer import send_response
 from monailabel.endpoints.user.auth import RBAC, User
 from starlette.concurrency import run_in_threadpool
 
-from lib.datastore import (
+from lib.server.datastore import (
     LABEL_POLICIES,
     PLAIN_NAME,
     SUFFIXES,
@@ -47,7 +47,7 @@ from lib.datastore import (
     check_tag,
     suffix_of,
 )
-from lib.storage import storage_problem
+from lib.server.storage import storage_problem
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from imedsam.data.headers import ImageHeader, check_data_length, check_size, rea
 from imedsam.data.pictures import check_picture
 from imedsam.inference import ImageReadError, is_picture, load_image_array, spatial_shape
 
-from lib.storage import FileChanges, remove_stale_temporaries, storage_problem, write_json_atomically
+from lib.server.storage import FileChanges, remove_stale_temporaries, storage_problem, write_json_atomically
 
 logger = logging.getLogger(__name__)
 

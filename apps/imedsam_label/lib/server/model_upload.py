@@ -13,8 +13,8 @@ from monailabel.utils.others.generic import file_checksum
 
 from imedsam.networks import CheckpointError, IMedSAM
 
-from lib.datastore import DatastoreRequestError, StorageError
-from lib.storage import FileChanges, storage_problem
+from lib.server.datastore import DatastoreRequestError, StorageError
+from lib.server.storage import FileChanges, storage_problem
 
 logger = logging.getLogger(__name__)
 
