@@ -37,9 +37,10 @@ demo: venv
 	@echo "demo: pretrained start in bundle/eval/pretrained/summary.json; fine-tuned model bundle/models/model.pt," \
 		"its Dice in bundle/eval/summary.json, overlays in bundle/eval/overlays/"
 
-# Two workers (pytest-xdist), each running whole files and half the cores (tests/conftest.py): much of the
-# suite waits on servers and bundle runs starting up, which a second worker overlaps. --durations: the
-# slowest tests, named in every run; the suite has to stay within CI's time on 2 slow cores.
+# Two workers (pytest-xdist), each running whole files and half the cores, files marked slow first
+# (tests/conftest.py): much of the suite waits on servers and bundle runs starting up, which a second worker
+# overlaps. --durations: the slowest tests, named in every run; the suite has to stay within CI's time on 2
+# slow cores.
 test: venv
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 --doctest-modules imedsam tests
 

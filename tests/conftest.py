@@ -18,6 +18,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a file that takes minutes (a server, a bundle run, real weights or images); -m 'not slow' skips it")
     # OpenVINO graphs that tests convert (Predictor's default engine) stay out of the user's ~/.cache; the
     # servers the tests start inherit the variable
     if "IMEDSAM_CACHE_DIR" not in os.environ:
@@ -40,16 +41,11 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
-# The files that take longest (minutes each: a server retraining LiteMedSAM, six server starts, real-image
-# checks, bundle runs) start first, so that the two workers of `make test` finish together rather than one
-# running the last long file alone.
-LONGEST_FIRST = ("test_label_app_pretrained.py", "test_lite_medsam.py", "test_bundle.py", "test_label_restarts.py",
-                 "test_openvino_encoder.py", "test_box_proposal.py")  # fmt: skip
-
-
 def pytest_collection_modifyitems(session, config, items):
-    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    # Files marked slow (minutes each: a server retraining LiteMedSAM, server restarts, real-image checks, bundle
+    # runs) start first, so that the two workers of `make test` finish together rather than one running the last
+    # long file alone; the sort is stable, so each file keeps its own order.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)

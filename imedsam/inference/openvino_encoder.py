@@ -94,7 +94,7 @@ class OpenVINOEncoder:
     ``model.encoder_precision`` resolves to on this CPU (``auto``: bfloat16 where it is native, see
     :func:`~imedsam.networks.precision.resolve_precision`). Before each call the weights' versions are
     compared with those it was built from; a checkpoint load or a training step makes it rebuild. In float32
-    it matches the eager encoder to about 1e-5 (``tests/test_openvino_encoder.py``).
+    it matches the eager encoder to about 1e-5 (``tests/integration/test_openvino_encoder.py``).
 
     Args:
         model: the network whose encoder to run; it is read, never changed.

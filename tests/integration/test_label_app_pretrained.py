@@ -21,7 +21,9 @@ from PIL import Image  # noqa: E402
 from imedsam.data import box_from_mask, polyp_datalist  # noqa: E402
 from label_server import label_server  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # minutes: started first by tests/conftest.py
+
+ROOT = Path(__file__).resolve().parents[2]
 KVASIR = ROOT.parent / "shared" / "data" / "kvasir_sessile"
 SPLIT = ROOT.parent / "shared" / "data" / "splits" / "kvasir_sessile_split.json"
 IMAGES = 3  # held-out test images

@@ -30,7 +30,7 @@ from imedsam.data import synthetic_polyp  # noqa: E402
 from label_server import label_server  # noqa: E402
 from upload_files import forged_nifti, forged_png, png_bytes  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (72, 96)  # height, width of the studies' pictures
 VOLUME = (40, 32, 6)
 NETWORK = {"encoder": "vit_tiny", "image_size": "64"}

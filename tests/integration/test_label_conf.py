@@ -7,7 +7,7 @@ from monai.bundle import ConfigParser
 
 from conftest import import_app_module
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from imedsam.data import synthetic_polyp  # noqa: E402
 from imedsam.evaluation import BundleRunner  # noqa: E402
 from label_server import label_server  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = 64
 logger = logging.getLogger(__name__)
 

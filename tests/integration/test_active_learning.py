@@ -16,7 +16,7 @@ from imedsam.data import polyp_datalist, write_synthetic_dataset
 from imedsam.evaluation import BundleRunner, EmbeddingRunner
 from imedsam.metrics import ENTROPY_FLOOR, mc_dropout_entropy, ugs_score
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _script():

@@ -16,6 +16,8 @@ from imedsam.inference.predictor import image_to_tensor
 from imedsam.losses import CoarseFineLoss, DiceBCELoss
 from imedsam.networks import boxes_from_foreground, build_imedsam
 
+pytestmark = pytest.mark.slow  # minutes: started first by tests/conftest.py
+
 
 def test_box_iou():
     assert box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
@@ -148,7 +150,7 @@ def test_box_proposal_report_scores_the_proposal_against_the_tight_box(trained_m
     import os
 
     spec = importlib.util.spec_from_file_location(
-        "evaluate_box_proposal", os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "evaluate_box_proposal.py")
+        "evaluate_box_proposal", os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "scripts", "evaluate_box_proposal.py")
     )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

@@ -17,7 +17,7 @@ from imedsam.data import polyp_datalist
 from imedsam.data.prepare_ct import find_volume_pairs, prepare_ct_slices, read_label_map, window_hu
 from imedsam.transforms import BinarizeMaskd
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPE = (48, 40, 6)  # x, y, z in RAS+
 LIVER, SPLEEN, AORTA = 6, 1, 8
 

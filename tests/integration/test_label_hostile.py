@@ -24,7 +24,7 @@ from imedsam.data import synthetic_polyp  # noqa: E402
 from label_server import label_server  # noqa: E402
 from upload_files import forged_png, png_bytes  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (72, 96)  # height, width of the studies' pictures
 CONF = ["--conf", "bundle", str(ROOT / "bundle"), "--conf", "encoder", "vit_tiny", "--conf", "image_size", "64",
         "--conf", "label", "polyp", "--conf", "max_image_pixels", "4000000"]  # fmt: skip

@@ -20,7 +20,9 @@ from PIL import Image  # noqa: E402
 from imedsam.data import synthetic_polyp  # noqa: E402
 from label_server import label_server  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # minutes: started first by tests/conftest.py
+
+ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (48, 64)
 # each kill at a random moment of a save loop; a restart (about 10 s) follows each, so more kills cost minutes
 KILLS = 5

@@ -11,7 +11,7 @@ from conftest import tiny_model
 from imedsam.cli import main
 from imedsam.inference import load_image_array
 
-DICOM_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg_example_ct_dicom" / "dicom"
+DICOM_CT = Path(__file__).resolve().parents[3] / "shared" / "data" / "totalseg_example_ct_dicom" / "dicom"
 AFFINE = np.array([[0.8, 0, 0, -20], [0, 0.8, 0, 10], [0, 0, 2.5, 5], [0, 0, 0, 1]])
 
 

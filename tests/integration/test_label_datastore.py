@@ -31,7 +31,7 @@ storage = import_app_module("lib.server.storage")
 guard = import_app_module("lib.server.guard")
 model_upload = import_app_module("lib.server.model_upload")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (72, 96)  # height, width of the pictures
 VOLUME = (40, 32, 6)
 LABELS = {"polyp": 1}

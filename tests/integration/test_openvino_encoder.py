@@ -14,7 +14,9 @@ from imedsam.networks.precision import cpu_runs_bfloat16_natively
 
 from conftest import tiny_model
 
-KVASIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "kvasir_sessile")
+pytestmark = pytest.mark.slow  # minutes: started first by tests/conftest.py
+
+KVASIR = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "kvasir_sessile")
 SPLIT = os.path.join(KVASIR, "..", "splits", "kvasir_sessile_split.json")
 
 

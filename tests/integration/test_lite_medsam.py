@@ -20,6 +20,8 @@ from imedsam.networks.fused_attention import use_fused_attention_in_training
 from imedsam.networks.lora import LoRAQKV, qkv_rows
 from imedsam.networks.tiny_vit_encoder import AdaptedTinyViT, letterbox
 
+pytestmark = pytest.mark.slow  # minutes: started first by tests/conftest.py
+
 # (width, blocks) of TinyViT's three attention stages in LiteMedSAM, and their token grids
 STAGES = [(128, 2, 128), (160, 6, 64), (320, 2, 64)]
 
@@ -224,7 +226,7 @@ def test_training_starts_from_lite_medsam_and_moves_away_from_it():
     assert any(n.startswith("decoder.coarse_heads") for n in grads)
 
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "..", "shared", "data")
 KVASIR = os.path.join(SHARED, "kvasir_sessile")
 SPLIT = os.path.join(SHARED, "splits", "kvasir_sessile_split.json")
 

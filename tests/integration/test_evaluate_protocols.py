@@ -11,7 +11,7 @@ from conftest import tiny_model
 from imedsam.data import polyp_datalist, write_synthetic_dataset
 from imedsam.metrics import score_box_baselines
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "evaluate_protocols.py")
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "scripts", "evaluate_protocols.py")
 
 
 def _script():

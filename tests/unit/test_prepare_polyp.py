@@ -11,7 +11,7 @@ from PIL import Image
 from imedsam.data import polyp_datalist
 from imedsam.data.prepare_polyp import prepare_polyp_dataset, read_sequence_table, sequence_split
 
-SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
+SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "..", "scripts")
 
 
 def _load_script(name):

@@ -16,7 +16,9 @@ from PIL import Image
 from imedsam.data import polyp_datalist, write_synthetic_dataset
 from imedsam.networks import IMedSAMBoxMask, build_imedsam
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # minutes: started first by tests/conftest.py
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = os.path.join(ROOT, "bundle", "configs")
 TRAIN, EVALUATE = os.path.join(CONFIGS, "train.yaml"), os.path.join(CONFIGS, "evaluate.yaml")
 INFERENCE_OVERLAY, MULTI_GPU = os.path.join(CONFIGS, "inference.yaml"), os.path.join(CONFIGS, "multi_gpu_train.yaml")
