@@ -111,7 +111,8 @@ class LiteMedSAMVolumeRecipe:
                 labels[:, :, k][mask.T] = index + 1
             ranges.append((min(masks), max(masks) + 1))
         empty = np.zeros(0, np.float32)
-        return VolumePrediction(labels, empty, empty, ranges, self.encoder_calls - calls, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return VolumePrediction(labels, empty, empty, ranges, self.encoder_calls - calls, seconds, [p.seed_slice for p in prompts])
 
 
 def main(argv: list[str] | None = None) -> int:

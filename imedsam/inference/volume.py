@@ -8,25 +8,32 @@ encoded.
 
 The propagation rule (``docs/volumes.md`` has the measurements behind it):
 
-1. The seed slice is decoded with the prompt's box (a 3D box prompts its middle slice with its x/y extent).
-2. From there the object is followed to each neighbouring slice, in both directions. A slice is prompted
-   with the box of its neighbour's mask, widened by ``margin`` of the box's side (at least ``min_margin``
-   voxels) on each side where that mask reached (within ``touch`` voxels) the edge of the box it answered, and
+1. The seed slice is decoded with the prompt's box. A 3D box's x/y extent is the union of the object's slices,
+   loose on most of them, so its seed is chosen: its middle slice and those at ``seed_candidates`` (1/4, 3/8,
+   5/8, 3/4) of its z-range are decoded with that extent, and the slice whose mask fills it best (the IoU of
+   the mask's box with the extent, times the mask's mean probability) seeds the walk and anchors the
+   clean-up (5). The encoder runs on those slices once either way: the walk covers the whole z-range.
+2. A 3D box then prompts every other slice of its z-range with its x/y extent too (``box3d_follows_masks``
+   False, the default): for this model the box itself is a better prompt than a box derived from the
+   neighbour's mask, on every shared volume set (``docs/results.md``), and the slices are independent.
+3. Otherwise the object is followed to each neighbouring slice, in both directions. A slice is prompted
+   with the box of its neighbour's mask, widened by ``margin`` of the box's side (at least ``min_margin``,
+   3 voxels) on each side where that mask reached (within ``touch`` voxels) the edge of the box it answered, and
    by ``min_margin`` elsewhere. A box-prompted model keeps inside its box: the CVPR 2024 recipe's 3-pixel
    widening lets masks only shrink from slice to slice, and a wide margin on every side lets them drift onto
    what surrounds the object; widening only where the box cut the mask off follows an object that widens and
    takes the model at its word where it stopped short. A 3D box bounds every box by its x/y extent and the walk
    by its z-range, and an empty neighbour mask falls back to that extent, as in the recipe.
-3. With no z-range (a 2D box or clicks), the walk decides where the object ends. It stops before a slice
+4. With no z-range (a 2D box or clicks), the walk decides where the object ends. It stops before a slice
    whose mask (a) has fewer than ``min_area`` voxels, (b) lies less than ``min_overlap`` on its neighbour's
    mask, (c) grows more than ``max_growth`` times its neighbour's area (the box has slipped onto another
    structure), or (d) has a mean probability below ``min_confidence`` or a mean UGS uncertainty above
    ``max_uncertainty`` times the seed slice's (the model is unsure the object is still there). A background
    click covered by a slice's mask stops the walk before that slice; foreground clicks keep it going at least
    to their slices.
-4. Clean-up in 3D: only the connected components of the object's mask (26-connectivity) that touch the seed
+5. Clean-up in 3D: only the connected components of the object's mask (26-connectivity) that touch the seed
    slice's mask are kept (all of them when the seed slice's mask is empty, which only a 3D box's walk outlives).
-5. Several objects: object ``n`` is label ``n + 1``; where objects overlap, the most probable wins.
+6. Several objects: object ``n`` is label ``n + 1``; where objects overlap, the most probable wins.
 """
 
 from __future__ import annotations
@@ -52,13 +59,15 @@ class PropagationRule(NamedTuple):
     measurements behind the defaults)."""
 
     margin: float = 0.2
-    min_margin: float = 2.0
+    min_margin: float = 3.0
     touch: float = 1.0
     min_area: int = 4
     min_overlap: float = 0.5
     max_growth: float = 2.0
     min_confidence: float = 0.7
     max_uncertainty: float = 4.0
+    seed_candidates: tuple[float, ...] = (0.25, 0.375, 0.625, 0.75)
+    box3d_follows_masks: bool = False
 
 
 class VolumePrediction(NamedTuple):
@@ -70,6 +79,7 @@ class VolumePrediction(NamedTuple):
     slices: list[tuple[int, int]]  #: per object, the ``[first, last + 1)`` slices its walk decoded
     encoder_calls: int  #: slices encoded by this call (the rest came from the cache)
     seconds: float
+    seed_slices: list[int]  #: per object, the slice its walk started from
 
 
 def check_volume(volume) -> np.ndarray:
@@ -98,6 +108,11 @@ def _next_box(mask: np.ndarray, prompt_box: np.ndarray, rule: PropagationRule, w
     lower = np.maximum(box[:2] - np.where(cut_low, grow, rule.min_margin), 0)
     upper = np.minimum(box[2:] + np.where(cut_high, grow, rule.min_margin), (width, height))
     return np.concatenate([lower, upper]).astype(np.float32)
+
+
+def _box_iou(box: np.ndarray, other: np.ndarray) -> float:
+    overlap = np.clip(np.minimum(box[2:], other[2:]) - np.maximum(box[:2], other[:2]), 0, None).prod()
+    return float(overlap / ((box[2:] - box[:2]).prod() + (other[2:] - other[:2]).prod() - overlap))
 
 
 def _mask_box(mask: np.ndarray) -> np.ndarray:
@@ -205,7 +220,7 @@ class VolumePredictor:
             return False
         return uncertainty[mask].mean() <= rule.max_uncertainty * max(seed_uncertainty, 1e-6)
 
-    def _walk(self, prompt: ObjectPrompt, direction: int, seed_mask, seed_uncertainty, keep, progress):
+    def _walk(self, prompt: ObjectPrompt, direction: int, seed_mask, seed_uncertainty, keep, progress, tried):
         depth, (width, height) = self.shape[2], self.shape[:2]
         low, high = prompt.z_range or (0, depth)
         fg_reach = [k for k in prompt.must_reach if (k - prompt.seed_slice) * direction > 0]
@@ -214,15 +229,20 @@ class VolumePredictor:
         neighbour, neighbour_box = seed_mask, prompt.box
         k = prompt.seed_slice + direction
         while low <= k < high:
-            if neighbour.any():
+            if prompt.z_range is not None and not self.rule.box3d_follows_masks:
+                box = prompt.xy_limit
+            elif neighbour.any():
                 box = _intersect(_next_box(neighbour, neighbour_box, self.rule, width, height), prompt.xy_limit)
             elif prompt.xy_limit is not None:
                 box = prompt.xy_limit
             else:
                 break
-            probability, uncertainty = self.decode_slice(k, box)
-            if progress is not None:
-                progress(1)
+            if k in tried and np.array_equal(box, prompt.box):  # a seed candidate, decoded with this box already
+                probability, uncertainty = tried[k]
+            else:
+                probability, uncertainty = self.decode_slice(k, box)
+                if progress is not None:
+                    progress(1)
             mask = probability > 0.5
             must = reach is not None and (reach - k) * direction >= 0
             if prompt.z_range is None and not must and not self._continues(mask, probability, uncertainty, neighbour, seed_uncertainty):
@@ -233,17 +253,36 @@ class VolumePredictor:
             neighbour, neighbour_box = mask, box
             k += direction
 
-    def _segment_object(self, prompt: ObjectPrompt, progress) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        probability, uncertainty = self.decode_slice(prompt.seed_slice, prompt.box)
-        if progress is not None:
-            progress(1)
+    def _seed(self, prompt: ObjectPrompt, progress) -> tuple[ObjectPrompt, dict[int, tuple[np.ndarray, np.ndarray]]]:
+        """The prompt with its seed slice, and every slice tried for it: ``{k: (probability, uncertainty)}``. A 3D
+        box's middle slice and the slices at ``rule.seed_candidates`` of its z-range are decoded with its x/y
+        extent; the one whose mask fills the extent best (the IoU of the mask's box with it, times the mask's
+        mean probability) seeds."""
+        candidates = {prompt.seed_slice}
+        if prompt.z_range is not None:
+            z0, z1 = prompt.z_range
+            candidates |= {int(z0 + fraction * (z1 - 1 - z0) + 0.5) for fraction in self.rule.seed_candidates}
+        best, tried = None, {}
+        for k in [prompt.seed_slice, *sorted(candidates - {prompt.seed_slice})]:  # a tie keeps the middle
+            probability, uncertainty = tried[k] = self.decode_slice(k, prompt.box)
+            if progress is not None:
+                progress(1)
+            mask = probability > 0.5
+            fill = _box_iou(_mask_box(mask), prompt.box) * float(probability[mask].mean()) if mask.any() else 0.0
+            if best is None or fill > best[0]:
+                best = (fill, k)
+        return prompt._replace(seed_slice=best[1]), tried
+
+    def _segment_object(self, prompt: ObjectPrompt, progress) -> tuple[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
+        prompt, tried = self._seed(prompt, progress)
+        probability, uncertainty = tried[prompt.seed_slice]
         seed_mask = probability > 0.5
         kept = {prompt.seed_slice: (probability, uncertainty)}
         seed_uncertainty = float(uncertainty[seed_mask].mean()) if seed_mask.any() else 0.0
         if seed_mask.any() or prompt.xy_limit is not None:
             for direction in (1, -1):
-                self._walk(prompt, direction, seed_mask, seed_uncertainty, kept, progress)
-        return kept
+                self._walk(prompt, direction, seed_mask, seed_uncertainty, kept, progress, tried)
+        return prompt.seed_slice, kept
 
     @staticmethod
     def _clean(kept: dict, seed_slice: int) -> np.ndarray:
@@ -269,10 +308,10 @@ class VolumePredictor:
         labels = np.zeros(shape, np.uint16)
         best = np.zeros(shape, np.float32)
         best_uncertainty = np.zeros(shape, np.float32)
-        ranges = []
+        ranges, seeds = [], []
         for index, prompt in enumerate(prompts):
-            kept = self._segment_object(prompt, progress)
-            cleaned = self._clean(kept, prompt.seed_slice)
+            seed_slice, kept = self._segment_object(prompt, progress)
+            cleaned = self._clean(kept, seed_slice)
             for position, k in enumerate(sorted(kept)):
                 # voxels the clean-up removed count as background for this object; the rest keep their probability
                 removed = (kept[k][0] > 0.5) & ~cleaned[..., position]
@@ -282,4 +321,6 @@ class VolumePredictor:
                 best[:, :, k][wins] = probability[wins]
                 best_uncertainty[:, :, k][wins] = kept[k][1].T[wins]
             ranges.append((min(kept), max(kept) + 1))
-        return VolumePrediction(labels, best, best_uncertainty, ranges, self.predictor.encoder_calls - calls, time.perf_counter() - start)
+            seeds.append(seed_slice)
+        seconds = time.perf_counter() - start
+        return VolumePrediction(labels, best, best_uncertainty, ranges, self.predictor.encoder_calls - calls, seconds, seeds)

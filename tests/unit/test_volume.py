@@ -53,12 +53,23 @@ class OracleSession(VolumePredictor):
         return probability, np.full_like(probability, 0.01)
 
 
-def test_box3d_recovers_a_widening_object_exactly_and_decodes_each_slice_once():
-    truth = cone()
+def test_box3d_recovers_a_widening_object_exactly_from_the_candidate_slice_that_fills_its_extent():
+    truth = cone()  # z-range 3..20, widest at the top: the 3D box's x/y extent is the top slice's disc
     session = OracleSession(truth)
-    result = session.predict([box3d_prompt(box3d_of(truth), SHAPE)])
+    prompt = box3d_prompt(box3d_of(truth), SHAPE)
+    result = session.predict([prompt])
     np.testing.assert_array_equal(result.labels > 0, truth)
+    # the middle slice (11) and those at 1/4, 3/8, 5/8, 3/4 of the range are tried with the extent; the widest
+    # of them (16) seeds, and every slice of the range is decoded once
+    assert prompt.seed_slice == 11 and session.decoded[:5] == [11, 7, 9, 14, 16] and result.seed_slices == [16]
     assert sorted(session.decoded) == list(range(3, 21)) and result.slices == [(3, 21)]
+    # with no candidates the middle slice seeds, as in the CVPR 2024 recipe; following the neighbour's mask
+    # (the recipe's way, with this rule's margins) recovers the widening object too
+    for rule in (PropagationRule(seed_candidates=()), PropagationRule(seed_candidates=(), box3d_follows_masks=True)):
+        middle = OracleSession(truth, rule=rule)
+        found = middle.predict([prompt])
+        assert found.seed_slices == [11] and sorted(middle.decoded) == list(range(3, 21))
+        np.testing.assert_array_equal(found.labels > 0, truth)
 
 
 def test_the_recipes_3_pixel_widening_loses_the_widening_object():
@@ -117,7 +128,8 @@ def test_clean_up_keeps_only_what_touches_the_seed_mask():
     truth = cone(z0=4, z1=20, r0=6, r1=6)
     stray = np.zeros(SHAPE, bool)
     stray[22:24, 18:20, 14:17] = True  # inside the widened boxes of slices 14..16, never touching the object
-    session = OracleSession(truth | stray)
+    # the middle slice seeds (the stray, on the 3D box's edge, would make 15 the slice that fills it best)
+    session = OracleSession(truth | stray, rule=PropagationRule(seed_candidates=()))
     box3d = box3d_of(truth | stray)
     result = session.predict([box3d_prompt(box3d, SHAPE)])
     assert not (result.labels > 0)[stray].any() and (result.labels > 0)[truth].all()

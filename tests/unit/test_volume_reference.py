@@ -95,11 +95,29 @@ def reference_object(decode, box, seed, z_range, xy_limit, rule, calls):
     """One object's kept slices ``{k: (probability, uncertainty)}``; ``calls`` records every ``(k, box)`` decoded."""
     width, height, depth = SHAPE
 
-    def run(k, prompt_box):
-        calls.append((k, [float(v) for v in prompt_box]))
-        return decode(k, prompt_box)
+    answers = {}
 
-    kept = {seed: run(seed, box)}
+    def run(k, prompt_box):
+        """Decode slice ``k`` with ``prompt_box``, once: a slice tried for the seed is not decoded again."""
+        key = (k, tuple(float(v) for v in prompt_box))
+        if key not in answers:
+            calls.append((k, list(key[1])))
+            answers[key] = decode(k, prompt_box)
+        return answers[key]
+
+    # a 3D box's seed: of its middle slice and the slices at the rule's fractions of its z-range, decoded with
+    # its x/y extent, the one whose mask's box overlaps the extent most (IoU) times the mask's mean probability
+    tried = [seed]
+    if z_range is not None:
+        fractions = [z_range[0] + f * (z_range[1] - 1 - z_range[0]) for f in rule.seed_candidates]
+        tried += sorted({int(np.floor(v + 0.5)) for v in fractions} - {seed})
+    best_fill = None
+    for k in tried:
+        probability, uncertainty = run(k, box)
+        fill = box_fill(probability > 0.5, box) * probability[probability > 0.5].mean() if (probability > 0.5).any() else 0.0
+        if best_fill is None or fill > best_fill:
+            best_fill, seed, answer = fill, k, (probability, uncertainty)
+    kept = {seed: answer}
     seed_mask = kept[seed][0] > 0.5
     seed_uncertainty = kept[seed][1][seed_mask].mean() if seed_mask.any() else 0.0
     if not seed_mask.any() and xy_limit is None:
@@ -108,7 +126,9 @@ def reference_object(decode, box, seed, z_range, xy_limit, rule, calls):
     for step in (1, -1):
         neighbour, answered_box, k = seed_mask, box, seed + step
         while low <= k < high:
-            if neighbour.any():
+            if z_range is not None and not rule.box3d_follows_masks:
+                prompt_box = list(xy_limit)  # a 3D box prompts every slice with its x/y extent
+            elif neighbour.any():
                 prompt_box = next_box(neighbour, answered_box, rule, width, height, xy_limit)
             elif xy_limit is not None:
                 prompt_box = list(xy_limit)
@@ -120,14 +140,22 @@ def reference_object(decode, box, seed, z_range, xy_limit, rule, calls):
                 break
             kept[k] = (probability, uncertainty)
             neighbour, answered_box, k = mask, prompt_box, k + step
-    return kept
+    return seed, kept
+
+
+def box_fill(mask, box):
+    """The IoU of ``mask``'s box with ``box``."""
+    rows, columns = np.nonzero(mask)
+    x0, y0, x1, y1 = columns.min(), rows.min(), columns.max() + 1, rows.max() + 1
+    overlap = max(min(x1, box[2]) - max(x0, box[0]), 0) * max(min(y1, box[3]) - max(y0, box[1]), 0)
+    return overlap / ((x1 - x0) * (y1 - y0) + (box[2] - box[0]) * (box[3] - box[1]) - overlap)
 
 
 def reference_propagation(decode, prompts, rule):
     """Labels ``(I, J, K)`` and the decoded ``(k, box)`` calls, for prompts ``(box, seed, z_range, xy_limit)``."""
     labels, best, calls = np.zeros(SHAPE, np.uint16), np.zeros(SHAPE, np.float32), []
     for number, (box, seed, z_range, xy_limit) in enumerate(prompts, start=1):
-        kept = reference_object(decode, box, seed, z_range, xy_limit, rule, calls)
+        seed, kept = reference_object(decode, box, seed, z_range, xy_limit, rule, calls)
         mask = np.zeros(SHAPE, bool)
         probability = np.zeros(SHAPE, np.float32)
         for k, (p, _) in kept.items():
@@ -165,16 +193,17 @@ def tight_box(mask, k):
 
 
 @pytest.mark.parametrize("seed", range(12))
-@pytest.mark.parametrize("protocol", ["box3d", "slice_box"])
+@pytest.mark.parametrize("protocol", ["box3d", "box3d_following_masks", "slice_box"])
 def test_propagation_agrees_with_a_plain_statement_of_the_rule(seed, protocol):
     rng = np.random.default_rng(seed)
     objects, distractor = scene(rng)
     decode = imperfect_model(objects[0] | objects[1], distractor, rng)
-    rule = PropagationRule(min_confidence=0.6)  # some of the model's slices fall under it
+    # min_confidence: some of the model's slices fall under it
+    rule = PropagationRule(min_confidence=0.6, box3d_follows_masks=protocol == "box3d_following_masks")
     prompts, reference_prompts = [], []
     for mask in objects:
         ks = np.nonzero(mask.any(axis=(0, 1)))[0]
-        if protocol == "box3d":
+        if protocol.startswith("box3d"):
             i, j = np.nonzero(mask.any(axis=2))
             box3d = [i.min(), j.min(), ks[0], i.max() + 1, j.max() + 1, ks[-1] + 1]
             prompts.append(box3d_prompt(box3d, SHAPE))
@@ -209,7 +238,7 @@ def test_an_empty_seed_slice_inside_a_3d_box_keeps_what_the_walk_found():
     hidden = np.zeros(SHAPE, bool)
     hidden[:, :, prompt.seed_slice] = True  # the model sees nothing on the middle slice
     decode = imperfect_model(truth & ~hidden, np.zeros(SHAPE, bool), np.random.default_rng(0))
-    session = ModelSession(decode, PropagationRule())
+    session = ModelSession(decode, PropagationRule(seed_candidates=()))  # the middle slice seeds
     found = session.predict([prompt]).labels > 0
     assert session.calls[0][0] == prompt.seed_slice and not found[:, :, prompt.seed_slice].any()
     assert found[truth & ~hidden].mean() > 0.8  # both boxes, each a component of its own

@@ -82,7 +82,7 @@ class PlanePromptInferer(Inferer):
 
 class VolumePromptInferer(Inferer):
     """``(volume [1, I, J, K], network) -> {"labels", "uncertainty"}``, each ``[1, I, J, K]``: object ``n`` of
-    ``prompts`` is label ``n + 1``; ``record`` gets ``slices`` (per object, ``[first, last + 1)``),
+    ``prompts`` is label ``n + 1``; ``record`` gets ``slices`` (per object, ``[first, last + 1)``), ``seed_slices``,
     ``encoder_slices`` (slices encoded, the rest came from the cache) and ``seconds``."""
 
     def __init__(
@@ -97,6 +97,8 @@ class VolumePromptInferer(Inferer):
             session = self.predictors.volume(network)
             session.set_volume(volume, window=self.window)
             result = session.predict(self.prompts)
-        self.record.update(slices=result.slices, encoder_slices=result.encoder_calls, seconds=result.seconds)
+        self.record.update(
+            slices=result.slices, seed_slices=result.seed_slices, encoder_slices=result.encoder_calls, seconds=result.seconds
+        )
         labels = result.labels.astype(np.uint8 if len(self.prompts) < 256 else np.uint16)
         return {"labels": torch.from_numpy(labels)[None], "uncertainty": torch.from_numpy(result.uncertainty)[None]}

@@ -100,10 +100,10 @@ class VolumeResultd(_ResultTransform):
             labels, uncertainty = d[key]["labels"].numpy(), d[key]["uncertainty"].numpy()
             with_uncertainty = wants_uncertainty(d)
             objects = []
-            for index, (prompt, (first, last)) in enumerate(zip(prompts, run["slices"]), start=1):
+            for index, (prompt, (first, last), seed) in enumerate(zip(prompts, run["slices"], run["seed_slices"]), start=1):
                 inside = labels == index
                 entry = {
-                    "label": index, "source": prompt.source, "seed_slice": prompt.seed_slice,
+                    "label": index, "source": prompt.source, "seed_slice": seed,
                     "box": [round(float(v), 2) for v in prompt.box], "slices": [first, last - 1], "voxels": int(inside.sum()),
                 }  # fmt: skip
                 if with_uncertainty:
