@@ -120,17 +120,7 @@ class FileChanges:
 
     def _keep(self, path: str) -> str:
         kept = _temporary_name(path)
-        try:
-            os.link(path, kept)
-        except OSError as exc:
-            if exc.errno not in _NO_LINKS:
-                raise
-
-            def fill(f):  # a disk without hard links: a copy
-                with open(path, "rb") as old:
-                    shutil.copyfileobj(old, f)
-
-            _replace_with(kept, fill)
+        link_atomically(path, kept)  # no space needed where the disk has hard links
         return kept
 
     def put(self, source: str, path: str, link: bool = False) -> None:
