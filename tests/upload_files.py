@@ -26,10 +26,10 @@ def forged_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
 
-def forged_nifti(shape, data: bytes = b"") -> bytes:
-    """A gzip NIfTI whose header claims ``shape`` (16-bit voxels) and holds only ``data``."""
+def forged_nifti(shape, data: bytes = b"", dtype=np.int16) -> bytes:
+    """A gzip NIfTI whose header claims ``shape`` (of ``dtype`` voxels) and holds only ``data``."""
     header = nib.Nifti1Header()
     header.set_data_shape(shape)
-    header.set_data_dtype(np.int16)
+    header.set_data_dtype(dtype)
     header["vox_offset"] = 352
-    return gzip.compress(header.binaryblock + b"\0" * 4 + data)
+    return gzip.compress(header.binaryblock + b"\0" * 4 + data, mtime=0)  # the same bytes on every call: xdist workers collect the same test ids

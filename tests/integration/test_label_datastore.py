@@ -5,7 +5,6 @@ The same cases over HTTP, against a real server, are in ``test_label_storage.py`
 """
 
 import errno
-import gzip
 import io
 import json
 import logging
@@ -25,6 +24,7 @@ from PIL import Image  # noqa: E402
 from conftest import import_app_module  # noqa: E402
 from imedsam.data.headers import read_header  # noqa: E402
 from imedsam.inference import load_image_array, spatial_shape  # noqa: E402
+from upload_files import forged_nifti  # noqa: E402
 
 datastore_module = import_app_module("lib.server.datastore")
 storage = import_app_module("lib.server.storage")
@@ -41,15 +41,6 @@ def _label(value=1, shape=SHAPE) -> np.ndarray:
     label = np.zeros(shape, np.uint8)
     label[10:30, 20:50] = value
     return label
-
-
-def _nifti_bytes(shape, dtype=np.uint8, data: bytes = b"") -> bytes:
-    """A gzip NIfTI whose header claims ``shape`` and holds only ``data``: a forged header in a few bytes."""
-    header = nib.Nifti1Header()
-    header.set_data_shape(shape)
-    header.set_data_dtype(dtype)
-    header["vox_offset"] = 352
-    return gzip.compress(header.binaryblock + b"\0" * 4 + data)
 
 
 @pytest.fixture
@@ -115,12 +106,12 @@ def test_a_label_whose_header_does_not_fit_is_refused_before_any_voxel_is_decode
     monkeypatch.setattr(datastore_module, "load_image_array", lambda path: decoded.append(path))
     # a 17 MB gzip of zeros took 78 s and 9.4 GB before its 400: this one claims the same in a few bytes
     forged = tmp_path / "forged.nii.gz"
-    forged.write_bytes(_nifti_bytes((2000, 2000, 1000)))
+    forged.write_bytes(forged_nifti((2000, 2000, 1000), dtype=np.uint8))
     with pytest.raises(datastore_module.DatastoreRequestError, match=r"has shape \(2000, 2000, 1000\); its image 'vol_0' has \(40, 32, 6\)"):
         datastore.save_label("vol_0", str(forged), "final", {})
     # a 4D label with the volume's first three sizes would decode 50 times the image
     layered = tmp_path / "layered.nii.gz"
-    layered.write_bytes(_nifti_bytes((*VOLUME, 50)))
+    layered.write_bytes(forged_nifti((*VOLUME, 50), dtype=np.uint8))
     with pytest.raises(datastore_module.DatastoreRequestError, match="one value per voxel"):
         datastore.save_label("vol_0", str(layered), "final", {})
     # a picture whose header claims 9000 x 9000
@@ -135,12 +126,12 @@ def test_a_label_whose_header_does_not_fit_is_refused_before_any_voxel_is_decode
 def test_an_image_upload_above_the_limits_is_refused_from_its_header(studies, tmp_path, monkeypatch):
     datastore = _datastore(studies)
     forged = tmp_path / "huge.nii.gz"
-    forged.write_bytes(_nifti_bytes((2000, 2000, 150)))  # the 2.6 MB case: 9 s and 2.9 GB before its 400
+    forged.write_bytes(forged_nifti((2000, 2000, 150), dtype=np.uint8))  # the 2.6 MB case: 9 s and 2.9 GB before its 400
     with pytest.raises(datastore_module.DatastoreRequestError, match="600,000,000 voxels, above the limit of 268,435,456") as raised:
         datastore.add_image("huge", str(forged), {}, name="huge.nii.gz")
     assert raised.value.status == 400 and str(tmp_path) not in str(raised.value)
     cut = tmp_path / "cut.nii.gz"
-    cut.write_bytes(_nifti_bytes(VOLUME, np.int16, b"\0" * 100))  # a header, and 100 of its 15,360 bytes
+    cut.write_bytes(forged_nifti(VOLUME, b"\0" * 100))  # a header, and 100 of its 15,360 bytes
     with pytest.raises(datastore_module.DatastoreRequestError, match="cut short"):
         datastore.add_image("cut", str(cut), {}, name="cut.nii.gz")
     assert sorted(datastore.list_images()) == ["img_0", "img_1", "vol_0"]
