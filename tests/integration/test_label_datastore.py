@@ -225,6 +225,18 @@ def test_an_image_upload_the_disk_refuses_changes_nothing(studies, tmp_path, mon
     assert _staging_files(studies) == []
 
 
+def test_every_file_the_app_writes_has_one_mode(tmp_path):
+    """Records, copies and published files get 0644 less the umask (mkstemp alone gave 0600), as images do."""
+    expected = storage.FILE_MODE & ~storage._UMASK
+    (tmp_path / "upload").write_bytes(b"label")
+    storage.write_json_atomically(str(tmp_path / "record.json"), {"a": 1})
+    storage.copy_atomically(str(tmp_path / "upload"), str(tmp_path / "copy.png"))
+    with storage.FileChanges() as changes:
+        changes.put(str(tmp_path / "upload"), str(tmp_path / "label.png"))
+    for name in ("record.json", "copy.png", "label.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+
+
 def test_changes_roll_back_on_a_disk_without_hard_links(tmp_path, monkeypatch):
     def no_links(source, target):
         raise OSError(errno.EPERM, "Operation not permitted")

@@ -4,6 +4,9 @@
 and the record) so that a failure part-way puts every file back as it was. :func:`storage_problem` turns the
 ``OSError`` of a failed write into the HTTP status and message a client gets: 507 for a full disk, 503 for
 other I/O failures, naming what could not be written and never a server path.
+
+Every file written here gets mode :data:`FILE_MODE` (0644, less the process's umask): labels, the datastore
+record, prompt records, training statistics and published models alike, as the images a client uploads.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 #: errors of a disk that cannot be written or read just now (503 Service Unavailable)
 DISK_UNAVAILABLE = (errno.EIO, errno.EROFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EACCES, errno.EPERM, errno.EAGAIN)
 # a disk (or file system) without hard links answers os.link with one of these
+#: the mode of every file written here, less the process's umask; ``mkstemp`` alone would leave 0600
+FILE_MODE = 0o644
+# the umask can only be read by setting it: once, at import, before any worker thread writes
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 _NO_LINKS = (errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS)
 _STAGING = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp$")
 
@@ -65,6 +73,7 @@ def _replace_with(path: str, fill) -> None:
     os.makedirs(folder, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(handle, FILE_MODE & ~_UMASK)
         with os.fdopen(handle, "wb") as f:
             fill(f)
             f.flush()
