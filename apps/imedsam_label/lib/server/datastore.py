@@ -55,6 +55,20 @@ class StorageError(DatastoreRequestError):
     """A change the disk refused (507 full, 503 unavailable); nothing of it was kept."""
 
 
+@contextmanager
+def disk_errors_refused(what: str, outcome: str = "nothing of it was changed"):
+    """A write the disk refuses in the body becomes a :class:`StorageError` (507 full, 503 otherwise) naming
+    ``what`` and saying ``outcome``; it is logged with the system's own message."""
+    try:
+        yield
+    except OSError as exc:
+        problem = storage_problem(exc, what, outcome)
+        if problem is None:
+            raise
+        logger.error("%s: %s (%s)", what, problem[1], exc)
+        raise StorageError(*problem) from exc
+
+
 def _named(exc: Exception, path: str, name: str) -> str:
     """``exc``'s message with the server's ``path`` replaced by the client's ``name``."""
     return str(exc).replace(os.fspath(path), name)
@@ -145,26 +159,19 @@ class CheckedDatastore(LocalDatastore):
         """Hold the datastore's lock while the body changes files (through the :class:`FileChanges` it gets)
         and the record of ``image_id``: if it fails, the files and the record are put back, and a disk error
         is a :class:`StorageError` naming ``what``."""
-        try:
-            with FileLock(self._lock_file):
-                before = copy.deepcopy(self._datastore.objects.get(image_id))
-                changes = FileChanges()
-                try:
-                    yield changes
-                except BaseException:
-                    changes.rollback()
-                    if before is None:
-                        self._datastore.objects.pop(image_id, None)
-                    else:
-                        self._datastore.objects[image_id] = before
-                    raise
-                changes.commit()
-        except OSError as exc:
-            problem = storage_problem(exc, what)
-            if problem is None:
+        with disk_errors_refused(what), FileLock(self._lock_file):
+            before = copy.deepcopy(self._datastore.objects.get(image_id))
+            changes = FileChanges()
+            try:
+                yield changes
+            except BaseException:
+                changes.rollback()
+                if before is None:
+                    self._datastore.objects.pop(image_id, None)
+                else:
+                    self._datastore.objects[image_id] = before
                 raise
-            logger.error("%s: %s (%s)", what, problem[1], exc)
-            raise StorageError(*problem) from exc
+            changes.commit()
 
     # -- images -------------------------------------------------------------------------------------------
     def check_image_file(self, path: str, name: str | None = None) -> ImageHeader:

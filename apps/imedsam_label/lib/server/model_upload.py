@@ -13,8 +13,8 @@ from monailabel.utils.others.generic import file_checksum
 
 from imedsam.networks import CheckpointError, IMedSAM
 
-from lib.server.datastore import DatastoreRequestError, StorageError
-from lib.server.storage import FileChanges, storage_problem
+from lib.server.datastore import DatastoreRequestError, disk_errors_refused
+from lib.server.storage import FileChanges
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +54,12 @@ def publish_checkpoint(network: IMedSAM, path: str, published: str, name: str) -
     kept file's name."""
     check_checkpoint(network, path, name)
     previous = previous_path(published)
-    try:
+    with disk_errors_refused(f"the checkpoint {name!r}", "the served model was not changed"):
         with _publishing, FileChanges() as changes:
             kept = os.path.exists(published)
             if kept:
                 changes.put(published, previous, link=True)
             changes.put(path, published)
-    except OSError as exc:
-        problem = storage_problem(exc, f"the checkpoint {name!r}", "the served model was not changed")
-        if problem is None:
-            raise
-        logger.error("model upload %s: %s (%s)", name, problem[1], exc)
-        raise StorageError(*problem) from exc
     logger.info("published the uploaded checkpoint %s as %s%s", name, published, f"; the one it replaced is {previous}" if kept else "")
     stat = os.stat(published)
     return {
