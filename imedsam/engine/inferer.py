@@ -28,8 +28,9 @@ class PromptInferer(Inferer):
             output grid's size: every pixel.
 
     Called as ``inferer(images, network, boxes=..., output_size=...)`` with ``boxes [B, N, 4]`` (what the
-    bundle's ``extra_keys={'boxes': 'box'}`` passes), or with ``prompts=`` a :class:`~imedsam.networks.Prompts`;
-    either reaches the network as a ``Prompts``. An ``output_size`` given in the call (a ``[B, 2]`` tensor from
+    bundle's ``extra_keys={'boxes': 'box'}`` passes) and optionally ``modality=`` one name per image (``extra_keys``
+    ``'modality': 'modality'``), or with ``prompts=`` a :class:`~imedsam.networks.Prompts`; either reaches the
+    network as a ``Prompts``. An ``output_size`` given in the call (a ``[B, 2]`` tensor from
     the batch, all rows equal) wins over the constructor's.
     """
 
@@ -63,14 +64,16 @@ class PromptInferer(Inferer):
 
     def __call__(
         self, inputs: torch.Tensor, network, boxes: torch.Tensor | None = None, output_size=None,
-        prompts: Prompts | None = None, **kwargs,
+        prompts: Prompts | None = None, modality=None, **kwargs,
     ):  # fmt: skip
         if (boxes is None) == (prompts is None):
             raise ValueError(
                 "PromptInferer needs boxes or prompts (one of the two): set prepare_batch to "
                 "PrepareBatchExtraInput(extra_keys={'boxes': 'box'})"
             )
-        prompts = as_prompts(prompts if boxes is None else boxes, inputs.device)
+        if modality is not None and prompts is not None:
+            raise ValueError("give the modality inside prompts (Prompts(modality=...)), not beside them")
+        prompts = as_prompts(prompts if boxes is None else Prompts(boxes=boxes, modality=modality), inputs.device)
         size = self.output_size
         if output_size is not None:
             sizes = torch.as_tensor(output_size).reshape(-1, 2)

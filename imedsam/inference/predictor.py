@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.modalities import normalize_modality
 from ..networks.imedsam import DECODE_MODES, IMedSAM, ImageEncoding
 from ..networks.prompts.prompts import Prompts
 from .openvino_encoder import ENCODER_ENGINES, OpenVINOEncoder, resolve_encoder_engine
@@ -107,6 +108,7 @@ class Predictor:
         self._cache: OrderedDict[tuple, ImageEncoding] = OrderedDict()
         self._encoding: ImageEncoding | None = None
         self._encoding_cached = False  # whether set_image found self._encoding in the cache
+        self._modality: str | None = None
         self.encoder_calls = 0
 
     @property
@@ -121,13 +123,18 @@ class Predictor:
             self._openvino_encoder = OpenVINOEncoder(self.model)
         return self._openvino_encoder
 
-    def set_image(self, image: np.ndarray) -> bool:
+    def set_image(self, image: np.ndarray, modality: str | None = None) -> bool:
         """Encode ``image`` (``H x W x 3``, uint8 or float in [0, 1]) unless its encoding is cached.
+
+        ``modality``: the image's imaging modality (a name of :data:`~imedsam.networks.prompts.MODALITY_NAMES`,
+        or a DICOM ``Modality`` code such as ``"MR"``, see :func:`~imedsam.data.normalize_modality`); a model with
+        a modality prompt uses it for every prompt of this image, None gives its "any" token.
 
         Returns True when the encoding came from the cache (the encoder did not run). If it raises, no image
         is set: :meth:`predict` refuses until a later call succeeds, rather than answer for the previous image.
         """
         self._encoding = None
+        self._modality = normalize_modality(modality)
         tensor = image_to_tensor(image)
         digest = hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
         key = (digest, image.shape, str(image.dtype), self.model.encoder_version())
@@ -183,8 +190,10 @@ class Predictor:
                 boxes = boxes.unsqueeze(0)
             if boxes.dim() != 2 or boxes.shape[-1] != 4:
                 raise ValueError(f"box must be [x0, y0, x1, y1] or an N x 4 array, got shape {tuple(boxes.shape)}")
-            prompts = Prompts(boxes=boxes.unsqueeze(0))
-        elif prompts.batch_size != 1:
+            prompts = Prompts(boxes=boxes.unsqueeze(0), modality=self._modality)
+        elif prompts.modality is None and self._modality is not None:
+            prompts = Prompts(boxes=prompts.boxes, points=prompts.points, point_labels=prompts.point_labels, modality=self._modality)
+        if prompts.batch_size != 1:
             raise ValueError(f"the predictor segments one image: give Prompts for one ([1, N, ...]), got {prompts.batch_size}")
         class_ids = None if class_id is None else torch.full((1, prompts.num_prompts), int(class_id))
         size = tuple(int(v) for v in (output_size or (self._encoding.height, self._encoding.width)))

@@ -17,6 +17,8 @@ from .implicit.decoder import ImplicitSegmentationDecoder
 from .precision import resolve_precision
 from .presets import IMEDSAM_PRESETS, LITE_MEDSAM_IMAGE_SIZE, build_sam_parts
 from .prompts.box_path import BoxPromptPath
+from .prompts.content import ContentPrompt
+from .prompts.modality import ModalityPrompt
 
 __all__ = ["build_imedsam"]
 
@@ -46,6 +48,10 @@ def build_imedsam(preset: str = "lite_medsam", *, model_class: type[IMedSAM] = I
             * ``use_inr``: False gives SAM's own mask-decoder output, bilinearly upsampled (the ablation);
             * ``mask_prior``: the implicit decoder refines SAM's own mask logit (the warm start); False is the
               paper's plain decoder. The preset says which by default;
+            * ``modality_prompt``, ``content_prompt``: MCP-MedSAM's modality token (one per imaging modality, and
+              "any"; ``modality_dropout`` is how often training swaps an image's token for "any") and content
+              token (the embedding inside the box through an MLP), each through zero-initialised gates
+              (:class:`~imedsam.networks.prompts.BoxPromptPath`);
             * ``box_proposal``: add the box-proposal head (:class:`~imedsam.networks.box_proposal.BoxProposalHead`);
             * ``decode_mode``, ``encoder_precision``: the model's settings (:class:`~imedsam.networks.IMedSAM`);
             * ``decoder_precision`` and ``mc_dropout``: the decoder's ``precision`` and ``dropout``, and any other
@@ -90,6 +96,9 @@ def _build(
     freeze_sam: bool = True,
     use_inr: bool = True,
     box_proposal: bool = True,
+    modality_prompt: bool = False,
+    content_prompt: bool = False,
+    modality_dropout: float = 0.1,
     decode_mode: str = "exact",
     encoder_precision: str = "auto",
     decoder_precision: str = "auto",
@@ -117,7 +126,12 @@ def _build(
             raise ValueError(f"checkpoint_stages names stages of lite_medsam's TinyViT; the {preset} encoder has none")
         vit, prompt_encoder, mask_decoder = _sam_parts(preset, image_size, sam_checkpoint)
         image_encoder = AdaptedImageEncoder(vit, **adapters)
-    prompt_path = BoxPromptPath(prompt_encoder, mask_decoder, sam_mask=mask_prior or not use_inr)
+    dim = mask_decoder.transformer_dim
+    prompt_path = BoxPromptPath(
+        prompt_encoder, mask_decoder, sam_mask=mask_prior or not use_inr,
+        modality_prompt=ModalityPrompt(dim, modality_dropout) if modality_prompt else None,
+        content_prompt=ContentPrompt(dim, dim, image_size) if content_prompt else None,
+    )  # fmt: skip
     decoder = None
     if use_inr:
         decoder = ImplicitSegmentationDecoder(

@@ -56,8 +56,8 @@ class IMedSAM(nn.Module):
     Settings, attributes that may change at any time: :attr:`decode_mode` and :attr:`encoder_precision` (below).
 
     Shapes: ``image [B, 3, h, w]`` RGB in [0, 1]; ``prompts`` a :class:`~imedsam.networks.prompts.Prompts` of
-    ``boxes [B, N, 4]`` x0, y0, x1, y1 in pixels of ``image``, or that box tensor alone (:attr:`prompt_kinds`:
-    boxes only; points or a modality are refused); output logits ``[B, N, H, W]`` with ``(H, W) = output_size``
+    ``boxes [B, N, 4]`` x0, y0, x1, y1 in pixels of ``image`` and a ``modality`` (used by a prompt path with a
+    modality prompt), or that box tensor alone (:attr:`prompt_kinds`: points are refused); output logits ``[B, N, H, W]`` with ``(H, W) = output_size``
     (default ``(h, w)``).
 
     Example::
@@ -76,8 +76,9 @@ class IMedSAM(nn.Module):
         torch.Size([1, 1, 80, 100])
     """
 
-    #: the kinds of :class:`~imedsam.networks.prompts.Prompts` this model uses; it refuses any other
-    prompt_kinds: tuple[str, ...] = ("boxes",)
+    #: the kinds of :class:`~imedsam.networks.prompts.Prompts` this model takes; it refuses any other. The
+    #: modality is used by a prompt path with a modality prompt, and taken unused by one without
+    prompt_kinds: tuple[str, ...] = ("boxes", "modality")
     #: ``"exact"`` (every pixel through the coarse INR, the method) or ``"adaptive"``: how :meth:`decode_all`
     #: decodes unless its ``mode`` says otherwise
     decode_mode: str = "exact"
@@ -117,11 +118,14 @@ class IMedSAM(nn.Module):
     def load_checkpoint(self, path: str | os.PathLike) -> IMedSAM:
         """Load a plain state dict of this whole model (as ``torch.save(model.state_dict(), path)`` writes)."""
         state = rename_legacy_keys(read_state_dict(path))
-        if self.box_proposal is not None and not any(key.startswith("box_proposal.") for key in state):
-            # a checkpoint from before the head: everything else loads, and the head stays untrained
-            # (trained_steps 0), which propose_boxes refuses
-            logger.info("%s has no box-proposal head; the model's head is untrained", os.fspath(path))
-            state.update({f"box_proposal.{key}": value for key, value in self.box_proposal.state_dict().items()})
+        # a checkpoint made before (or without) one of the parts that start untrained: everything else loads, and
+        # the part keeps its start (an untrained box head, which propose_boxes refuses; prompts with zero gates)
+        own = self.state_dict()
+        for part in ("box_proposal.", *(f"prompt_path.{name}." for name in ("modality_prompt", "content_prompt", "token_gates"))):
+            keys = [key for key in own if key.startswith(part) or key == part[:-1]]
+            if keys and not any(key in state for key in keys):
+                logger.info("%s has no %s; the model's own, untrained, is kept", os.fspath(path), part[:-1])
+                state.update({key: own[key] for key in keys})
         encoder = type(self.image_encoder).__name__
         hint = f" (this model: {encoder}, image_size={self.image_size}, num_classes={self.num_classes})"
         load_state_dict_checked(self, state, os.fspath(path), hint)
@@ -165,13 +169,23 @@ class IMedSAM(nn.Module):
         return embedding.float()  # the prompt path takes float32 maps; the decoder picks its own precision
 
     # -- decoder ------------------------------------------------------------------------------------------
-    def _run_prompt_path(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _modality_rows(self, prompts: Prompts, num_boxes: int) -> torch.Tensor | None:
+        """Rows of the modality prompt, one per box (None: the path has no modality prompt)."""
+        modality_prompt = self.prompt_path.modality_prompt
+        if modality_prompt is None:
+            return None
+        rows = modality_prompt.indices(prompts.modalities(), prompts.boxes.device)
+        return rows.repeat_interleave(num_boxes)
+
+    def _run_prompt_path(
+        self, embedding: torch.Tensor, boxes: torch.Tensor, modality_rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # the implicit decoder's precision: its maps feed a decoder that runs in that precision anyway
         if (self.training or torch.jit.is_tracing() or self.decoder is None
                 or resolve_precision(self.decoder.precision, embedding.device) == "float32"):  # fmt: skip
-            return self.prompt_path(embedding, boxes)
+            return self.prompt_path(embedding, boxes, modality_rows)
         with torch.autocast(embedding.device.type, dtype=torch.bfloat16):
-            box_features, mask_weights = self.prompt_path(embedding, boxes)
+            box_features, mask_weights = self.prompt_path(embedding, boxes, modality_rows)
         return box_features.float(), None if mask_weights is None else mask_weights.float()
 
     def _class_ids(self, boxes: torch.Tensor, class_ids: torch.Tensor | None) -> torch.Tensor:
@@ -211,7 +225,8 @@ class IMedSAM(nn.Module):
             raise ValueError(f"mode must be one of {DECODE_MODES}, got {mode!r}")
         embedding, height, width, extent = encoding
         batch = embedding.shape[0]
-        boxes = as_prompts(prompts, embedding.device).only(self.prompt_kinds, type(self).__name__).boxes
+        prompts = as_prompts(prompts, embedding.device).only(self.prompt_kinds, type(self).__name__)
+        boxes = prompts.boxes
         if output_size is None:
             output_size = (height, width)
         if not torch.jit.is_tracing():
@@ -224,7 +239,7 @@ class IMedSAM(nn.Module):
         prompt_boxes = (boxes.to(embedding.dtype) * scale).reshape(-1, 4)
         # one box per image: the embedding itself, whose decoder rows are then kept for its next prompt
         per_prompt = embedding if num_boxes == 1 else embedding.repeat_interleave(num_boxes, dim=0)
-        box_features, mask_weights = self._run_prompt_path(per_prompt, prompt_boxes)
+        box_features, mask_weights = self._run_prompt_path(per_prompt, prompt_boxes, self._modality_rows(prompts, num_boxes))
         out_h, out_w = int(output_size[0]), int(output_size[1])
         if self.decoder is None:
             sam_masks = torch.einsum("pc,pchw->phw", mask_weights, box_features).unsqueeze(1)

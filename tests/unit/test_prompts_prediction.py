@@ -69,9 +69,8 @@ def test_the_model_takes_prompts_or_plain_boxes_alike(model, images, boxes):
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"points": CLICKS["points"], "point_labels": CLICKS["point_labels"]}, "takes boxes only; these prompts give points,"),
-        ({"modality": "ct"}, "takes boxes only; these prompts give modality,"),
-        ({**CLICKS, "modality": "mr"}, "takes boxes only; these prompts give points, modality, which it cannot use"),
+        ({"points": CLICKS["points"], "point_labels": CLICKS["point_labels"]}, "takes boxes, modality only; these prompts give points,"),
+        ({**CLICKS, "modality": "mr"}, "takes boxes, modality only; these prompts give points, which it cannot use"),
     ],
 )
 def test_the_model_refuses_prompts_it_cannot_use(model, images, boxes, fields, message):
@@ -100,8 +99,11 @@ def test_inferer_passes_prompts_or_boxes(model, images, boxes):
         inferer(images, model)
     with pytest.raises(ValueError, match="one of the two"):
         inferer(images, model, boxes=boxes, prompts=Prompts(boxes=boxes))
-    with pytest.raises(ValueError, match="takes boxes only"):
-        inferer(images, model, prompts=Prompts(boxes=boxes, modality="ct"))
+    # a model without a modality prompt takes the modality and decodes as without it
+    assert torch.equal(seeded(lambda: inferer(images, model, prompts=Prompts(boxes=boxes, modality="ct"))), from_boxes)
+    assert torch.equal(seeded(lambda: inferer(images, model, boxes=boxes, modality=["ct", "mr"])), from_boxes)
+    with pytest.raises(ValueError, match="inside prompts"):
+        inferer(images, model, prompts=Prompts(boxes=boxes), modality=["ct", "mr"])
 
 
 # -- the predictor and its Prediction --------------------------------------------------------------------
@@ -144,7 +146,7 @@ def test_predictor_takes_prompts_for_its_one_image(picture):
     np.testing.assert_array_equal(one.probability[0], seeded(lambda: predictor.predict(boxes[0])).probability)
     with pytest.raises(ValueError, match="segments one image.*got 2"):
         predictor.predict(Prompts(boxes=[boxes[:1], boxes[1:]]))
-    with pytest.raises(ValueError, match="takes boxes only; these prompts give points"):
+    with pytest.raises(ValueError, match="takes boxes, modality only; these prompts give points"):
         predictor.predict(Prompts(boxes=[boxes[:1]], points=[[[[9.0, 9]]]], point_labels=[[[1]]]))
     with pytest.raises(ValueError, match="N x 4"):
         predictor.predict([[[5, 5, 60, 40]]])  # a plain [1, 1, 4] array: wrap it in Prompts instead

@@ -2,6 +2,19 @@
 become the map the implicit decoder reads."""
 
 from .box_path import BoxPromptPath
+from .content import ContentPrompt
+from .gated_tokens import ExtraTokenGates, run_two_way_transformer
+from .modality import MODALITY_NAMES, ModalityPrompt
 from .prompts import PROMPT_KINDS, Prompts, as_prompts
 
-__all__ = ["BoxPromptPath", "PROMPT_KINDS", "Prompts", "as_prompts"]
+__all__ = [
+    "BoxPromptPath",
+    "ContentPrompt",
+    "ExtraTokenGates",
+    "MODALITY_NAMES",
+    "ModalityPrompt",
+    "PROMPT_KINDS",
+    "Prompts",
+    "as_prompts",
+    "run_two_way_transformer",
+]

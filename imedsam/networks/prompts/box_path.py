@@ -6,6 +6,10 @@ import torch
 import torch.nn as nn
 from segment_anything.modeling import MaskDecoder, PromptEncoder
 
+from .content import ContentPrompt
+from .gated_tokens import ExtraTokenGates, run_two_way_transformer
+from .modality import ModalityPrompt
+
 __all__ = ["BoxPromptPath"]
 
 
@@ -17,11 +21,18 @@ class BoxPromptPath(nn.Module):
     ``sam_mask=True`` the weights of SAM's single-mask head are also returned: their dot product with the map
     is SAM's own mask logit (the ``use_inr=False`` ablation, and the implicit decoder's mask prior).
 
+    MCP-MedSAM's two extra prompts are optional: a ``modality_prompt`` (a learned token per imaging modality) and
+    a ``content_prompt`` (a token made from the embedding inside the box). Both enter the two-way transformer
+    through zero-initialised gates (:mod:`~imedsam.networks.prompts.gated_tokens`), so until they are trained
+    the path gives exactly SAM's map.
+
     Trainable: ``output_upscaling``, the two box-corner embeddings and ``no_mask_embed`` (plus the first
-    hypernetwork MLP for the SAM-mask ablation); the rest of SAM stays frozen.
+    hypernetwork MLP for the SAM-mask ablation), and the extra prompts with their gates; the rest of SAM stays
+    frozen.
 
     Shapes: ``image_embeddings [P, 256, g, g]`` (one row per prompt), ``boxes [P, 4]`` as x0, y0, x1, y1 in
-    pixels of the encoder's ``S x S`` input. Output ``[P, 32, 4g, 4g]`` (and the mask-head weights ``[P, 32]``).
+    pixels of the encoder's ``S x S`` input, ``modality_rows [P]`` rows of the modality prompt (with one).
+    Output ``[P, 32, 4g, 4g]`` (and the mask-head weights ``[P, 32]``).
 
     Example::
 
@@ -32,12 +43,24 @@ class BoxPromptPath(nn.Module):
         torch.Size([2, 32, 16, 16])
     """
 
-    def __init__(self, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, sam_mask: bool = False) -> None:
+    def __init__(
+        self,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        sam_mask: bool = False,
+        modality_prompt: ModalityPrompt | None = None,
+        content_prompt: ContentPrompt | None = None,
+    ) -> None:
         super().__init__()
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.sam_mask = sam_mask
         self.requires_grad_(False)
+        self.modality_prompt = modality_prompt
+        self.content_prompt = content_prompt
+        extra = (modality_prompt is not None) + (content_prompt is not None)
+        transformer = mask_decoder.transformer
+        self.token_gates = ExtraTokenGates(len(transformer.layers), extra, transformer.layers[0].self_attn.num_heads) if extra else None
         trainable = [
             mask_decoder.output_upscaling,
             prompt_encoder.point_embeddings[2],
@@ -53,7 +76,20 @@ class BoxPromptPath(nn.Module):
     def out_channels(self) -> int:
         return self.mask_decoder.transformer_dim // 8
 
-    def forward(self, image_embeddings: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def extra_tokens(self, image_embeddings: torch.Tensor, boxes: torch.Tensor, modality_rows: torch.Tensor | None) -> torch.Tensor | None:
+        """``[P, E, C]``: the modality and content tokens this path has (None without any)."""
+        tokens = []
+        if self.modality_prompt is not None:
+            if modality_rows is None:
+                modality_rows = torch.full((boxes.shape[0],), self.modality_prompt.any_index, device=boxes.device)
+            tokens.append(self.modality_prompt(modality_rows))
+        if self.content_prompt is not None:
+            tokens.append(self.content_prompt(image_embeddings, boxes))
+        return torch.stack(tokens, dim=1).to(image_embeddings.dtype) if tokens else None
+
+    def forward(
+        self, image_embeddings: torch.Tensor, boxes: torch.Tensor, modality_rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The box-conditioned map and, with ``sam_mask``, the weights of SAM's mask head (else None)."""
         sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
         decoder = self.mask_decoder
@@ -64,7 +100,11 @@ class BoxPromptPath(nn.Module):
         src = image_embeddings.contiguous(memory_format=torch.channels_last) + dense
         pos = self.prompt_encoder.get_dense_pe().expand_as(src)
         batch, channels, height, width = src.shape
-        token_out, src = decoder.transformer(src, pos, tokens)
+        extra = self.extra_tokens(image_embeddings, boxes, modality_rows)
+        if extra is None:
+            token_out, src = decoder.transformer(src, pos, tokens)
+        else:
+            token_out, src = run_two_way_transformer(decoder.transformer, src, pos, tokens, extra, self.token_gates)
         # the tokens [P, HW, C] viewed as a channels-last map, not copied into NCHW: oneDNN's transposed
         # convolutions run several times faster on it, and the decoder reads the map channels-last
         upscaled = decoder.output_upscaling(src.view(batch, height, width, channels).permute(0, 3, 1, 2))

@@ -39,8 +39,11 @@ class Prompts:
         boxes: ``[B, N, 4]`` x0, y0, x1, y1 in pixels of the image: one box per prompt.
         points: ``[B, N, K, 2]`` x, y in pixels of the image: ``K`` clicks per prompt. Needs ``point_labels``.
         point_labels: ``[B, N, K]`` integer: 1 a foreground click, 0 a background one (SAM's convention).
-        modality: the batch's imaging modality, lower case as in the CVPR 2024 challenge (``"ct"``, ``"mr"``,
-            ``"endoscopy"``, ...).
+        modality: the images' imaging modality, lower case as in the CVPR 2024 challenge (``"ct"``, ``"mr"``,
+            ``"endoscopy"``, ...; :data:`~imedsam.networks.prompts.MODALITY_NAMES`): one name for the batch, or a
+            sequence of ``B`` names (None in it: not known). A model with a modality prompt uses it (an image
+            without one gets the "any" token); a model without one takes it and leaves it unused, as the
+            intensity rules of a volume take it too.
 
     A tensor is kept as it is (integer boxes or points become float32, integer-valued labels int64); an array
     or a nested list becomes a tensor. Raises ``ValueError`` naming the field for a wrong shape, and when no
@@ -63,7 +66,7 @@ class Prompts:
     boxes: torch.Tensor | None = None
     points: torch.Tensor | None = None
     point_labels: torch.Tensor | None = None
-    modality: str | None = None
+    modality: str | Sequence[str | None] | None = None
 
     def __post_init__(self) -> None:
         boxes = _as_tensor(self.boxes, "boxes", torch.float32)
@@ -85,8 +88,21 @@ class Prompts:
                 raise ValueError(f"point_labels must have shape {tuple(points.shape[:-1])} (one per point), got {tuple(labels.shape)}")
             if boxes is not None and boxes.shape[:2] != points.shape[:2]:
                 raise ValueError(f"boxes {tuple(boxes.shape)} and points {tuple(points.shape)} must share [B, N]: one of each per prompt")
-        if self.modality is not None and (not isinstance(self.modality, str) or not self.modality):
-            raise ValueError(f"modality must be a non-empty string such as 'ct' or 'endoscopy', got {self.modality!r}")
+        modality = self.modality
+        if modality is not None:
+            names = [modality] if isinstance(modality, str) else list(modality) if isinstance(modality, (list, tuple)) else [0]
+            if not all(name is None or (isinstance(name, str) and name) for name in names):
+                raise ValueError(f"modality must be a non-empty string such as 'ct' or 'endoscopy' (or one per image), got {modality!r}")
+            if not isinstance(modality, str):
+                if len(names) != self.batch_size:
+                    raise ValueError(f"modality gives {len(names)} names for {self.batch_size} images: give one, or one per image")
+                object.__setattr__(self, "modality", tuple(names))
+
+    def modalities(self) -> tuple[str | None, ...]:
+        """The modality of each of the ``B`` images (None: not given)."""
+        if self.modality is None or isinstance(self.modality, str):
+            return (self.modality,) * self.batch_size
+        return tuple(self.modality)
 
     @property
     def batch_size(self) -> int:
