@@ -12,6 +12,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["imedsam", "imedsam.*"]),
+    # the weight sets the package carries (imedsam/networks/weights.py), a few MB each
+    package_data={"imedsam": ["weights/*.pt"]},
     install_requires=[
         # torch and torchvision come from the same index so that they import together (segment_anything
         # imports torchvision); no upper pins, pip picks the matching pair.

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from .cli_paths import check_output_path
+from .data.modalities import MODALITIES, normalize_modality
 from .data.pictures import read_picture
 
 __all__ = ["main", "read_rgb_image"]
@@ -60,6 +61,8 @@ def _build_model(args: argparse.Namespace):
         lora_rank=args.lora_rank,
         num_classes=args.num_classes,
         adaptive_points=args.adaptive_points,
+        modality_prompt=args.modality_prompt,
+        content_prompt=args.content_prompt,
     )
     if args.checkpoint:
         model.load_checkpoint(args.checkpoint)
@@ -77,8 +80,8 @@ def _predict(args: argparse.Namespace) -> None:
         predict_volume(args, _build_model(args))
         return
     args.encoder_engine = args.encoder_engine or "torch"
-    if args.box3d or args.slice is not None or args.window or args.modality:
-        raise ValueError("--box3d, --slice, --window and --modality are for volumes (.nii, .nii.gz, .nrrd or a DICOM folder)")
+    if args.box3d or args.slice is not None or args.window:
+        raise ValueError("--box3d, --slice and --window are for volumes (.nii, .nii.gz, .nrrd or a DICOM folder)")
     check_output_path(args.output, "--output", MASK_EXTENSIONS)
     for option in ("uncertainty", "overlay"):
         if getattr(args, option):
@@ -94,7 +97,7 @@ def _predict(args: argparse.Namespace) -> None:
     predictor = Predictor(
         model, max_decode_side=args.max_decode_side or None, decode_mode=args.decode_mode, encoder_engine=args.encoder_engine
     )
-    predictor.set_image(image)
+    predictor.set_image(image, modality=args.modality)
     if args.auto_box:
         box, confidence = predictor.propose_box()
         args.box = [round(float(v), 1) for v in box]
@@ -130,6 +133,15 @@ def _demo_data(args: argparse.Namespace) -> None:
     )
 
 
+def _modality_argument(value: str) -> str | None:
+    """``--modality``: the name of :data:`~imedsam.data.MODALITIES` for a name or DICOM code; anything else is
+    an argparse error that lists the accepted names."""
+    try:
+        return normalize_modality(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imedsam", description="I-MedSAM: box-prompted segmentation at any resolution")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -159,7 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--window", nargs=2, type=float, metavar=("LOW", "HIGH"),
         help="volumes: intensities mapped to [0, 1] (default: CT L40/W400, -160..240 HU; MR the 0.5-99.5 percentiles)",
     )  # fmt: skip
-    predict.add_argument("--modality", choices=("ct", "mr"), help="volumes: which default intensity rule (default: guessed)")
+    predict.add_argument(
+        "--modality", type=_modality_argument, metavar="NAME",
+        help=f"the image's modality: {', '.join(MODALITIES)}, or a DICOM Modality code (CT, MR, PT, US, CR, DX, MG, "
+             "ES, OP, OPT, SM, ...), any case. A model with a modality prompt uses it; for a volume it also picks the "
+             "default intensity rule: ct the CT window, any other the percentiles (default: not given; the rule is "
+             "guessed from the values)",
+    )  # fmt: skip
     predict.add_argument("--output", required=True, help="mask PNG (0/255); for a volume a label NIfTI (.nii.gz) on its grid")
     predict.add_argument("--uncertainty", help="uncertainty heat map PNG; for a volume a float NIfTI (.nii.gz)")
     predict.add_argument("--overlay", help="overlay PNG: image, prediction, box and uncertainty")
@@ -176,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--fa-mode", default="amplitude", choices=("amplitude", "phase", "none"))
     predict.add_argument("--lora-rank", type=int, default=4)
     predict.add_argument("--num-classes", type=int, default=1)
+    predict.add_argument(
+        "--modality-prompt", action="store_true",
+        help="the model has MCP-MedSAM's modality token (bundle: modality_prompt true); must match the checkpoint",
+    )  # fmt: skip
+    predict.add_argument(
+        "--content-prompt", action="store_true",
+        help="the model has MCP-MedSAM's content token (bundle: content_prompt true); must match the checkpoint",
+    )  # fmt: skip
     predict.add_argument("--class-id", type=int, help="class of the box for multi-class models")
     predict.add_argument("--threshold", type=float, default=0.5)
     predict.add_argument("--device", default="cpu")

@@ -93,7 +93,8 @@ def predict_volume(args: argparse.Namespace, model) -> None:
         model, max_decode_side=args.max_decode_side or None, decode_mode=args.decode_mode, encoder_engine=args.encoder_engine
     )
     session.set_volume(volume, affine, window=args.window, modality=args.modality)
-    logger.info("volume %s %s, intensity window %s, %d object(s)", args.image, volume.shape, session.window, len(prompts))
+    logger.info("volume %s %s, modality %s, intensity window %s, %d object(s)", args.image, volume.shape,
+                session.modality or "not given", session.window, len(prompts))  # fmt: skip
     known = sum(p.z_range[1] - p.z_range[0] for p in prompts) if all(p.z_range for p in prompts) else None
     with tqdm(total=known, unit="slice", desc="slices", disable=None) as bar:
         result = session.predict(prompts, progress=bar.update)

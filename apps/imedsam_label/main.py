@@ -24,6 +24,7 @@ from imedsam.inference import ImageReadError, PromptError
 from imedsam.networks import CheckpointError
 
 from lib.configs.imedsam import IMedSAMConfig
+from lib.infers.modality import IMAGE_CODE_KEY, ModalityRequestError, image_modality_code
 from lib.server.datastore import CheckedDatastore, DatastoreRequestError
 from lib.server.dicomweb import install_store_error_answers
 from lib.server.guard import install, install_model_upload
@@ -112,13 +113,18 @@ class IMedSAMApp(MONAILabelApp):
             raise HTTPException(status_code=404, detail=f"unknown model {request.get('model')!r}; this app serves {sorted(self._infers)}")
         if not self._readable_by_request(image):
             raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
+        # the modality the image carries, from its datastore info (which the DICOMweb datastore fills with the
+        # series' tags once _readable_by_request has fetched it); set for every request, so a client cannot claim
+        # one for the image: its own field is "modality"
+        stored = bool(datastore.get_image_uri(image))
+        request = {**request, IMAGE_CODE_KEY: image_modality_code(datastore.get_image_info(image) if stored else None)}
         try:
             result = super().infer(request, datastore)
-        except (PromptError, ImageReadError, DatastoreRequestError) as exc:
+        except (PromptError, ImageReadError, DatastoreRequestError, ModalityRequestError) as exc:
             raise HTTPException(status_code=getattr(exc, "status", 400), detail=str(exc)) from exc
         except CheckpointError as exc:
             raise HTTPException(status_code=500, detail=f"the served checkpoint cannot be loaded: {exc}") from exc
-        if datastore.get_image_uri(image) and request.get("model") == MODEL_NAME:
+        if stored and request.get("model") == MODEL_NAME:
             # The last box prompted on an image is the box its UGS score is computed with. Best effort: a
             # record that cannot be written (a full disk) is logged, and the mask still goes back.
             params = result.get("params") or {}

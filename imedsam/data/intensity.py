@@ -6,9 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .modalities import normalize_modality
 from .pictures import ImageReadError
 
-__all__ = ["CT_WINDOW", "CT_AIR_THRESHOLD", "MODALITY_RULES", "intensity_window"]
+__all__ = ["CT_WINDOW", "CT_AIR_THRESHOLD", "MODALITY_RULES", "intensity_rule", "intensity_window"]
 
 #: LiteMedSAM's CT window, level 40 / width 400 HU, in (low, high) form
 CT_WINDOW = (-160.0, 240.0)
@@ -16,6 +17,22 @@ CT_WINDOW = (-160.0, 240.0)
 CT_AIR_THRESHOLD = -500.0
 #: the ``modality`` values :func:`intensity_window` understands; None guesses from the values
 MODALITY_RULES = ("ct", "mr")
+
+
+def intensity_rule(modality: str | None) -> str | None:
+    """The ``modality`` argument of :func:`intensity_window` for an image's modality (a name of
+    :data:`imedsam.data.MODALITIES` or a DICOM code, see :func:`imedsam.data.normalize_modality`).
+
+    CT gets the CT rule; any other given modality the percentile rule (``"mr"``: only CT is in Hounsfield units);
+    None stays None (guess from the values). An unknown value is a ``ValueError`` naming it.
+
+    >>> intensity_rule("CT"), intensity_rule("PT"), intensity_rule("endoscopy"), intensity_rule(None)
+    ('ct', 'mr', 'mr', None)
+    """
+    name = normalize_modality(modality)
+    if name is None:
+        return None
+    return "ct" if name == "ct" else "mr"
 
 
 def _percentile_window(sample: np.ndarray, volume) -> tuple[float, float]:

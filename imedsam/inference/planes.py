@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..data.intensity import CT_WINDOW, intensity_window
+from ..data.intensity import CT_WINDOW, intensity_rule, intensity_window
 from ..data.pictures import ImageReadError, check_picture, check_pixel_count, is_picture
 
 __all__ = [
@@ -85,7 +85,7 @@ def _planar_channels(array: np.ndarray, what: str) -> np.ndarray:
 
 
 def image_plane(
-    array, planar: bool, slice_index: int | None = None, window: Sequence[float] | None = None
+    array, planar: bool, slice_index: int | None = None, window: Sequence[float] | None = None, modality: str | None = None
 ) -> np.ndarray:
     """The ``H x W x 3`` float32 RGB plane in [0, 1] that the model sees.
 
@@ -95,6 +95,9 @@ def image_plane(
         slice_index: the ``K`` index for a volume.
         window: ``[low, high]`` intensities mapped to [0, 1] (e.g. ``[-160, 240]``, the abdomen CT window);
             by default 8-bit pictures use 0..255 and other data its own range (percentiles for volumes).
+        modality: a volume's modality (a name or DICOM code): without ``window`` it picks the volume's rule
+            (:func:`~imedsam.data.intensity.intensity_rule`: CT's window for ``ct``, the percentiles for any other,
+            a guess from the values for None). Pictures ignore it.
     """
     array = np.asarray(array)
     if planar:
@@ -110,7 +113,7 @@ def image_plane(
         volume = _volume_array(array)
         if slice_index is None or not 0 <= slice_index < volume.shape[2]:
             raise ImageReadError(f"slice {slice_index} is not in the volume of shape {volume.shape}")
-        low, high = intensity_window(volume, window)
+        low, high = intensity_window(volume, window, intensity_rule(modality))
         plane = volume[:, :, slice_index].T[..., None]
     plane = np.clip((plane.astype(np.float32) - low) / (high - low), 0.0, 1.0)
     if not np.isfinite(plane).all():

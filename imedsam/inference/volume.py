@@ -45,7 +45,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from ..data.intensity import intensity_window
+from ..data.intensity import intensity_rule, intensity_window
+from ..data.modalities import normalize_modality
 from ..data.pictures import ImageReadError
 from ..networks.imedsam import IMedSAM
 from .predictor import Predictor
@@ -142,6 +143,8 @@ class VolumePredictor:
     The intensity rule (:meth:`set_volume`): ``window=(low, high)`` if given; else CT (``modality="ct"``, or a
     volume that holds air) gets LiteMedSAM's abdomen window L40/W400 (-160..240 HU) and MR or anything else the
     0.5-99.5 percentiles of its non-zero voxels; the range is mapped to [0, 1] and each slice repeated to RGB.
+    The modality is also the prompt of every slice (:meth:`Predictor.set_image`), which a model with a modality
+    prompt uses.
 
     Example::
 
@@ -170,6 +173,7 @@ class VolumePredictor:
         self.rule = rule
         self._volume: np.ndarray | None = None
         self.window: tuple[float, float] | None = None
+        self.modality: str | None = None
         self.affine: np.ndarray | None = None
 
     @property
@@ -181,11 +185,18 @@ class VolumePredictor:
     def set_volume(self, volume, affine=None, window: Sequence[float] | None = None, modality: str | None = None) -> None:
         """Take ``volume`` ``(I, J, K)`` (and its ``affine``, kept for the caller) and fix its intensity range.
 
+        ``modality``: the volume's imaging modality, a name of :data:`imedsam.data.MODALITIES` or a DICOM code
+        (``"CT"``, ``"MR"``, ``"PT"``, ...); None: not known. It picks the intensity rule when ``window`` is None
+        (:func:`~imedsam.data.intensity.intensity_rule`: CT's window for ``ct``, the percentiles for any other, a
+        guess from the values for None) and is every slice's modality prompt. An unknown name is a ``ValueError``.
+
         Nothing is encoded here: slices are encoded when the propagation first reaches them.
         """
         self._volume = None
+        name = normalize_modality(modality)
         array = check_volume(volume)
-        self.window = intensity_window(array, window, modality)
+        self.window = intensity_window(array, window, intensity_rule(name))
+        self.modality = name
         self._volume = array
         self.affine = None if affine is None else np.asarray(affine)
 
@@ -201,7 +212,7 @@ class VolumePredictor:
 
     def decode_slice(self, k: int, box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probability and uncertainty (``J x I``) of slice ``k`` for ``box`` ``[x0, y0, x1, y1]``."""
-        self.predictor.set_image(self.plane(k))
+        self.predictor.set_image(self.plane(k), modality=self.modality)
         prediction = self.predictor.predict(box)
         return prediction.probability, prediction.uncertainty
 

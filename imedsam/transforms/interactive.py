@@ -31,18 +31,24 @@ class PromptPlaned(MapTransform):
 
     With ``whole_image_if_unprompted``, a request without ``box``, ``roi`` or ``foreground`` gets the whole
     image as its box (a volume's middle slice unless ``slice`` says otherwise), as UGS scoring needs for
-    images nobody has prompted.
+    images nobody has prompted. With ``modality_key``, ``data[modality_key]`` (a modality name or DICOM code, or
+    None) picks a volume's intensity rule when no window is given (:func:`imedsam.inference.image_plane`).
 
     A bad prompt raises :class:`imedsam.inference.PromptError` and an unreadable image
     :class:`imedsam.inference.ImageReadError`, both ``ValueError`` with a message naming the problem.
     """
 
     def __init__(
-        self, keys: KeysCollection = "image", window: Sequence[float] | None = None, whole_image_if_unprompted: bool = False
+        self,
+        keys: KeysCollection = "image",
+        window: Sequence[float] | None = None,
+        whole_image_if_unprompted: bool = False,
+        modality_key: str | None = None,
     ) -> None:
         super().__init__(keys)
         self.window = window
         self.whole_image_if_unprompted = whole_image_if_unprompted
+        self.modality_key = modality_key
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -56,7 +62,8 @@ class PromptPlaned(MapTransform):
                 request = {"box": [0, 0, shape[0], shape[1]], "slice": d.get("slice", None if planar else shape[2] // 2)}
             prompt = resolve_box_prompt(request, shape)
             window = d.get("window") or self.window
-            d["plane"] = image_plane(array.numpy(), planar, prompt.slice_index, window)
+            modality = d.get(self.modality_key) if self.modality_key else None
+            d["plane"] = image_plane(array.numpy(), planar, prompt.slice_index, window, modality)
             d["box"], d["box_source"], d["slice"] = prompt.box, prompt.source, prompt.slice_index
             d["spatial_shape"] = shape
             d[key] = array

@@ -184,6 +184,7 @@ def test_3d_task_returns_the_packages_volume_for_a_slicer_roi(server, tmp_path):
         ("vol_0", {"box": [1, 1, 9, 9]}, "needs 'slice'"),
         ("vol_0", {"foreground": [[1, 1, 1]]}, "one foreground click"),
         ("img_1", {"box3d": [1, 1, 0, 9, 9, 1]}, "2D picture"),
+        ("vol_0", {"box3d": [1, 1, 0, 9, 9, 2], "modality": "XYZ"}, "unknown modality 'XYZ'; accepted: ct, mr"),
     ],
 )
 def test_3d_task_bad_requests_get_a_400_naming_the_problem(server, image, params, message):
@@ -201,12 +202,26 @@ def test_3d_task_bad_requests_get_a_400_naming_the_problem(server, image, params
         ("img_1", {"box": [5, 5, 5, 20]}, 400, "zero area"),
         ("img_1", {}, 400, "no box prompt"),
         ("vol_0", {"box": [1, 1, 9, 9]}, 400, "say which"),
+        ("img_1", {"box": [5, 5, 40, 40], "modality": "bogus"}, 400, "unknown modality 'bogus'; accepted: ct, mr"),
+        ("img_1", {"box": [5, 5, 40, 40], "modality": ["CT"]}, 400, "modality must be a string"),
     ],
 )
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, image, params, status, message):
     response = infer(server["client"], image, params)
     assert response.status_code == status and message in response.json()["detail"]
     assert server["client"].get("/info/").status_code == 200
+
+
+def test_the_modality_is_the_requests_else_the_images_info(server):
+    client, box = server["client"], {"box": [10, 10, 50, 40]}
+    assert infer(client, "img_2", box).json()["modality"] is None  # no request field, no info, no --conf modality
+    assert infer(client, "img_2", {**box, "modality": "MR"}).json()["modality"] == "mr"
+    # the DICOM tag, as MONAI Label's DICOMweb datastore records it in the image's info
+    stored = client.put("/datastore/image/info?image=img_2", data={"info": json.dumps({"Modality": "US"})})
+    assert stored.status_code == 200, stored.text
+    assert infer(client, "img_2", box).json()["modality"] == "us"
+    assert infer(client, "img_2", {**box, "modality": "dx"}).json()["modality"] == "xray"
+    assert infer_3d(client, "vol_0", {"box3d": [2, 2, 1, 20, 20, 4], "modality": "PT"}).json()["modality"] == "pet"
 
 
 def test_corrupt_upload_is_a_400(server):

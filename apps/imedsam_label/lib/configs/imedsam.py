@@ -11,7 +11,7 @@ import torch
 from monai.bundle import ConfigParser
 from monailabel.interfaces.config import TaskConfig
 
-from imedsam.data import headers, pictures
+from imedsam.data import headers, normalize_modality, pictures
 from imedsam.inference import ENCODER_ENGINES
 
 from lib.activelearning.ugs import UGSStrategy
@@ -47,6 +47,38 @@ def _positive_int(conf: dict[str, str], key: str, default: int) -> int:
     return number
 
 
+def _flag(conf: dict[str, str], key: str) -> bool:
+    value = str(conf.get(key, "false")).strip().lower()
+    if value not in ("true", "false", "1", "0", ""):
+        raise ValueError(f"--conf {key} must be true or false, got {conf.get(key)!r}")
+    return value in ("true", "1")
+
+
+def conf_modality(conf: dict[str, str]) -> str | None:
+    """``--conf modality``: the images' modality when neither the request nor the image says (a name or DICOM
+    code, normalized), or None; a bad value is an error naming the key and the accepted names."""
+    try:
+        return normalize_modality(conf.get("modality"))
+    except ValueError as exc:
+        raise ValueError(f"--conf modality: {exc}") from None
+
+
+def conf_modality_temperature(conf: dict[str, str]) -> float:
+    """``--conf modality_temperature`` (default 1.0): training draws modality ``k`` with probability proportional
+    to ``n_k ** (1 - temperature)`` (:class:`imedsam.data.ModalityBalancedSampler`); 0 keeps the data's
+    proportions, 1 draws the modalities equally."""
+    value = conf.get("modality_temperature")
+    if value is None or value == "":
+        return 1.0
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0.0 <= number <= 1.0:  # NaN fails too
+        raise ValueError(f"--conf modality_temperature must be a number from 0 to 1, got {value!r}")
+    return number
+
+
 def network_overrides(conf: dict[str, str]) -> dict[str, Any]:
     """The bundle's network keys that ``--conf`` sets (see ``bundle/configs/train.yaml``), with the app's defaults."""
     encoder = conf.get("encoder", "lite_medsam")
@@ -58,6 +90,9 @@ def network_overrides(conf: dict[str, str]) -> dict[str, Any]:
         "adaptive_points": _positive_int(conf, "adaptive_points", 4096),
         "decoder_precision": conf.get("decoder_precision", "auto"),
         "encoder_precision": conf.get("encoder_precision", "auto"),
+        # MCP-MedSAM's prompt tokens: must match the checkpoint
+        "modality_prompt": _flag(conf, "modality_prompt"),
+        "content_prompt": _flag(conf, "content_prompt"),
     }
 
 
@@ -90,7 +125,12 @@ class IMedSAMConfig(TaskConfig):
     - ``cache_slices`` (384): slice encodings the 3D task keeps (4 MiB each for ``lite_medsam``), so that
       objects and requests on one volume encode each slice once;
     - ``seed`` (0): the seed of untrained weights, so that the server and its training and scoring
-      subprocesses build the same untrained model.
+      subprocesses build the same untrained model;
+    - ``modality`` (none): the images' modality (a name such as ``mr`` or a DICOM code such as ``MR``) for a
+      request that names none on an image that carries none (no DICOM ``Modality`` tag, no ``modality`` in its
+      datastore info); ``modality_prompt`` / ``content_prompt`` (false): the network has MCP-MedSAM's modality /
+      content token (must match the checkpoint); ``modality_temperature`` (1.0): training's modality-balanced
+      sampling, when the labelled images fall in more than one modality.
     """
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
@@ -101,6 +141,8 @@ class IMedSAMConfig(TaskConfig):
             raise FileNotFoundError(f"--conf bundle {self.bundle_dir}: {train_config} not found")
         self.labels = {conf.get("label", "object"): 1}
         self.window = _window(conf.get("window"))
+        self.modality = conf_modality(conf)
+        self.modality_temperature = conf_modality_temperature(conf)
         if conf.get("max_image_pixels"):
             pictures.MAX_IMAGE_PIXELS = _positive_int(conf, "max_image_pixels", pictures.MAX_IMAGE_PIXELS)
         if conf.get("max_image_voxels"):
@@ -130,7 +172,9 @@ class IMedSAMConfig(TaskConfig):
                 "its masks are meaningless until you train or pass a checkpoint",
                 self.network_overrides["encoder"],
             )
-        served = dict(window=self.window, max_decode_side=self.max_decode_side, encoder_engine=self.encoder_engine)
+        served = dict(
+            window=self.window, max_decode_side=self.max_decode_side, encoder_engine=self.encoder_engine, modality=self.modality
+        )
         self._infer = IMedSAMInfer(self.network, self.path, self.labels, self.model_version, dimension=2, **served)
         self._infer_3d = IMedSAMInfer(
             self.network, self.path, self.labels, self.model_version, dimension=3,
@@ -143,7 +187,13 @@ class IMedSAMConfig(TaskConfig):
         parser.update({"bundle_root": self.bundle_dir, **self.network_overrides})
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return parser.get_parsed_content("network_def")
+            network = parser.get_parsed_content("network_def")
+        for key in ("modality_prompt", "content_prompt"):
+            if self.network_overrides[key] and getattr(network.prompt_path, key, None) is None:
+                raise ValueError(
+                    f"--conf {key} true, but the bundle {self.bundle_dir} builds no {key} (its train.yaml has no {key} key)"
+                )
+        return network
 
     def model_version(self) -> str:
         # MONAI Label's get_path: the last of self.path that exists, i.e. the published checkpoint once
@@ -164,6 +214,8 @@ class IMedSAMConfig(TaskConfig):
             network_overrides=self.network_overrides,
             start_from=self._infer.get_path,
             window=self.window,
+            modality=self.modality,
+            modality_temperature=self.modality_temperature,
         )
 
     def strategy(self):

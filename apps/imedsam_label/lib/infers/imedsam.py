@@ -16,6 +16,7 @@ from imedsam.networks import IMedSAM
 from imedsam.transforms import PromptPlaned, PromptVolumed
 
 from lib.infers.inferers import PlanePromptInferer, PredictorCache, VolumePromptInferer
+from lib.infers.modality import MODALITY_KEY, ResolveModalityd
 from lib.transforms.results import PlaneResultd, VolumeResultd
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,9 @@ class IMedSAMInfer(BasicInferTask):
 
     2D request fields besides MONAI Label's own: ``box`` / ``roi`` / ``foreground`` (the prompt, see
     :func:`imedsam.inference.resolve_box_prompt`), ``slice`` (volumes), ``window`` (``[low, high]`` intensity
-    window), ``uncertainty`` (true: add the UGS uncertainty map to the result JSON). The result label has the
-    image's full size: a 2D mask for a picture, or a volume that is zero except on the prompted slice.
+    window), ``uncertainty`` (true: add the UGS uncertainty map to the result JSON), ``modality`` (a modality
+    name or DICOM code; see below). The result label has the image's full size: a 2D mask for a picture, or a
+    volume that is zero except on the prompted slice.
 
     3D request fields (:func:`imedsam.inference.resolve_volume_prompts`), for volumes (NIfTI, NRRD, DICOM series):
 
@@ -50,11 +52,16 @@ class IMedSAMInfer(BasicInferTask):
     - ``box`` with ``slice``: a 2D box on one slice; the propagation finds where the object ends;
     - ``foreground`` (and ``background``) clicks ``[i, j, k]``: two foreground clicks on one slice are a box's
       opposite corners; a background click that the mask would cover stops the walk before that slice;
-    - ``window`` ``[low, high]``; ``uncertainty`` (true: add the uncertainty summary).
+    - ``window`` ``[low, high]``; ``uncertainty`` (true: add the uncertainty summary); ``modality``.
 
     The 3D result is the label volume on the image's grid (``result_extension`` ``.nii.gz``, ``.nrrd``, ...), and
     the result JSON says per object which slices were decoded, how many slices the encoder ran on, and, with
     ``uncertainty``, the UGS uncertainty inside the mask.
+
+    The image's modality (:mod:`lib.infers.modality`) is the request's ``modality``, else the image's own (its
+    datastore info, or a DICOM series' ``Modality`` tag), else ``modality`` (the app's ``--conf modality``), else
+    none; a model with a modality prompt uses it, and without a window it picks a volume's intensity rule (CT's
+    window for ct, the percentiles for any other). The result JSON names it (``modality``, null for none).
 
     The image encoder runs once per (plane, model weights), up to ``cache_size`` planes (default 8 in 2D, 384
     slices in 3D): a second prompt on the same image or volume skips it, and publishing a new checkpoint reloads
@@ -73,6 +80,7 @@ class IMedSAMInfer(BasicInferTask):
         max_decode_side: int | None = 1024,
         encoder_engine: str = "auto",
         description: str | None = None,
+        modality: str | None = None,
     ) -> None:
         if dimension not in DESCRIPTIONS:
             raise ValueError(f"dimension must be 2 or 3, got {dimension!r}")
@@ -88,6 +96,7 @@ class IMedSAMInfer(BasicInferTask):
             load_strict=True,
         )
         self.window = window
+        self.modality = ResolveModalityd(modality)
         self.model_version = model_version
         if cache_size is None:
             cache_size = 8 if dimension == 2 else 384
@@ -98,14 +107,16 @@ class IMedSAMInfer(BasicInferTask):
         return True
 
     def pre_transforms(self, data=None):
-        prompt = PromptPlaned if self.dimension == 2 else PromptVolumed
-        return [prompt(keys="image", window=self.window)]
+        if self.dimension == 2:
+            return [self.modality, PromptPlaned(keys="image", window=self.window, modality_key=MODALITY_KEY)]
+        return [self.modality, PromptVolumed(keys="image", window=self.window)]
 
     def inferer(self, data=None):
-        data["inference"] = record = {}  # what the run says besides its maps, for the post transforms
+        # what the run says besides its maps, for the post transforms
+        data["inference"] = record = {"modality": data[MODALITY_KEY]}
         if self.dimension == 2:
-            return PlanePromptInferer(self._predictors, data["box"], record)
-        return VolumePromptInferer(self._predictors, data["object_prompts"], data["window"], record)
+            return PlanePromptInferer(self._predictors, data["box"], record, data[MODALITY_KEY])
+        return VolumePromptInferer(self._predictors, data["object_prompts"], data["window"], record, data[MODALITY_KEY])
 
     def post_transforms(self, data=None):
         result = PlaneResultd if self.dimension == 2 else VolumeResultd
@@ -143,18 +154,20 @@ class IMedSAMInfer(BasicInferTask):
         return head is not None and head.is_trained
 
     def propose_box(self, data: dict[str, Any], device="cpu") -> tuple[list[float], float]:
-        """The served model's proposed box for ``data["plane"]`` (``[x0, y0, x1, y1]`` in its pixels) and its
-        confidence; the plane's encoding stays cached for the prompt that follows."""
+        """The served model's proposed box for ``data["plane"]`` (``[x0, y0, x1, y1]`` in its pixels; with
+        ``data[MODALITY_KEY]``, see :class:`~lib.infers.modality.ResolveModalityd`) and its confidence; the plane's
+        encoding stays cached for the prompt that follows."""
         with self._lock:
             predictor = self._predictors.plane(self._get_network(device, None))
-            predictor.set_image(data["plane"])
+            predictor.set_image(data["plane"], modality=data.get(MODALITY_KEY))
             box, confidence = predictor.propose_box()
         return [float(v) for v in box], confidence
 
     def predict_plane(self, data: dict[str, Any], device="cpu") -> dict[str, Any]:
-        """Run the model on ``data["plane"]`` with ``data["box"]``: probability and uncertainty (``H x W``) and
-        the run's record (``encoder_cached``, ``encoder_s``, ``decoder_s``, ``decode_size``)."""
+        """Run the model on ``data["plane"]`` with ``data["box"]`` (and ``data[MODALITY_KEY]``): probability and
+        uncertainty (``H x W``) and the run's record (``encoder_cached``, ``encoder_s``, ``decoder_s``,
+        ``decode_size``)."""
         record: dict[str, Any] = {}
-        inferer = PlanePromptInferer(self._predictors, data["box"], record)
+        inferer = PlanePromptInferer(self._predictors, data["box"], record, data.get(MODALITY_KEY))
         maps = inferer(torch.from_numpy(data["plane"])[None], self._get_network(device, None))
         return {"probability": maps["probability"][0].numpy(), "uncertainty": maps["uncertainty"][0].numpy(), **record}

@@ -59,18 +59,21 @@ class PredictorCache:
 
 class PlanePromptInferer(Inferer):
     """``(plane [1, H, W, 3], network) -> {"probability", "uncertainty"}``, each ``[1, H, W]``, for one ``box``
-    ``[x0, y0, x1, y1]``; ``record`` gets ``encoder_cached``, ``encoder_s``, ``decoder_s`` and ``decode_size``."""
+    ``[x0, y0, x1, y1]`` on an image of ``modality`` (a name, or None); ``record`` gets ``encoder_cached``,
+    ``encoder_s``, ``decoder_s`` and ``decode_size``."""
 
-    def __init__(self, predictors: PredictorCache, box: Sequence[float], record: dict[str, Any]) -> None:
+    def __init__(
+        self, predictors: PredictorCache, box: Sequence[float], record: dict[str, Any], modality: str | None = None
+    ) -> None:
         super().__init__()
-        self.predictors, self.box, self.record = predictors, box, record
+        self.predictors, self.box, self.record, self.modality = predictors, box, record, modality
 
     def __call__(self, inputs: torch.Tensor, network: IMedSAM, *args, **kwargs) -> dict[str, torch.Tensor]:
         plane = inputs[0].cpu().numpy()
         with self.predictors.lock:
             predictor = self.predictors.plane(network)
             start = time.perf_counter()
-            cached = predictor.set_image(plane)
+            cached = predictor.set_image(plane, modality=self.modality)
             encoded = time.perf_counter()
             prediction = predictor.predict(self.box)
             decoded = time.perf_counter()
@@ -82,20 +85,27 @@ class PlanePromptInferer(Inferer):
 
 class VolumePromptInferer(Inferer):
     """``(volume [1, I, J, K], network) -> {"labels", "uncertainty"}``, each ``[1, I, J, K]``: object ``n`` of
-    ``prompts`` is label ``n + 1``; ``record`` gets ``slices`` (per object, ``[first, last + 1)``), ``seed_slices``,
-    ``encoder_slices`` (slices encoded, the rest came from the cache) and ``seconds``."""
+    ``prompts`` is label ``n + 1``, on a volume of ``modality`` (a name, or None: also its intensity rule without a
+    ``window``, see :meth:`~imedsam.inference.VolumePredictor.set_volume`); ``record`` gets ``slices`` (per object,
+    ``[first, last + 1)``), ``seed_slices``, ``encoder_slices`` (slices encoded, the rest came from the cache) and
+    ``seconds``."""
 
     def __init__(
-        self, predictors: PredictorCache, prompts: Sequence[ObjectPrompt], window: Sequence[float] | None, record: dict[str, Any]
+        self,
+        predictors: PredictorCache,
+        prompts: Sequence[ObjectPrompt],
+        window: Sequence[float] | None,
+        record: dict[str, Any],
+        modality: str | None = None,
     ) -> None:
         super().__init__()
-        self.predictors, self.prompts, self.window, self.record = predictors, prompts, window, record
+        self.predictors, self.prompts, self.window, self.record, self.modality = predictors, prompts, window, record, modality
 
     def __call__(self, inputs: torch.Tensor, network: IMedSAM, *args, **kwargs) -> dict[str, torch.Tensor]:
         volume = inputs[0].cpu().numpy()
         with self.predictors.lock:
             session = self.predictors.volume(network)
-            session.set_volume(volume, window=self.window)
+            session.set_volume(volume, window=self.window, modality=self.modality)
             result = session.predict(self.prompts)
         self.record.update(
             slices=result.slices, seed_slices=result.seed_slices, encoder_slices=result.encoder_calls, seconds=result.seconds

@@ -15,6 +15,7 @@ from imedsam.metrics import ugs_score
 from imedsam.transforms import PromptPlaned
 
 from lib.infers.imedsam import IMedSAMInfer
+from lib.infers.modality import IMAGE_CODE_KEY, MODALITY_KEY, image_modality_code, resolve_modality
 from lib.server.storage import PromptRecords
 
 logger = logging.getLogger(__name__)
@@ -56,12 +57,18 @@ class UGSScoring(ScoringMethod):
         for image_id in datastore.get_unlabeled_images():
             info = datastore.get_image_info(image_id)
             prompt, source = prompt_for(self.prompt_records.get(image_id))
+            code = image_modality_code(info)
             stamp = f"{version}|{prompt.get('box')}|{prompt.get('slice')}"
+            modality = resolve_modality(None, code, self.infer.modality.conf_modality)
+            if modality is not None:  # a modality prompt changes the score; stamps of images without one stay as they were
+                stamp += f"|{modality}"
             if info.get(MODEL_KEY) == stamp and SCORE_KEY in info:
                 skipped += 1
                 continue
             try:
-                score, box, slice_index, source, confidence = self._score(datastore.get_image_uri(image_id), prompt, source, device)
+                score, box, slice_index, source, confidence = self._score(
+                    datastore.get_image_uri(image_id), {**prompt, IMAGE_CODE_KEY: code}, source, device
+                )
             except (PromptError, ImageReadError) as exc:
                 logger.warning("UGS: cannot score %s: %s", image_id, exc)
                 failed[image_id] = str(exc)
@@ -76,8 +83,10 @@ class UGSScoring(ScoringMethod):
         return {"scored": scored, "up_to_date": skipped, "failed": failed, "model": version}
 
     def _score(self, path: str, prompt: dict, source: str, device: str):
-        """``(score, box, slice, box source, proposal confidence or None)`` of one image."""
-        data = PromptPlaned(window=self.infer.window, whole_image_if_unprompted=True)({"image": path, **prompt})
+        """``(score, box, slice, box source, proposal confidence or None)`` of one image; ``prompt`` may carry the
+        image's own modality code (``IMAGE_CODE_KEY``), resolved as for a request."""
+        data = self.infer.modality({"image": path, **prompt})
+        data = PromptPlaned(window=self.infer.window, whole_image_if_unprompted=True, modality_key=MODALITY_KEY)(data)
         confidence = None
         if source == "unprompted":
             if self.infer.can_propose_boxes(device):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -9,6 +10,7 @@ import os
 import re
 import shutil
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -17,9 +19,10 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 from PIL import Image
 
-from imedsam.data import seeded_split
+from imedsam.data import ModalityBalancedSampler, seeded_split
 from imedsam.inference import ImageReadError, image_plane, is_picture, label_plane, load_image_array, spatial_shape
 
+from lib.infers.modality import dicom_series_modality, image_modality_code, resolve_modality
 from lib.server.storage import copy_atomically, write_json_atomically
 
 logger = logging.getLogger(__name__)
@@ -78,16 +81,19 @@ def _write_pair(folder: str, name: str, plane: np.ndarray, mask: np.ndarray) -> 
     Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(folder, "masks", f"{name}.png"))
 
 
-def export_training_set(datalist: list[dict], folder: str, val_split: float, seed: int, window=None) -> dict[str, list[str]]:
-    """Write ``datalist`` (``[{"image", "label"}]``) as the bundle's dataset layout and return the split.
+def export_training_set(datalist: list[dict], folder: str, val_split: float, seed: int, window=None) -> dict[str, Any]:
+    """Write ``datalist`` (``[{"image", "label"(, "modality")}]``) as the bundle's dataset layout and return the
+    split: ``{"train": [names], "val": [names], "modalities": {name: modality or None}}``, also ``split.json``.
 
-    A picture gives one image/mask pair; a volume gives one pair per slice whose label has foreground.
-    Samples from one image stay in the same split. At least two images (or, for a single volume, two
-    labeled slices) are needed, so that validation has one.
+    A picture gives one image/mask pair; a volume gives one pair per slice whose label has foreground, windowed
+    by ``window``, else by the item's ``modality`` (a name; CT's window for ct, the percentiles for any other), else
+    by a guess from its values, as at inference. Samples from one image stay in the same split. At least two
+    images (or, for a single volume, two labeled slices) are needed, so that validation has one.
     """
     for sub in ("images", "masks"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     groups: dict[str, list[str]] = {}
+    modalities: dict[str, str | None] = {}
     for item in datalist:
         image_path, label_path = item["image"], item["label"]
         image_id = os.path.basename(image_path).split(".")[0]
@@ -107,8 +113,9 @@ def export_training_set(datalist: list[dict], folder: str, val_split: float, see
                 logger.warning("skipping %s: its final label is empty", image_path if k is None else f"{image_path} slice {k}")
                 continue
             name = image_id if k is None else f"{image_id}_slice{k:04d}"
-            _write_pair(folder, name, image_plane(image, planar, k, window), mask)
+            _write_pair(folder, name, image_plane(image, planar, k, window, item.get("modality")), mask)
             names.append(name)
+            modalities[name] = item.get("modality")
         if names:
             groups[image_id] = names
     samples = sum(len(v) for v in groups.values())
@@ -119,10 +126,54 @@ def export_training_set(datalist: list[dict], folder: str, val_split: float, see
     # split by image, so that the slices of one volume stay together; a single volume is split by slice
     units = {name: [name] for names in groups.values() for name in names} if len(groups) < 2 else groups
     by_unit = seeded_split(list(units), seed, (1.0 - val_split, val_split))
-    split = {key: sorted(name for unit in by_unit[key] for name in units[unit]) for key in ("train", "val")}
+    split: dict[str, Any] = {key: sorted(name for unit in by_unit[key] for name in units[unit]) for key in ("train", "val")}
+    split["modalities"] = {name: modalities[name] for name in split["train"] + split["val"]}  # polyp_datalist ignores it
     with open(os.path.join(folder, "split.json"), "w") as f:
         json.dump(split, f, indent=1)
     return split
+
+
+def item_modalities(datalist: list[dict], datastore: Datastore, conf_modality: str | None) -> list[str | None]:
+    """The modality of each ``datalist`` item (a name, or None): the image's own (its datastore info's
+    ``modality`` or DICOM ``Modality``, or a DICOM series folder's tag), else ``conf_modality``; an unknown code is
+    None (:func:`lib.infers.modality.resolve_modality`, as for a request that names none)."""
+    codes = {}
+    for image_id in datastore.get_labeled_images():
+        info = datastore.get_image_info(image_id)
+        if info.get("path"):
+            codes[os.path.realpath(info["path"])] = image_modality_code(info)
+    return [
+        resolve_modality(None, codes.get(os.path.realpath(item["image"])) or dicom_series_modality(item["image"]), conf_modality)
+        for item in datalist
+    ]
+
+
+#: the sampler's group of training samples whose modality is not known
+UNKNOWN_MODALITY = "unknown"
+
+
+def modality_sampler(items: list[dict], modalities: dict[str, str | None], temperature: float, seed: int) -> ModalityBalancedSampler:
+    """A :class:`~imedsam.data.ModalityBalancedSampler` over the bundle's training ``items`` (``name`` keys), by
+    ``modalities`` (sample name -> name or None: one group, ``UNKNOWN_MODALITY``), as many draws per epoch as
+    items."""
+    groups = [modalities.get(item["name"]) or UNKNOWN_MODALITY for item in items]
+    return ModalityBalancedSampler(groups, temperature=temperature, seed=seed)
+
+
+def sampler_overrides(split: dict[str, Any], temperature: float, seed: int) -> dict[str, Any]:
+    """The bundle overrides that draw training samples with :func:`modality_sampler` instead of shuffling them,
+    when the training samples carry a modality and fall in more than one group (samples of no modality are one);
+    else none. With one group a balanced draw is only a draw with replacement, and shuffling shows every
+    sample once an epoch."""
+    groups = {split["modalities"].get(name) or UNKNOWN_MODALITY for name in split["train"]}
+    if len(groups) < 2:
+        return {}
+    return {
+        "train#dataloader#shuffle": False,
+        # a callable, not a dict: the config parser would read a dict of sample names as config keys
+        "modality_sampler": functools.partial(modality_sampler, modalities=split["modalities"], temperature=temperature, seed=seed),
+        "train#dataloader#sampler": "$@modality_sampler(@train#dataset#data)",
+    }
 
 
 class IMedSAMTrainer(TrainTask):
@@ -130,8 +181,11 @@ class IMedSAMTrainer(TrainTask):
 
     The datastore's labels are exported to the bundle's dataset layout (``images/``, ``masks/``,
     ``split.json``), then the bundle's ``train.yaml`` workflow runs with the app's network settings, starting
-    from the served checkpoint. The best validation checkpoint is copied atomically to ``publish_path``,
-    which the infer task reloads on its next request.
+    from the served checkpoint. When the labelled images fall in more than one modality (their own, else
+    ``modality``; those of none are one group), training draws its samples with
+    :class:`~imedsam.data.ModalityBalancedSampler` at ``modality_temperature`` instead of shuffling them. The
+    best validation checkpoint is copied atomically to ``publish_path``, which the infer task reloads on its next
+    request.
     """
 
     def __init__(
@@ -142,6 +196,8 @@ class IMedSAMTrainer(TrainTask):
         network_overrides: dict[str, Any],
         start_from,
         window=None,
+        modality: str | None = None,
+        modality_temperature: float = 1.0,
         description: str = "Fine-tune I-MedSAM on the labels saved as final",
     ) -> None:
         super().__init__(description)
@@ -152,6 +208,8 @@ class IMedSAMTrainer(TrainTask):
         self.network_overrides = dict(network_overrides)
         self.start_from = start_from
         self.window = window
+        self.modality = modality
+        self.modality_temperature = modality_temperature
 
     def config(self) -> dict[str, Any]:
         return {
@@ -192,9 +250,10 @@ class IMedSAMTrainer(TrainTask):
         shutil.rmtree(os.path.join(run_dir, "data"), ignore_errors=True)
         start = time.time()
         datalist = datastore.datalist()
+        items = [{**item, "modality": m} for item, m in zip(datalist, item_modalities(datalist, datastore, self.modality))]
         try:
             split = export_training_set(
-                datalist, os.path.join(run_dir, "data"), float(settings["val_split"]), int(settings["seed"]), self.window
+                items, os.path.join(run_dir, "data"), float(settings["val_split"]), int(settings["seed"]), self.window
             )
         except ImageReadError as exc:
             raise TrainingDataError(str(exc)) from exc
@@ -203,6 +262,12 @@ class IMedSAMTrainer(TrainTask):
             "I-MedSAM training %s: %d train / %d val samples from %d final labels, starting from %s",
             settings["name"], len(split["train"]), len(split["val"]), len(datalist), initial or f"the {self.network_overrides.get('encoder')} start",
         )
+        sampling = sampler_overrides(split, self.modality_temperature, int(settings["seed"]))
+        if sampling:
+            counts = Counter(split["modalities"].get(name) or UNKNOWN_MODALITY for name in split["train"])
+            logger.info(
+                "training samples by modality %s: drawn modality-balanced (temperature %g)", dict(counts), self.modality_temperature
+            )
         ckpt_dir = os.path.join(run_dir, "models")
         best = os.path.join(ckpt_dir, "model.pt")
         if os.path.exists(best):
@@ -227,6 +292,7 @@ class IMedSAMTrainer(TrainTask):
             seed=int(settings["seed"]),
             val_interval=1,
             **self.network_overrides,
+            **sampling,
         )
         workflow.initialize()
         workflow.run()

@@ -55,8 +55,8 @@ class PlaneResultd(_ResultTransform):
     """After :class:`~lib.infers.inferers.PlanePromptInferer`: ``data[key]`` (its ``probability`` and
     ``uncertainty``, ``H x W``) becomes the mask at the image's full size (a 2D picture's array, or a volume
     zero except on the prompted slice, on the image's affine), and ``data[result]`` the result JSON: the prompt,
-    the mask's size, the run's record (``data["inference"]``), ``model_version()``, and with ``uncertainty`` the
-    UGS summary."""
+    the mask's size, the run's record (``data["inference"]``, its ``modality`` included), ``model_version()``, and
+    with ``uncertainty`` the UGS summary."""
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -73,6 +73,7 @@ class PlaneResultd(_ResultTransform):
                 "encoder_s": round(run["encoder_s"], 4),
                 "decoder_s": round(run["decoder_s"], 4),
                 "decode_size": run["decode_size"],  # [H, W]; smaller than the image: decoded there, then upsampled
+                "modality": run.get("modality"),
                 "model": self.model_version(),
             }
             logger.info(
@@ -91,7 +92,7 @@ class VolumeResultd(_ResultTransform):
     """After :class:`~lib.infers.inferers.VolumePromptInferer`: ``data[key]`` (its ``labels`` and ``uncertainty``
     volumes) becomes the label volume on the image's affine, and ``data[result]`` the result JSON: per object its
     prompt, the slices decoded and its voxels (with ``uncertainty``, the UGS uncertainty inside it), the slices
-    the encoder ran on, the seconds, and ``model_version()``."""
+    the encoder ran on, the seconds, the modality and ``model_version()``."""
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -117,6 +118,7 @@ class VolumeResultd(_ResultTransform):
                 "objects": objects,
                 "encoder_slices": run["encoder_slices"],
                 "seconds": round(run["seconds"], 3),
+                "modality": run.get("modality"),
                 "model": self.model_version(),
             }
             logger.info(
