@@ -51,6 +51,12 @@ def _build_model(args: argparse.Namespace):
             "use the default --encoder lite_medsam, or train one (see README) and pass --checkpoint models/model.pt",
             args.encoder,
         )
+    if args.weights is not None:
+        if args.checkpoint or args.encoder != "lite_medsam":
+            raise ValueError("--weights is a fine-tuned lite_medsam: give it without --checkpoint and --encoder")
+        # the set states its own prompts and shapes
+        model = build_imedsam(weights=args.weights, adaptive_points=args.adaptive_points)
+        return model.to(torch.device(args.device))
     if args.image_size is None:
         args.image_size = 256 if args.encoder == "lite_medsam" else 384
     model = build_imedsam(
@@ -183,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overlay", help="overlay PNG: image, prediction, box and uncertainty")
     predict.add_argument("--output-size", nargs=2, type=int, metavar=("H", "W"), help="mask size (default: the image's)")
     predict.add_argument("--checkpoint", help="trained I-MedSAM state dict (models/model.pt)")
+    predict.add_argument(
+        "--weights", metavar="NAME",
+        help="a weight set this package carries, e.g. all_modalities (a lite_medsam fine-tuned on every shared modality; bundle/docs/README.md)",
+    )  # fmt: skip
     predict.add_argument("--sam-checkpoint", help="official SAM checkpoint for the frozen vit_* encoders")
     predict.add_argument(
         "--encoder", default="lite_medsam",

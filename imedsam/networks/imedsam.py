@@ -126,6 +126,11 @@ class IMedSAM(nn.Module):
             if keys and not any(key in state for key in keys):
                 logger.info("%s has no %s; the model's own, untrained, is kept", os.fspath(path), part[:-1])
                 state.update({key: own[key] for key in keys})
+        counts = "prompt_path.modality_prompt.trained_images"
+        if counts in own and counts not in state and "prompt_path.modality_prompt.tokens.weight" in state:
+            # saved before the counts were kept: which tokens trained is not known, so every one is used
+            logger.warning("%s does not say which modality tokens were trained; every token is used as trained", os.fspath(path))
+            state[counts] = torch.ones_like(own[counts])
         encoder = type(self.image_encoder).__name__
         hint = f" (this model: {encoder}, image_size={self.image_size}, num_classes={self.num_classes})"
         load_state_dict_checked(self, state, os.fspath(path), hint)

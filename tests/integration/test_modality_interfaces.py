@@ -35,6 +35,7 @@ def modality_model():
     model = build_imedsam("vit_tiny", image_size=64, modality_prompt=True)
     with torch.no_grad():
         model.prompt_path.token_gates.weight.uniform_(1.0, 2.0)
+        model.prompt_path.modality_prompt.trained_images.fill_(1)  # as if every token had trained
         model.prompt_path.modality_prompt.tokens.weight.normal_(0.0, 3.0)
     return model.eval()
 
@@ -311,3 +312,116 @@ def test_trainer_draws_modality_balanced_when_the_labels_span_modalities(tmp_pat
     unknown = {**split, "modalities": dict.fromkeys(split["modalities"])}
     assert trainers.sampler_overrides(unknown, 1.0, 0) == {}
     assert trainers.sampler_overrides({**split, "modalities": dict.fromkeys(split["modalities"], "ct")}, 1.0, 0) == {}
+
+
+def _labelled_pictures(folder: Path, names: list[str]) -> list[dict]:
+    """One synthetic picture and its 0/1 label per name (a file name, extension included), as the datastore holds them."""
+    (folder / "studies").mkdir(parents=True, exist_ok=True)
+    (folder / "labels").mkdir(exist_ok=True)
+    datalist = []
+    for i, name in enumerate(names):
+        image, mask = synthetic_polyp((48, 56), seed=i)
+        Image.fromarray(image).save(folder / "studies" / name)
+        Image.fromarray((mask > 0).astype(np.uint8)).save(folder / "labels" / f"{Path(name).stem}.png")
+        datalist.append({"image": str(folder / "studies" / name), "label": str(folder / "labels" / f"{Path(name).stem}.png")})
+    return datalist
+
+
+def _trainer(trainers, tmp_path, modality_prompt: bool):
+    network = {"encoder": "vit_tiny", "image_size": 64, "modality_prompt": modality_prompt, "content_prompt": False, "sam_checkpoint": None}
+    return trainers.IMedSAMTrainer(str(ROOT / "bundle"), str(tmp_path / "model"), str(tmp_path / "model" / "imedsam.pt"), network, lambda: None)
+
+
+def test_trainer_gives_a_modality_prompt_network_each_samples_modality(tmp_path):
+    trainers = import_app_module("lib.trainers.imedsam")
+    datalist = _labelled_pictures(tmp_path, [f"img_{i}.png" for i in range(6)])
+    modalities = ["ct", "ct", "mr", None, None, "us"]
+    run_dir = tmp_path / "model" / "imedsam" / "run"
+    items = [{**item, "modality": m} for item, m in zip(datalist, modalities)]
+    split = trainers.export_training_set(items, str(run_dir / "data"), 0.34, 0)
+    assert split["val"] and any(split["modalities"][name] is None for name in split["train"])
+
+    overrides = trainers.modality_prompt_overrides(split, {"modality_prompt": True}, TRAIN)
+    assert overrides["train#prepare_batch#extra_keys#modality"] == "modality"
+    assert overrides["train#dataset#data"] == "$@with_modality(@train_items_without_modality)"
+    assert overrides["train_items_without_modality"].startswith("$imedsam.data.polyp_datalist(")  # the bundle's own
+    assert trainers.with_modality([{"name": "a"}, {"name": "b"}, {"name": "c"}], {"a": "ct", "b": None}) == [
+        {"name": "a", "modality": "ct"}, {"name": "b", "modality": "any"}, {"name": "c", "modality": "any"},
+    ]  # fmt: skip
+
+    trainer = _trainer(trainers, tmp_path, modality_prompt=True)
+    settings = trainer.settings({"batch_size": 2, "train_label_size": 32, "train_query_size": 16, "label_size": 32})
+    parser = trainer.bundle_workflow(settings, str(run_dir), split, None).parser
+    for key, names in (("train#dataset#data", split["train"]), ("validate#dataset#data", split["val"])):
+        data = parser.get_parsed_content(key)
+        assert {item["name"]: item["modality"] for item in data} == {name: split["modalities"][name] or "any" for name in names}
+    prepare_batch = parser.get_parsed_content("train#prepare_batch")
+    assert prepare_batch.extra_keys == {"boxes": "box", "modality": "modality"}
+
+
+
+def test_trainer_trains_a_modality_prompt_network_on_each_samples_modality(tmp_path, monkeypatch):
+    """One real, short training run through the trainer (vit_tiny, one epoch, as tests/integration/test_label_app.py
+    trains): every step and validation gives the network its images' modalities, "any" for an image of none."""
+    trainers = import_app_module("lib.trainers.imedsam")
+    from imedsam.networks import IMedSAM
+
+    datalist = _labelled_pictures(tmp_path, [f"1.2.840.{i}.png" for i in range(4)])  # DICOM-UID-like names
+    infos = {Path(item["image"]).name: {"path": item["image"], **({"Modality": c} if c else {})} for item, c in zip(datalist, ["CT", "MR", None, "CT"])}
+    datastore = _Datastore(infos)
+    datastore.datalist = lambda: datalist
+    seen, forward = [], IMedSAM.forward
+
+    def record(self, images, prompts=None, *args, **kwargs):
+        seen.append(prompts.modalities())
+        return forward(self, images, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(IMedSAM, "forward", record)
+    trainer = _trainer(trainers, tmp_path, modality_prompt=True)
+    stats = trainer({"max_epochs": 1, "batch_size": 2, "train_label_size": 32, "train_query_size": 16, "label_size": 32}, datastore)
+    assert stats["train_samples"] + stats["val_samples"] == 4 and Path(trainer.publish_path).is_file()
+    split = json.loads((tmp_path / "model" / "imedsam" / "train_01" / "data" / "split.json").read_text())
+    expected = {name: m or "any" for name, m in split["modalities"].items()}
+    assert {"any", "ct", "mr"} == set(expected.values())
+    # the last forward is validation's, on the validation samples; training drew modality-balanced before it
+    assert list(seen[-1]) == [expected[name.removesuffix(".png")] for name in split["val"]]
+    assert len(seen) == 3 and {m for batch in seen for m in batch} == {"any", "ct", "mr"}
+    assert any(k.startswith("prompt_path.modality_prompt") for k in torch.load(trainer.publish_path, map_location="cpu"))
+
+
+def test_trainer_without_a_modality_prompt_keeps_the_bundles_items_and_boxes(tmp_path):
+    trainers = import_app_module("lib.trainers.imedsam")
+    items = [{**item, "modality": m} for item, m in zip(_labelled_pictures(tmp_path, ["a.png", "b.png", "c.png"]), ["ct", "mr", None])]
+    run_dir = tmp_path / "model" / "imedsam" / "run"
+    split = trainers.export_training_set(items, str(run_dir / "data"), 0.34, 0)
+    assert trainers.modality_prompt_overrides(split, {"modality_prompt": False}, TRAIN) == {}
+    trainer = _trainer(trainers, tmp_path, modality_prompt=False)
+    parser = trainer.bundle_workflow(trainer.settings({}), str(run_dir), split, None).parser
+    assert parser.get_parsed_content("train#prepare_batch").extra_keys == {"boxes": "box"}
+    assert all("modality" not in item for item in parser.get_parsed_content("train#dataset#data"))
+
+
+def test_training_export_names_samples_by_the_whole_file_name(tmp_path):
+    trainers = import_app_module("lib.trainers.imedsam")
+    assert trainers.sample_id("/s/vol.nii.gz") == "vol" and trainers.sample_id("/s/x.JPG") == "x"
+    assert trainers.sample_id("/s/1.2.840.113619.2.55.3/") == "1.2.840.113619.2.55.3"  # a DICOM series folder
+    # two images whose names share their first dot-separated part: both kept (they were both "1", overwritten)
+    datalist = _labelled_pictures(tmp_path / "uids", ["1.2.840.113619.1.png", "1.2.840.113619.2.png", "1.3.png"])
+    split = trainers.export_training_set(datalist, str(tmp_path / "data"), 0.34, 0)
+    names = ["1.2.840.113619.1", "1.2.840.113619.2", "1.3"]
+    assert sorted(split["train"] + split["val"]) == names and sorted(split["modalities"]) == names
+    assert sorted(p.name for p in (tmp_path / "data" / "images").iterdir()) == [f"{n}.png" for n in names]
+    for n, item in zip(names, datalist):  # each pair is its own image's
+        exported = np.asarray(Image.open(tmp_path / "data" / "masks" / f"{n}.png")) > 127
+        np.testing.assert_array_equal(exported, np.asarray(Image.open(item["label"])) > 0)
+    # the bundle reads the exported split back, dots and all
+    from imedsam.data import polyp_datalist
+
+    read = {s: [item["name"] for item in polyp_datalist(str(tmp_path / "data"), s)] for s in ("train", "val")}
+    assert read == {"train": split["train"], "val": split["val"]}
+
+    # two images that would still give one name are refused, naming both, before anything is written
+    clash = _labelled_pictures(tmp_path / "one", ["scan.png"]) + _labelled_pictures(tmp_path / "two", ["scan.jpg", "other.png"])
+    with pytest.raises(trainers.TrainingDataError, match=r"one/studies/scan.png and .*two/studies/scan.jpg would both be exported as 'scan'"):
+        trainers.export_training_set(clash, str(tmp_path / "clash"), 0.34, 0)
+    assert not list((tmp_path / "clash" / "images").iterdir())

@@ -73,3 +73,21 @@ def test_every_carried_set_loads_and_differs_from_the_untrained_start(name):
     box = torch.tensor([[[20.0, 16, 90, 70]]])
     with torch.no_grad():
         assert not torch.equal(model(image, box), start(image, box))
+
+
+def test_the_cli_predicts_with_a_carried_set_and_refuses_it_beside_a_checkpoint(carried, tmp_path, caplog):
+    import numpy as np
+    from PIL import Image
+
+    from imedsam.cli import main
+
+    image = tmp_path / "image.png"
+    Image.fromarray((np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8)).save(image)
+    mask = tmp_path / "mask.png"
+    args = ["predict", "--image", str(image), "--box", "10", "10", "50", "40", "--output", str(mask)]
+    assert main([*args, "--weights", "test_set"]) == 0
+    assert np.asarray(Image.open(mask)).shape == (60, 80)
+    assert main([*args, "--weights", "test_set", "--checkpoint", str(carried[0])]) == 2
+    assert "give it without --checkpoint" in caplog.text
+    assert main([*args, "--weights", "nope"]) == 2
+    assert "unknown weight set 'nope'" in caplog.text

@@ -5,7 +5,7 @@ import torch
 
 from imedsam.engine import parameter_groups
 from imedsam.networks import Prompts, build_imedsam
-from imedsam.networks.prompts import MODALITY_NAMES
+from imedsam.networks.prompts import ANY_MODALITY, MODALITY_NAMES
 
 BOXES = torch.tensor([[[8.0, 10, 40, 44], [20, 5, 60, 30]], [[4.0, 4, 30, 50], [30, 30, 62, 62]]])
 
@@ -50,6 +50,7 @@ def test_each_image_gets_its_own_modality_token_and_an_unknown_one_is_refused(im
     model = _model(modality_prompt=True).eval()
     with torch.no_grad():
         model.prompt_path.token_gates.weight.fill_(0.5)
+        model.prompt_path.modality_prompt.trained_images.fill_(1)  # as if every token had trained
         ct_mr = model(images, Prompts(boxes=BOXES, modality=["ct", "mr"]))
         ct_ct = model(images, Prompts(boxes=BOXES, modality="ct"))
         unknown = model(images, BOXES)  # no modality: the "any" token
@@ -87,3 +88,27 @@ def test_a_checkpoint_without_the_prompts_loads_and_keeps_their_gates_shut(tmp_p
     full_rate = {id(p) for p in groups[0]["params"]}
     assert all(id(p) in full_rate for n, p in prompted.named_parameters() if n.startswith("prompt_path.token_gates"))
     assert groups[0]["lr"] == 1e-3 and groups[1]["lr"] == pytest.approx(1e-4)
+
+
+def test_any_names_the_any_token_and_other_strings_are_still_refused():
+    prompt = _model(modality_prompt=True).prompt_path.modality_prompt
+    assert ANY_MODALITY == "any" and "any" not in MODALITY_NAMES
+    assert prompt.indices(["any", None, "ct"]).tolist() == [prompt.any_index, prompt.any_index, 0]
+    with pytest.raises(ValueError, match="unknown modality 'Any'"):
+        prompt.indices(["Any"])
+
+
+def test_a_modality_whose_token_never_trained_gets_the_any_token(images):
+    model = _model(modality_prompt=True)
+    prompt = model.prompt_path.modality_prompt
+    prompt.dropout = 0.0
+    model.train()
+    model(images, Prompts(boxes=BOXES, modality=["ct", "mr"]), return_all=True)
+    seen = {name for name, count in zip((*MODALITY_NAMES, "any"), prompt.trained_images.tolist()) if count}
+    assert seen == {"ct", "mr"}
+    model.eval()
+    with torch.no_grad():
+        model.prompt_path.token_gates.weight.fill_(0.5)
+        untrained = model(images, Prompts(boxes=BOXES, modality="us"))
+        assert torch.equal(untrained, model(images, BOXES))  # ultrasound never trained: "any"
+        assert not torch.equal(model(images, Prompts(boxes=BOXES, modality="ct")), untrained)

@@ -14,13 +14,16 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 from PIL import Image
 
 from imedsam.data import ModalityBalancedSampler, seeded_split
+from imedsam.data.headers import VOLUME_SUFFIXES
+from imedsam.data.pictures import IMAGE_EXTENSIONS
 from imedsam.inference import ImageReadError, image_plane, is_picture, label_plane, load_image_array, spatial_shape
+from imedsam.networks.prompts import ANY_MODALITY
 
 from lib.infers.modality import dicom_series_modality, image_modality_code, resolve_modality
 from lib.server.storage import copy_atomically, write_json_atomically
@@ -81,9 +84,44 @@ def _write_pair(folder: str, name: str, plane: np.ndarray, mask: np.ndarray) -> 
     Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(folder, "masks", f"{name}.png"))
 
 
+#: the endings a datastore image's file name loses to name its samples, longest first (".nii.gz" before ".nii")
+IMAGE_SUFFIXES = tuple(sorted({*IMAGE_EXTENSIONS, *VOLUME_SUFFIXES, ".dcm", ".mha", ".mhd"}, key=len, reverse=True))
+
+
+def sample_id(image_path: str) -> str:
+    """The name of a datastore image's samples: its file (or DICOM series folder) name without a known image
+    ending (:data:`IMAGE_SUFFIXES`), dots inside kept, so that series folders named by UID stay apart."""
+    name = os.path.basename(os.path.normpath(image_path))
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _check_sample_ids(datalist: list[dict]) -> list[str]:
+    """Each item's :func:`sample_id`; two images of one name (case aside: a file system may ignore it) would
+    overwrite each other's exported pairs, so they are a :class:`TrainingDataError` naming both."""
+    ids, seen = [], {}
+    for item in datalist:
+        image_id = sample_id(item["image"])
+        other = seen.setdefault(image_id.casefold(), item["image"])
+        if other != item["image"]:
+            raise TrainingDataError(
+                f"the labeled images {other} and {item['image']} would both be exported as {image_id!r}: "
+                "rename one of them, or remove one's final label"
+            )
+        ids.append(image_id)
+    return ids
+
+
 def export_training_set(datalist: list[dict], folder: str, val_split: float, seed: int, window=None) -> dict[str, Any]:
     """Write ``datalist`` (``[{"image", "label"(, "modality")}]``) as the bundle's dataset layout and return the
-    split: ``{"train": [names], "val": [names], "modalities": {name: modality or None}}``, also ``split.json``.
+    split: ``{"train": [names], "val": [names], "modalities": {name: modality or None}}``. ``split.json`` holds it
+    with file names (``name.png``) in its lists, since a name may hold dots (a DICOM series' UID) and
+    :func:`imedsam.data.polyp_datalist` reads what follows a name's last dot as its extension.
+
+    A sample is named by its image's :func:`sample_id` (a volume's by ``ID_sliceKKKK``); two images of one name
+    are refused.
 
     A picture gives one image/mask pair; a volume gives one pair per slice whose label has foreground, windowed
     by ``window``, else by the item's ``modality`` (a name; CT's window for ct, the percentiles for any other), else
@@ -94,9 +132,9 @@ def export_training_set(datalist: list[dict], folder: str, val_split: float, see
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     groups: dict[str, list[str]] = {}
     modalities: dict[str, str | None] = {}
-    for item in datalist:
+    written: dict[str, str] = {}  # sample name (case aside) -> its image
+    for item, image_id in zip(datalist, _check_sample_ids(datalist)):
         image_path, label_path = item["image"], item["label"]
-        image_id = os.path.basename(image_path).split(".")[0]
         planar = is_picture(image_path)
         image = load_image_array(image_path).numpy()
         label = load_image_array(label_path).numpy()
@@ -113,6 +151,9 @@ def export_training_set(datalist: list[dict], folder: str, val_split: float, see
                 logger.warning("skipping %s: its final label is empty", image_path if k is None else f"{image_path} slice {k}")
                 continue
             name = image_id if k is None else f"{image_id}_slice{k:04d}"
+            other = written.setdefault(name.casefold(), image_path)
+            if other != image_path:  # a picture named like another image's slice
+                raise TrainingDataError(f"the labeled images {other} and {image_path} would both give the sample {name!r}: rename one of them")
             _write_pair(folder, name, image_plane(image, planar, k, window, item.get("modality")), mask)
             names.append(name)
             modalities[name] = item.get("modality")
@@ -128,8 +169,9 @@ def export_training_set(datalist: list[dict], folder: str, val_split: float, see
     by_unit = seeded_split(list(units), seed, (1.0 - val_split, val_split))
     split: dict[str, Any] = {key: sorted(name for unit in by_unit[key] for name in units[unit]) for key in ("train", "val")}
     split["modalities"] = {name: modalities[name] for name in split["train"] + split["val"]}  # polyp_datalist ignores it
+    files = {key: [f"{name}.png" for name in split[key]] for key in ("train", "val")}
     with open(os.path.join(folder, "split.json"), "w") as f:
-        json.dump(split, f, indent=1)
+        json.dump({**split, **files}, f, indent=1)
     return split
 
 
@@ -176,6 +218,33 @@ def sampler_overrides(split: dict[str, Any], temperature: float, seed: int) -> d
     }
 
 
+def with_modality(items: list[dict], modalities: dict[str, str | None]) -> list[dict]:
+    """The bundle's ``items`` (``name`` keys), each with its ``modality`` from ``modalities`` (sample name -> name
+    or None); a sample of none gets :data:`~imedsam.networks.prompts.ANY_MODALITY`, the network's "any" token, as
+    a string: a batch does not collate None."""
+    return [{**item, "modality": modalities.get(item["name"]) or ANY_MODALITY} for item in items]
+
+
+def modality_prompt_overrides(split: dict[str, Any], network_overrides: dict[str, Any], config_file: str) -> dict[str, Any]:
+    """The bundle overrides that give each sample's modality to a network with a modality prompt
+    (``network_overrides["modality_prompt"]``), so that training learns its modality tokens: the training and
+    validation items of ``config_file``'s ``train#dataset#data`` and ``validate#dataset#data`` gain a ``modality``
+    (:func:`with_modality`, by ``split["modalities"]``) and ``train#prepare_batch`` passes it to the inferer (which
+    validation shares). Without a modality prompt, none."""
+    if not network_overrides.get("modality_prompt"):
+        return {}
+    bundle = ConfigParser()
+    bundle.read_config(config_file)
+    # a callable, not a dict: the config parser would read a dict of sample names as config keys
+    overrides: dict[str, Any] = {"with_modality": functools.partial(with_modality, modalities=split["modalities"])}
+    for stage in ("train", "validate"):
+        key = f"{stage}#dataset#data"
+        overrides[f"{stage}_items_without_modality"] = bundle[key]  # the bundle's own datalist, whatever it is
+        overrides[key] = f"$@with_modality(@{stage}_items_without_modality)"
+    overrides["train#prepare_batch#extra_keys#modality"] = "modality"
+    return overrides
+
+
 class IMedSAMTrainer(TrainTask):
     """Fine-tune I-MedSAM on the datastore's ``final`` labels and publish the best checkpoint.
 
@@ -183,9 +252,10 @@ class IMedSAMTrainer(TrainTask):
     ``split.json``), then the bundle's ``train.yaml`` workflow runs with the app's network settings, starting
     from the served checkpoint. When the labelled images fall in more than one modality (their own, else
     ``modality``; those of none are one group), training draws its samples with
-    :class:`~imedsam.data.ModalityBalancedSampler` at ``modality_temperature`` instead of shuffling them. The
-    best validation checkpoint is copied atomically to ``publish_path``, which the infer task reloads on its next
-    request.
+    :class:`~imedsam.data.ModalityBalancedSampler` at ``modality_temperature`` instead of shuffling them. A network
+    with a modality prompt (``network_overrides["modality_prompt"]``) is given each sample's modality ("any" when
+    it has none), so that it learns its modality tokens. The best validation checkpoint is copied atomically to
+    ``publish_path``, which the infer task reloads on its next request.
     """
 
     def __init__(
@@ -244,6 +314,34 @@ class IMedSAMTrainer(TrainTask):
         """The run's settings: the defaults, overridden by the request's known keys, each checked."""
         return check_train_settings({**self.config(), **{k: v for k, v in request.items() if k in self.config()}})
 
+    def bundle_workflow(self, settings: dict[str, Any], run_dir: str, split: dict[str, Any], initial: str | None) -> ConfigWorkflow:
+        """The bundle's ``train.yaml`` workflow (not yet initialized) for the checked ``settings`` on the training
+        set exported to ``run_dir/data`` (``split``), starting from ``initial``."""
+        config_file = os.path.join(self.bundle_dir, "configs", "train.yaml")
+        return ConfigWorkflow(
+            config_file=config_file,
+            meta_file=os.path.join(self.bundle_dir, "configs", "metadata.json"),
+            logging_file=False,  # keep the server's logging as it is
+            workflow_type="train",
+            bundle_root=self.bundle_dir,
+            dataset_dir=os.path.join(run_dir, "data"),
+            split_file=os.path.join(run_dir, "data", "split.json"),
+            ckpt_dir=os.path.join(run_dir, "models"),
+            output_dir=os.path.join(run_dir, "eval"),
+            initial_checkpoint=initial,
+            max_epochs=int(settings["max_epochs"]),
+            batch_size=int(settings["batch_size"]),
+            learning_rate=float(settings["learning_rate"]),
+            train_label_size=int(settings["train_label_size"]),
+            train_query_size=int(settings["train_query_size"]),
+            label_size=int(settings["label_size"]),
+            seed=int(settings["seed"]),
+            val_interval=1,
+            **self.network_overrides,
+            **sampler_overrides(split, self.modality_temperature, int(settings["seed"])),
+            **modality_prompt_overrides(split, self.network_overrides, config_file),
+        )
+
     def __call__(self, request, datastore: Datastore):
         settings = self.settings(request)
         run_dir = os.path.join(self.model_dir, "imedsam", settings["name"])
@@ -262,38 +360,17 @@ class IMedSAMTrainer(TrainTask):
             "I-MedSAM training %s: %d train / %d val samples from %d final labels, starting from %s",
             settings["name"], len(split["train"]), len(split["val"]), len(datalist), initial or f"the {self.network_overrides.get('encoder')} start",
         )
-        sampling = sampler_overrides(split, self.modality_temperature, int(settings["seed"]))
-        if sampling:
+        if sampler_overrides(split, self.modality_temperature, int(settings["seed"])):
             counts = Counter(split["modalities"].get(name) or UNKNOWN_MODALITY for name in split["train"])
             logger.info(
                 "training samples by modality %s: drawn modality-balanced (temperature %g)", dict(counts), self.modality_temperature
             )
-        ckpt_dir = os.path.join(run_dir, "models")
-        best = os.path.join(ckpt_dir, "model.pt")
+        best = os.path.join(run_dir, "models", "model.pt")
         if os.path.exists(best):
             os.remove(best)
-        workflow = ConfigWorkflow(
-            config_file=os.path.join(self.bundle_dir, "configs", "train.yaml"),
-            meta_file=os.path.join(self.bundle_dir, "configs", "metadata.json"),
-            logging_file=False,  # keep the server's logging as it is
-            workflow_type="train",
-            bundle_root=self.bundle_dir,
-            dataset_dir=os.path.join(run_dir, "data"),
-            split_file=os.path.join(run_dir, "data", "split.json"),
-            ckpt_dir=ckpt_dir,
-            output_dir=os.path.join(run_dir, "eval"),
-            initial_checkpoint=initial,
-            max_epochs=int(settings["max_epochs"]),
-            batch_size=int(settings["batch_size"]),
-            learning_rate=float(settings["learning_rate"]),
-            train_label_size=int(settings["train_label_size"]),
-            train_query_size=int(settings["train_query_size"]),
-            label_size=int(settings["label_size"]),
-            seed=int(settings["seed"]),
-            val_interval=1,
-            **self.network_overrides,
-            **sampling,
-        )
+        workflow = self.bundle_workflow(settings, run_dir, split, initial)
+        if self.network_overrides.get("modality_prompt"):
+            logger.info("the network's modality prompt is given each sample's modality (%r when it has none)", ANY_MODALITY)
         workflow.initialize()
         workflow.run()
         evaluator = workflow.parser.get_parsed_content("validate#evaluator")
