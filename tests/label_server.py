@@ -26,9 +26,12 @@ def free_port() -> int:
 
 @contextmanager
 def label_server(app_dir: Path, studies: Path | str, workdir: Path, conf: list[str] = (), start_timeout: float = 120,
-                 request_timeout: float = 120, env: dict[str, str] | None = None):  # fmt: skip
+                 request_timeout: float = 120, env: dict[str, str] | None = None, launcher: list[str] | None = None):  # fmt: skip
     """Serve ``app_dir`` on ``studies`` (a folder or a DICOMweb URL) with ``--conf`` pairs ``conf`` and MONAI
     Label settings ``env``; yields an ``httpx.Client`` on it.
+
+    ``launcher``: the command that takes ``start_server``'s arguments (default ``monailabel start_server``; the
+    app's ``serve.py`` with its own options, for example).
 
     The server's output goes to ``workdir / "server.log"`` and its temporary files to ``workdir / "tmp"``
     (``TMPDIR``), where a test can count them; it is stopped (SIGTERM, then SIGKILL) on exit. The client's
@@ -48,10 +51,8 @@ def label_server(app_dir: Path, studies: Path | str, workdir: Path, conf: list[s
         **(env or {}),
     )
     port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app_dir), "--studies", str(studies),
-        "--host", "127.0.0.1", "--port", str(port), *conf,
-    ]  # fmt: skip
+    launcher = launcher or [str(Path(sys.executable).parent / "monailabel"), "start_server"]
+    command = [*launcher, "--app", str(app_dir), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port), *conf]
     log_path = workdir / "server.log"
     log = open(log_path, "a")
     process = subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -2,6 +2,9 @@
 
     monailabel start_server --app apps/imedsam_label --studies DIR --host 127.0.0.1 \
         [--conf model_checkpoint PATH] [--conf sam_checkpoint PATH --conf encoder vit_b]
+
+or ``python apps/imedsam_label/serve.py`` with the same arguments: the same app on uvicorn with bounded
+connections (idle, slow and too many clients; see serve.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from imedsam.networks import CheckpointError
 
 from lib.configs.imedsam import IMedSAMConfig
 from lib.infers.modality import IMAGE_CODE_KEY, ModalityRequestError, image_modality_code
+from lib.server.body_limit import MIB, RequestBodyLimit
 from lib.server.datastore import CheckedDatastore, DatastoreRequestError
 from lib.server.dicomweb import install_store_error_answers
 from lib.server.guard import install, install_model_upload
@@ -82,6 +86,10 @@ class IMedSAMApp(MONAILabelApp):
         else:  # DICOMweb: the store's failures answered clearly, and the checked model upload
             install_model_upload(server, self, self.upload_root)
             install_store_error_answers(server, self.studies)  # builds the middleware stack again
+        # outermost, so that a body above the limit is refused before anything reads it (lib.server.body_limit)
+        limit = self.task_config.max_request_bytes
+        server.middleware_stack = RequestBodyLimit(server.middleware_stack, limit)
+        logger.info("request bodies above %s bytes (%g MiB, --conf max_request_mb) are answered 413", f"{limit:,}", limit / MIB)
 
     def init_infers(self) -> dict[str, InferTask]:
         return self.task_config.infer()

@@ -49,3 +49,30 @@ def test_writes_leave_no_temporary_file_and_a_killed_ones_are_removed_at_start(t
     (tmp_path / "imedsam.pt.tmp").write_bytes(b"half a model")
     assert sorted(storage.remove_stale_temporaries(str(tmp_path))) == [".imedsam.pt.abc123.tmp", "imedsam.pt.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imedsam.pt", "new.pt", "train_stats.json"]
+
+
+def test_the_request_body_limit_holds_the_largest_image_or_checkpoint_unless_max_request_mb_says(app_config, monkeypatch):
+    body_limit = import_app_module("lib.server.body_limit")
+    headers = import_app_module("imedsam.data.headers")
+    mib = body_limit.MIB
+    # the largest volume accepted (512 x 512 x 1024 float32 voxels, 1 GiB) and 64 MiB for the form around it
+    assert app_config.conf_request_limit({}) == 1024 * mib + 64 * mib
+    monkeypatch.setattr(headers, "MAX_IMAGE_VOXELS", 100 * mib)  # --conf max_image_voxels: the default follows
+    assert app_config.conf_request_limit({}) == 400 * mib + 64 * mib
+
+    class Tensor:  # what the limit reads of a tensor, without allocating 1.2 GiB
+        def numel(self):
+            return 600 * mib
+
+        def element_size(self):
+            return 2
+
+    class Network:  # a served network whose checkpoint is larger than any image
+        def state_dict(self):
+            return {"big": Tensor()}
+
+    assert app_config.conf_request_limit({}, Network()) == 1200 * mib + 64 * mib
+    assert app_config.conf_request_limit({"max_request_mb": "5"}, Network()) == 5 * mib
+    for value in ("0", "-1", "lots"):
+        with pytest.raises(ValueError, match=f"--conf max_request_mb must be a positive whole number, got '{value}'"):
+            app_config.conf_request_limit({"max_request_mb": value})

@@ -301,6 +301,31 @@ def test_a_prompt_record_the_disk_refuses_is_logged_and_kept_in_memory(tmp_path,
     assert set(json.loads((tmp_path / "last_prompts.json").read_text())) == {"img_0", "img_1"}
 
 
+# -- item 19: DICOM files in a local studies folder --------------------------------------------------------
+def test_dcm_files_in_a_local_studies_folder_are_named_once_in_the_log(studies, caplog):
+    (studies / "ct_0001.dcm").write_bytes(b"\0" * 132 + b"DICM")
+    (studies / "CT_0002.DCM").write_bytes(b"\0" * 132 + b"DICM")
+    series = studies / "series_1"
+    series.mkdir()
+    for i in range(3):
+        (series / f"IM{i}.dcm").write_bytes(b"\0" * 132 + b"DICM")
+    (studies / "labels").mkdir()
+    (studies / "labels" / "stray.dcm").write_bytes(b"")  # the labels folder is not the images'
+    with caplog.at_level(logging.WARNING, logger=datastore_module.logger.name):
+        datastore = _datastore(studies)
+    warnings = [r.getMessage() for r in caplog.records if ".dcm" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert f"5 .dcm files in the studies folder {studies} are skipped" in warnings[0]
+    assert "DICOMweb" in warnings[0] and "Orthanc" in warnings[0] and "--studies http://" in warnings[0]
+    assert sorted(datastore.list_images()) == ["img_0", "img_1", "vol_0"]
+
+
+def test_a_studies_folder_without_dcm_files_logs_no_dicom_warning(studies, caplog):
+    with caplog.at_level(logging.WARNING, logger=datastore_module.logger.name):
+        _datastore(studies)
+    assert ".dcm" not in caplog.text
+
+
 # -- item 4: a model upload --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def network():

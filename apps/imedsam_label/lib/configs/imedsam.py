@@ -17,6 +17,7 @@ from imedsam.inference import ENCODER_ENGINES
 from lib.activelearning.ugs import UGSStrategy
 from lib.infers.imedsam import IMedSAMInfer
 from lib.scoring.ugs import UGSScoring
+from lib.server.body_limit import MIB, default_request_limit
 from lib.trainers.imedsam import IMedSAMTrainer
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,16 @@ def conf_modality_temperature(conf: dict[str, str]) -> float:
     return number
 
 
+def conf_request_limit(conf: dict[str, str], network=None) -> int:
+    """``--conf max_request_mb``: the largest request body in bytes (given in MiB); by default the largest image
+    the app accepts or a checkpoint of ``network``, whichever is larger, with room for the form around it
+    (:func:`lib.server.body_limit.default_request_limit`). Read after ``max_image_voxels`` / ``max_image_pixels``
+    are applied, so the default follows them."""
+    if conf.get("max_request_mb"):
+        return _positive_int(conf, "max_request_mb", 1) * MIB
+    return default_request_limit(network)
+
+
 def network_overrides(conf: dict[str, str]) -> dict[str, Any]:
     """The bundle's network keys that ``--conf`` sets (see ``bundle/configs/train.yaml``), with the app's defaults."""
     encoder = conf.get("encoder", "lite_medsam")
@@ -122,6 +133,9 @@ class IMedSAMConfig(TaskConfig):
       decoded; ``max_image_voxels`` (268,435,456, 512 x 512 x 1024): larger volumes are refused (400) from
       their header when they are uploaded or labelled; ``max_decode_side`` (1024): larger outputs are decoded at that size and upsampled, so that one
       request's time and memory stay bounded;
+    - ``max_request_mb`` (default: the largest image accepted, 1 GiB of float32 voxels at the default
+      ``max_image_voxels``, or a checkpoint of the served network if larger, plus 64 MiB): a request body above
+      it is answered 413 from its ``Content-Length`` before any of it is read, or cut off there when it has none;
     - ``cache_slices`` (384): slice encodings the 3D task keeps (4 MiB each for ``lite_medsam``), so that
       objects and requests on one volume encode each slice once;
     - ``seed`` (0): the seed of untrained weights, so that the server and its training and scoring
@@ -158,6 +172,7 @@ class IMedSAMConfig(TaskConfig):
         encoder = self.network_overrides["encoder"]
         self.network_overrides["sam_checkpoint"] = os.path.abspath(sam_checkpoint) if sam_checkpoint else None
         self.network = self._build_network(int(conf.get("seed", 0)))
+        self.max_request_bytes = conf_request_limit(conf, self.network)
 
         self.published = os.path.join(model_dir, f"{name}.pt")
         given = conf.get("model_checkpoint") or None

@@ -43,6 +43,40 @@ def suffix_of(name: str) -> str | None:
     return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if lower.endswith(s)), None)
 
 
+#: the most entries :func:`count_dicom_files` looks at, so that a huge studies folder does not hold up the start
+DICOM_SCAN_LIMIT = 100_000
+
+
+def count_dicom_files(folder: str, skip: str | None = None, limit: int = DICOM_SCAN_LIMIT) -> tuple[int, bool]:
+    """The ``.dcm`` files (any case) in ``folder`` and its subfolders, ``skip`` (the labels folder) and hidden
+    folders aside; and whether the count stopped at ``limit`` entries looked at."""
+    skip = os.path.realpath(skip) if skip else None
+    found = seen = 0
+    for root, folders, files in os.walk(folder):
+        folders[:] = [d for d in folders if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) != skip]
+        found += sum(1 for name in files if name.lower().endswith(".dcm"))
+        seen += len(files) + len(folders)
+        if seen >= limit:
+            return found, True
+    return found, False
+
+
+def warn_about_dicom_files(folder: str, labels_folder: str | None = None) -> int:
+    """Log one warning when the local studies ``folder`` holds ``.dcm`` files, which the local datastore does not
+    serve (it reads :data:`SUFFIXES`, in the folder itself); returns how many were found."""
+    found, stopped = count_dicom_files(folder, labels_folder)
+    if found:
+        logger.warning(
+            "%s%d .dcm file%s in the studies folder %s %s skipped: a local studies folder serves %s files only, and "
+            "DICOM is served from a DICOMweb store: e.g. Orthanc with its DICOMweb plugin, then start the server with "
+            "--studies http://127.0.0.1:8042/dicom-web (the app's README, With OHIF); or convert each series to "
+            "NIfTI (e.g. dcm2niix) into the studies folder",
+            "at least " if stopped else "", found, "" if found == 1 else "s", os.path.normpath(folder), "is" if found == 1 else "are",
+            " ".join(SUFFIXES),
+        )  # fmt: skip
+    return found
+
+
 class DatastoreRequestError(ValueError):
     """A request the datastore refuses; ``status`` is the HTTP status to answer with."""
 
@@ -122,6 +156,7 @@ class CheckedDatastore(LocalDatastore):
         tags = [os.path.join(labels_root, d) for d in os.listdir(labels_root) if os.path.isdir(os.path.join(labels_root, d))]
         for folder in {os.path.realpath(f) for f in (self._datastore_path, self._datastore.image_path(), *tags)}:
             remove_stale_temporaries(folder, logger, ours_only=True)
+        warn_about_dicom_files(self._datastore.image_path(), labels_root)
 
     @staticmethod
     def _set_aside_torn_record(path: str) -> None:
