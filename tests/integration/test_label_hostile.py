@@ -222,8 +222,9 @@ def test_info_answers_within_a_second_while_a_large_infer_runs(server):
     worker.start()
     time.sleep(1.0)  # the upload is in and the decoder is running
     latencies = []
+    deadline = time.monotonic() + 180  # a loaded machine takes longer for each infer: ask until two have answered
     try:
-        for _ in range(5):
+        while len(latencies) < 5 or (len(statuses) < 2 and time.monotonic() < deadline):
             start = time.monotonic()
             assert client.get("/info/").status_code == 200
             latencies.append(time.monotonic() - start)
