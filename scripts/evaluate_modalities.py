@@ -38,7 +38,7 @@ def _items(split: str, split_file: str | None, data_root: str | None, slice_step
 
 def _planes(items: list[dict]):
     """``(item, image H x W x 3 uint8, mask H x W bool)`` for each item, as the bundle's loader reads it."""
-    from imedsam.data import LoadModalityItemd
+    from imedsam.transforms import LoadModalityItemd
 
     load = LoadModalityItemd()
     for item in items:

@@ -5,7 +5,6 @@ from .datalist import image_datalist, polyp_datalist, read_label_names, read_mas
 from .modalities import (
     DICOM_MODALITIES,
     MODALITIES,
-    LoadModalityItemd,
     ModalityBalancedSampler,
     default_modality_split_file,
     modality_datalist,
@@ -17,5 +16,5 @@ from .splits import seeded_split
 from .synthetic import synthetic_polyp, write_synthetic_dataset
 
 __all__ = ["box_from_mask", "box_iou", "image_datalist", "polyp_datalist", "read_label_names", "read_mask", "seeded_split", "synthetic_polyp", "write_synthetic_dataset",
-           "DICOM_MODALITIES", "MODALITIES", "LoadModalityItemd", "ModalityBalancedSampler", "default_modality_split_file", "modality_datalist",
+           "DICOM_MODALITIES", "MODALITIES", "ModalityBalancedSampler", "default_modality_split_file", "modality_datalist",
            "modality_sample_weights", "normalize_modality", "read_modality_split"]

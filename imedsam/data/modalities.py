@@ -19,20 +19,20 @@ columns ``x0:x1`` of the picture the item is cut to. ``None`` values and lists o
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import MapTransform
 from torch.utils.data import WeightedRandomSampler
 
-from .pictures import ImageReadError
+from ..networks.prompts.modality import MODALITY_NAMES
+from .arrays import cached_image_array
+from .volume_datalist import read_volume_datalist
 
 __all__ = [
     "MODALITIES",
@@ -41,13 +41,13 @@ __all__ = [
     "default_modality_split_file",
     "read_modality_split",
     "modality_datalist",
-    "LoadModalityItemd",
     "modality_sample_weights",
     "ModalityBalancedSampler",
 ]
 
-#: the CVPR 2024 "Segment Anything in Medical Images on Laptop" challenge's modalities, lower case
-MODALITIES = ("ct", "mr", "pet", "us", "xray", "dermoscopy", "endoscopy", "fundus", "microscopy", "oct", "mammography")
+#: the CVPR 2024 "Segment Anything in Medical Images on Laptop" challenge's modalities, lower case (the modality
+#: prompt's tokens)
+MODALITIES = MODALITY_NAMES
 
 #: DICOM Modality codes (and common aliases), lower case, to the modality names. ``XC`` (external-camera
 #: photography) is left out: it is not only dermoscopy.
@@ -190,8 +190,6 @@ def modality_datalist(
     order, slices and instances ascending. Volumes and instance maps are read here (cached, see
     :class:`LoadModalityItemd`) to find the slices and instances.
     """
-    from ..evaluation.volumes import read_volume_datalist  # lazy: imedsam.evaluation imports this package
-
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if isinstance(slice_step, bool) or not isinstance(slice_step, int) or slice_step < 1:
@@ -233,7 +231,7 @@ def _item(base: dict, name: str, slice=None, label_values=None, instance=None, c
 
 
 def _volume_items(base: dict, objects: Mapping, names: Sequence[str], slice_step: int, min_pixels: int) -> list[dict]:
-    label = _cached_array(base["label"], False)
+    label = cached_image_array(base["label"], False)
     items = []
     for name in names:
         values = [int(v) for v in objects[name]]
@@ -248,7 +246,7 @@ def _instance_items(base: dict, crop, min_pixels: int) -> list[dict]:
         y0, y1, x0, x1 = (int(v) for v in crop)
     except (TypeError, ValueError):
         raise ValueError(f"{base['set']}: a region split must be a crop [y0, y1, x0, x1], got {crop!r}") from None
-    ids = _cached_array(base["label"], True)[0]  # H x W
+    ids = cached_image_array(base["label"], True)[0]  # H x W
     inside = np.zeros_like(ids, dtype=bool)
     inside[y0:y1, x0:x1] = True
     items = []
@@ -258,124 +256,6 @@ def _instance_items(base: dict, crop, min_pixels: int) -> list[dict]:
             items.append(_item(base, f"{base['set']}/{base['case']}/instance{instance:03d}", instance=instance,
                                crop=[y0, y1, x0, x1], object=f"instance {instance}"))
     return items
-
-
-# -- loading ---------------------------------------------------------------------------------------------------
-
-
-def _load_picture(path: str) -> np.ndarray:
-    """``C x H x W`` float32, as ``LoadImaged(reader=PILReader, reverse_indexing=False, ensure_channel_first=True)``."""
-    from monai.transforms import LoadImage
-
-    from .pictures import check_picture
-
-    if not os.path.isfile(path):
-        raise ImageReadError(f"image not found: {path!r}")
-    check_picture(path)
-    try:
-        array = LoadImage(reader="PILReader", reverse_indexing=False, ensure_channel_first=True, image_only=True)(path)
-    except Exception as exc:  # readers raise many types for corrupt files
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise ImageReadError(f"could not read image {path}: {type(exc).__name__}: {first_line}") from exc
-    return np.asarray(array, dtype=np.float32)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_array(path: str, planar: bool) -> np.ndarray:
-    """A read-only array of ``path``, decoded once per process: ``(I, J, K)`` of a volume (its own dtype), ``C x H x W``
-    of a picture. The cache holds the 16 latest files (the volumes and the one-image sets)."""
-    if planar:
-        array = _load_picture(path)
-    else:
-        from ..inference.planes import load_image_array
-
-        array = np.asarray(load_image_array(path))
-        if array.ndim == 4 and array.shape[-1] == 1:
-            array = array[..., 0]
-        if array.ndim != 3:
-            raise ImageReadError(f"{path}: expected a 3D scalar volume (I, J, K), got shape {array.shape}")
-    array.setflags(write=False)
-    return array
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_window(path: str, modality: str | None) -> tuple[float, float]:
-    from .intensity import MODALITY_RULES, intensity_window
-
-    return intensity_window(_cached_array(path, False), modality=modality if modality in MODALITY_RULES else None)
-
-
-class LoadModalityItemd(MapTransform):
-    """Read an item of :func:`modality_datalist`: ``image`` becomes float32 ``(3, H, W)`` in [0, 255] (grey repeated
-    to RGB) and ``label`` float32 ``(1, H, W)`` of 0/1, ``H`` rows and ``W`` columns; the other keys stay.
-
-    - pictures: exactly what ``LoadImaged(reader=PILReader, reverse_indexing=False, ensure_channel_first=True)``,
-      :class:`~imedsam.transforms.EnsureRGBd` and :class:`~imedsam.transforms.BinarizeMaskd` (``> threshold``)
-      give, as bundle/configs/train.yaml reads pictures;
-    - instance maps (``item["instance"]``): the foreground is ``id == instance``, and image and label are cut to
-      ``item["crop"]``;
-    - volume slices (``item["slice"]``): the plane of :func:`imedsam.inference.planes.image_plane` at ``K`` with
-      the volume inference's window (:func:`imedsam.data.intensity.intensity_window` for the item's modality:
-      CT L40/W400, MR percentiles) times 255, and :func:`~imedsam.inference.planes.label_plane` of the object's
-      label values. Volumes (and one-image sets) are decoded once per process (an LRU of 16 files).
-
-    The tensors are ``MetaTensor`` with ``filename_or_obj`` in their meta, the same keys for every kind, so items
-    of different sets batch together. Unreadable files are ``ImageReadError`` naming the file.
-    """
-
-    def __init__(self, threshold: float = 127) -> None:
-        from ..transforms import BinarizeMaskd, EnsureRGBd  # lazy: imedsam.transforms imports this package
-
-        super().__init__(("image", "label"))
-        self.threshold = threshold
-        self._rgb = EnsureRGBd("image")
-        self._binarize = BinarizeMaskd("label", threshold=threshold, value_key="instance")
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        image_path, label_path = str(d["image"]), str(d["label"])
-        if d.get("slice") is not None:
-            image, label = self._volume(d, image_path, label_path)
-        else:
-            crop = d.get("crop")
-            if crop is not None:
-                image, label = _cached_array(image_path, True), _cached_array(label_path, True)
-                y0, y1, x0, x1 = (int(v) for v in crop)
-                image, label = image[:, y0:y1, x0:x1], label[:, y0:y1, x0:x1]
-            else:
-                image, label = _load_picture(image_path), _load_picture(label_path)
-            if image.shape[1:] != label.shape[1:]:
-                raise ImageReadError(f"image {image_path} is {image.shape[1:]} (H, W) but its label {label_path} is {label.shape[1:]}")
-            step = {"image": _meta(image, image_path), "label": _meta(label, label_path), "instance": d.get("instance")}
-            step = self._binarize(self._rgb(step))
-            image, label = step["image"], step["label"]
-        d["image"], d["label"] = image, label
-        return d
-
-    @staticmethod
-    def _volume(d: Mapping, image_path: str, label_path: str):
-        from ..inference.planes import image_plane, label_plane
-
-        k = int(d["slice"])
-        volume, labels = _cached_array(image_path, False), _cached_array(label_path, False)
-        if volume.shape != labels.shape:
-            raise ImageReadError(f"volume {image_path} is {volume.shape} but its label {label_path} is {labels.shape}")
-        values = d.get("label_values")
-        if not values:
-            raise ValueError(f"volume item {d.get('name', image_path)} has no label_values")
-        window = _cached_window(image_path, d.get("modality"))
-        plane = image_plane(volume, False, k, window=window)  # J x I x 3 in [0, 1]
-        if not 0 <= k < labels.shape[2]:
-            raise ImageReadError(f"slice {k} is not in the label volume {label_path} of shape {labels.shape}")
-        mask = label_plane(np.isin(labels[:, :, k : k + 1], values), False, 0)  # J x I
-        image = np.ascontiguousarray(plane.transpose(2, 0, 1) * np.float32(255.0), dtype=np.float32)
-        return _meta(image, image_path), _meta(mask[None].astype(np.float32), label_path)
-
-
-def _meta(array: np.ndarray, path: str):
-    from monai.data import MetaTensor
-
-    return MetaTensor(torch.from_numpy(np.array(array, dtype=np.float32)), meta={"filename_or_obj": path})
 
 
 # -- sampling --------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..data.boxes import box_from_mask
+from ..data.volume_datalist import read_volume_datalist
 from ..inference.planes import load_image_array
 from ..inference.volume import VolumePredictor
 from ..inference.volume_prompts import ObjectPrompt, box3d_prompt, slice_box_prompt
@@ -84,29 +85,6 @@ def end_gaps(pred: np.ndarray, target: np.ndarray) -> tuple[int, int]:
     if found.size == 0:
         return int(truth.size), 0
     return int(max(0, found[0] - truth[0])), int(max(0, truth[-1] - found[-1]))
-
-
-def read_volume_datalist(path: str, data_root: str | None = None) -> list[dict]:
-    """Cases of a volume datalist JSON: ``{"cases": [{"case", "image", "label", "modality", "objects"}]}``.
-
-    ``image`` and ``label`` are relative to ``data_root`` (default: the JSON's folder); ``objects`` maps a
-    name to the label values that make the object (``{"whole tumour": [1, 2, 3, 4]}``), or is ``"each"`` for one
-    object per label value; an optional ``set`` groups cases in the summary.
-    """
-    with open(path) as handle:
-        table = json.load(handle)
-    root = data_root if data_root is not None else os.path.dirname(os.path.abspath(path))
-    cases = []
-    for entry in table.get("cases", []):
-        missing = [key for key in ("image", "label") if key not in entry]
-        if missing:
-            raise ValueError(f"{path}: case {entry.get('case', '?')} has no {', '.join(missing)}")
-        case = dict(entry)
-        case["image"], case["label"] = (os.path.join(root, entry[key]) for key in ("image", "label"))
-        cases.append(case)
-    if not cases:
-        raise ValueError(f"{path} lists no cases")
-    return cases
 
 
 def volume_objects(label: np.ndarray, spec, min_voxels: int) -> list[tuple[str, np.ndarray]]:

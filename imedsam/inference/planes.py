@@ -7,13 +7,13 @@ along ``I``, so a box ``[x0, y0, x1, y1]`` has ``x = i`` and ``y = j``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
 from ..data.intensity import CT_WINDOW, intensity_rule, intensity_window
-from ..data.pictures import ImageReadError, check_picture, check_pixel_count, is_picture
+from ..data.arrays import load_image_array
+from ..data.pictures import ImageReadError, is_picture
 
 __all__ = [
     "ImageReadError",
@@ -31,41 +31,6 @@ __all__ = [
 def spatial_shape(array, planar: bool) -> tuple[int, ...]:
     """Spatial shape in array order: ``(W, H)`` of a picture (its channels dropped), ``(I, J, K)`` of a volume."""
     return tuple(int(v) for v in array.shape[: 2 if planar else 3])
-
-
-def load_image_array(path: str):
-    """Load ``path`` with MONAI in array order and its own dtype (so 8-bit pictures are known as such).
-
-    Returns a ``MetaTensor``; its ``.affine`` is kept for volumes.
-    """
-    from monai.transforms import LoadImage
-
-    if not path or not os.path.exists(path):
-        raise ImageReadError(f"image not found: {path!r}")
-    planar = is_picture(path)
-    if planar:
-        # MONAI falls back on every other reader when PIL fails; checking first keeps the message to the point.
-        check_picture(path)
-    elif str(path).lower().endswith((".nii", ".nii.gz")):
-        _check_nifti_plane_size(path)
-    try:
-        return LoadImage(reader="PILReader" if planar else None, image_only=True, dtype=None)(path)
-    except Exception as exc:  # readers raise many types for corrupt or foreign files
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise ImageReadError(f"could not read image {path}: {type(exc).__name__}: {first_line}") from exc
-
-
-def _check_nifti_plane_size(path: str) -> None:
-    """Refuse a NIfTI volume whose planes exceed the pixel limit, from its header, before reading the voxels."""
-    import nibabel
-
-    try:
-        shape = nibabel.load(path).shape  # reads the header only
-    except Exception as exc:  # nibabel raises several types for a corrupt or foreign file
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise ImageReadError(f"could not read image {path}: {type(exc).__name__}: {first_line}") from exc
-    if len(shape) >= 2:
-        check_pixel_count(shape[0], shape[1], path)
 
 
 def _volume_array(array: np.ndarray) -> np.ndarray:

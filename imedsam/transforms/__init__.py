@@ -2,5 +2,6 @@
 
 from .dictionary import BinarizeMaskd, BoxFromMaskd, EnsureRGBd, KeepForegroundd, ThresholdLogitsd
 from .interactive import PromptPlaned, PromptVolumed
+from .modalities import LoadModalityItemd
 
-__all__ = ["BinarizeMaskd", "BoxFromMaskd", "EnsureRGBd", "KeepForegroundd", "PromptPlaned", "PromptVolumed", "ThresholdLogitsd"]
+__all__ = ["BinarizeMaskd", "BoxFromMaskd", "EnsureRGBd", "KeepForegroundd", "LoadModalityItemd", "PromptPlaned", "PromptVolumed", "ThresholdLogitsd"]

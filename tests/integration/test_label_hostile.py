@@ -21,6 +21,7 @@ nib = pytest.importorskip("nibabel")
 from PIL import Image  # noqa: E402
 
 from imedsam.data import synthetic_polyp  # noqa: E402
+from conftest import import_app_module  # noqa: E402
 from label_server import label_server  # noqa: E402
 from upload_files import forged_png, png_bytes  # noqa: E402
 
@@ -234,6 +235,75 @@ def test_info_answers_within_a_second_while_a_large_infer_runs(server):
         worker.join(timeout=300)
     assert len(statuses) >= 2 and set(statuses) == {200}, statuses  # infers ran before, during and after
     assert max(latencies) < 1.0, latencies
+
+
+def test_info_answers_within_a_second_while_a_run_sync_scoring_runs(server):
+    client = server["client"]
+    large = png_bytes(np.asarray(Image.open(server["outside"] / "good.png").resize((1600, 1200))))
+    ids = ["large_score_0", "large_score_1"]  # new images: UGS scores them (exact decode, MC dropout) in this request
+    for image_id in ids:
+        response = client.put(f"/datastore/image?image={image_id}", files={"file": (f"{image_id}.png", large)})
+        assert response.status_code == 200, response.text
+    answers = []
+
+    def score():
+        with httpx.Client(base_url=str(client.base_url), timeout=600) as other:
+            answers.append(other.post("/scoring/ugs?run_sync=true", json={}))
+            answers.append(other.post("/activelearning/ugs", json={}))
+
+    worker = threading.Thread(target=score)
+    worker.start()
+    latencies = []
+    deadline = time.monotonic() + 300  # a loaded machine scores slower: ask until the scoring has answered, bounded
+    try:
+        while worker.is_alive() and time.monotonic() < deadline:
+            start = time.monotonic()
+            assert client.get("/info/").status_code == 200
+            latencies.append(time.monotonic() - start)
+            time.sleep(0.3)
+    finally:
+        worker.join(timeout=600)
+        for image_id in ids:
+            client.delete(f"/datastore/image?id={image_id}")
+    assert len(answers) == 2 and [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    assert set(ids) <= set(answers[0].json()["scored"]), answers[0].text
+    assert answers[1].json()["id"] in ids + ["img_0", "img_1", "img_2", "vol_0"], answers[1].text
+    print('LAT', [round(x,2) for x in latencies])
+    assert len(latencies) >= 3, latencies  # /info/ was asked while the scoring ran
+    assert max(latencies) < 1.0, latencies
+
+
+def test_monai_label_blocking_routes_run_in_a_worker_thread_with_their_answers_and_errors(monkeypatch):
+    from fastapi import FastAPI, HTTPException
+    from fastapi.testclient import TestClient
+    from monailabel.endpoints import scoring
+
+    guard = import_app_module("lib.server.guard")
+    threads = {}
+
+    def run_method(method, params=None, run_sync=False):  # MONAI Label's, which runs a scoring on the caller's thread
+        threads["scoring"] = threading.current_thread()
+        if method == "busy":
+            raise HTTPException(status_code=429, detail="Scoring Task is Already Running")
+        return {"method": method, "params": params, "run_sync": run_sync}
+
+    monkeypatch.setattr(scoring, "run_method", run_method)
+    app = FastAPI()
+
+    @app.get("/loop")
+    async def loop():
+        threads["loop"] = threading.current_thread()
+        return {}
+
+    guard.install_off_loop(app)
+    with TestClient(app) as http:
+        assert http.get("/loop").status_code == 200
+        response = http.post("/scoring/ugs?run_sync=true", json={"x": 1})
+        assert response.status_code == 200 and response.json() == {"method": "ugs", "params": {"x": 1}, "run_sync": True}
+        assert threads["scoring"] is not threads["loop"]
+        response = http.post("/scoring/busy", json={})
+        assert response.status_code == 429 and response.json()["detail"] == "Scoring Task is Already Running"
+        assert http.post("/scoring/ugs?run_sync=maybe").status_code == 422  # FastAPI's own validation, as before
 
 
 def test_simultaneous_infers_all_answer_and_match_sequential_ones(server, unchanged):

@@ -14,7 +14,6 @@ import torch
 
 from imedsam.data import (
     MODALITIES,
-    LoadModalityItemd,
     ModalityBalancedSampler,
     default_modality_split_file,
     modality_datalist,
@@ -22,6 +21,7 @@ from imedsam.data import (
     normalize_modality,
     read_modality_split,
 )
+from imedsam.transforms import LoadModalityItemd
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = (ROOT / ".." / "shared" / "data").resolve()

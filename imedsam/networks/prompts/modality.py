@@ -7,12 +7,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from ...data.modalities import MODALITIES
-
 __all__ = ["ANY_MODALITY", "MODALITY_NAMES", "ModalityPrompt"]
 
 #: the modalities of the CVPR 2024 "MedSAM on Laptop" challenge, which LiteMedSAM was trained on, in lower case
-MODALITY_NAMES = MODALITIES
+MODALITY_NAMES = ("ct", "mr", "pet", "us", "xray", "dermoscopy", "endoscopy", "fundus", "microscopy", "oct", "mammography")
 
 #: the name of the "any" token, as None: for a modality not known where None cannot go (a batch does not collate it)
 ANY_MODALITY = "any"
