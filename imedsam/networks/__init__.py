@@ -16,6 +16,7 @@ from .implicit.decoder import ImplicitDecoderOutput, ImplicitSegmentationDecoder
 from .presets import ENCODER_PRESETS, IMEDSAM_PRESETS, OFFICIAL_SAM_CHECKPOINTS, build_sam_parts
 from .prompts.box_path import BoxPromptPath
 from .prompts.prompts import Prompts, as_prompts
+from .weights import WEIGHT_SETS, WeightSet
 
 __all__ = [
     "AdaptedImageEncoder",
@@ -36,6 +37,8 @@ __all__ = [
     "LoRAQKV",
     "OFFICIAL_SAM_CHECKPOINTS",
     "Prompts",
+    "WEIGHT_SETS",
+    "WeightSet",
     "boxes_from_foreground",
     "build_imedsam",
     "as_prompts",

@@ -76,3 +76,15 @@ def test_the_request_body_limit_holds_the_largest_image_or_checkpoint_unless_max
     for value in ("0", "-1", "lots"):
         with pytest.raises(ValueError, match=f"--conf max_request_mb must be a positive whole number, got '{value}'"):
             app_config.conf_request_limit({"max_request_mb": value})
+
+
+def test_a_weight_set_switches_on_its_prompts_and_an_unknown_one_is_refused(app_config, monkeypatch):
+    from imedsam.networks import WEIGHT_SETS, WeightSet
+
+    monkeypatch.setitem(WEIGHT_SETS, "test_set", WeightSet(file="x.pt", sha256="0", options={"modality_prompt": True}))
+    overrides = app_config.network_overrides({"weights": "test_set"})
+    assert overrides["weights"] == "test_set" and overrides["modality_prompt"] and not overrides["content_prompt"]
+    with pytest.raises(ValueError, match="--conf weights 'nope': not a weight set of this package"):
+        app_config.network_overrides({"weights": "nope"})
+    with pytest.raises(ValueError, match="does not go with --conf encoder vit_b"):
+        app_config.network_overrides({"weights": "test_set", "encoder": "vit_b"})

@@ -91,3 +91,20 @@ def test_the_cli_predicts_with_a_carried_set_and_refuses_it_beside_a_checkpoint(
     assert "give it without --checkpoint" in caplog.text
     assert main([*args, "--weights", "nope"]) == 2
     assert "unknown weight set 'nope'" in caplog.text
+
+
+def test_the_bundle_builds_its_network_from_a_carried_set(trained, carried):
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[2] / "bundle" / "configs" / "train.yaml"))
+    parser.update({"weights": "test_set", "modality_prompt": True})
+    network = parser.get_parsed_content("network_def")
+    expected = trained.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in network.state_dict().items() if not key.startswith("box_proposal"))
+    parser.update({"modality_prompt": False})
+    with pytest.raises(Exception) as raised:
+        parser.get_parsed_content("network_def", lazy=False)
+    assert "weight set 'test_set' is a lite_medsam built with" in str(raised.value.__cause__)

@@ -13,6 +13,7 @@ from monailabel.interfaces.config import TaskConfig
 
 from imedsam.data import headers, normalize_modality, pictures
 from imedsam.inference import ENCODER_ENGINES
+from imedsam.networks import WEIGHT_SETS
 
 from lib.activelearning.ugs import UGSStrategy
 from lib.infers.imedsam import IMedSAMInfer
@@ -93,8 +94,17 @@ def conf_request_limit(conf: dict[str, str], network=None) -> int:
 def network_overrides(conf: dict[str, str]) -> dict[str, Any]:
     """The bundle's network keys that ``--conf`` sets (see ``bundle/configs/train.yaml``), with the app's defaults."""
     encoder = conf.get("encoder", "lite_medsam")
+    weights = conf.get("weights") or None
+    prompts = {"modality_prompt": _flag(conf, "modality_prompt"), "content_prompt": _flag(conf, "content_prompt")}
+    if weights is not None:
+        if weights not in WEIGHT_SETS:
+            raise ValueError(f"--conf weights {weights!r}: not a weight set of this package ({', '.join(sorted(WEIGHT_SETS)) or 'none'})")
+        if encoder != "lite_medsam":
+            raise ValueError(f"--conf weights {weights!r} is a fine-tuned lite_medsam; it does not go with --conf encoder {encoder}")
+        prompts.update(WEIGHT_SETS[weights].options)  # the set says which prompt tokens it has
     return {
         "encoder": encoder,
+        "weights": weights,
         "image_size": _positive_int(conf, "image_size", 256 if encoder == "lite_medsam" else 384),
         # how prompts are decoded
         "decode_mode": conf.get("decode_mode", "adaptive"),
@@ -102,8 +112,7 @@ def network_overrides(conf: dict[str, str]) -> dict[str, Any]:
         "decoder_precision": conf.get("decoder_precision", "auto"),
         "encoder_precision": conf.get("encoder_precision", "auto"),
         # MCP-MedSAM's prompt tokens: must match the checkpoint
-        "modality_prompt": _flag(conf, "modality_prompt"),
-        "content_prompt": _flag(conf, "content_prompt"),
+        **prompts,
     }
 
 
@@ -122,6 +131,9 @@ class IMedSAMConfig(TaskConfig):
     - ``encoder_engine`` (``auto``, ``torch`` or ``openvino``): what runs the image encoder for prompts; ``auto``
       is OpenVINO for ``lite_medsam`` on a CPU (several times faster; converted once per published model and
       kept in ``$IMEDSAM_CACHE_DIR``, default ``~/.cache/imedsam``), PyTorch elsewhere;
+    - ``weights``: a weight set the package carries (``all_modalities``: lite_medsam fine-tuned on every shared
+      modality, with its modality and content prompts, which the set switches on), served until a checkpoint is
+      given or trained, and where training starts;
     - ``model_checkpoint``: a trained I-MedSAM state dict; without it (and before the first training run)
       ``lite_medsam`` serves LiteMedSAM's pretrained weights (I-MedSAM's warm start, which segments as
       LiteMedSAM does) and the random-init presets warn that their masks are meaningless; once training
@@ -216,6 +228,8 @@ class IMedSAMConfig(TaskConfig):
         path = self._infer.get_path()
         if path:
             return f"{os.path.basename(path)}@{os.stat(path).st_mtime_ns}"
+        if self.network_overrides["weights"]:
+            return f"weights:{self.network_overrides['weights']}"
         return "pretrained" if self.network_overrides["encoder"] == "lite_medsam" else "untrained"
 
     def infer(self):
