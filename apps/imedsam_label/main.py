@@ -31,7 +31,7 @@ from lib.infers.modality import IMAGE_CODE_KEY, ModalityRequestError, image_moda
 from lib.server.body_limit import MIB, RequestBodyLimit
 from lib.server.datastore import CheckedDatastore, DatastoreRequestError
 from lib.server.dicomweb import install_store_error_answers
-from lib.server.guard import install, install_model_upload
+from lib.server.guard import install, install_model_upload, install_off_loop
 from lib.server.model_upload import publish_checkpoint
 from lib.server.storage import PromptRecords, remove_stale_temporaries
 from lib.trainers.imedsam import TrainingDataError
@@ -83,7 +83,8 @@ class IMedSAMApp(MONAILabelApp):
 
         if isinstance(self.datastore(), CheckedDatastore):
             install(server, self, self.upload_root)
-        else:  # DICOMweb: the store's failures answered clearly, and the checked model upload
+        else:  # DICOMweb: blocking routes off the event loop, the store's failures answered clearly, the checked model upload
+            install_off_loop(server)
             install_model_upload(server, self, self.upload_root)
             install_store_error_answers(server, self.studies)  # builds the middleware stack again
         # outermost, so that a body above the limit is refused before anything reads it (lib.server.body_limit)

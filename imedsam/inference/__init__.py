@@ -2,6 +2,8 @@
 
 from .planes import (
     ImageReadError,
+    NonFiniteImageError,
+    check_finite,
     image_plane,
     CT_WINDOW,
     intensity_window,
@@ -41,6 +43,8 @@ __all__ = [
     "normalize_roi",
     "resolve_box_prompt",
     "ImageReadError",
+    "NonFiniteImageError",
+    "check_finite",
     "image_plane",
     "CT_WINDOW",
     "intensity_window",

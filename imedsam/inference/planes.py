@@ -17,6 +17,8 @@ from ..data.pictures import ImageReadError, is_picture
 
 __all__ = [
     "ImageReadError",
+    "NonFiniteImageError",
+    "check_finite",
     "is_picture",
     "spatial_shape",
     "load_image_array",
@@ -31,6 +33,32 @@ __all__ = [
 def spatial_shape(array, planar: bool) -> tuple[int, ...]:
     """Spatial shape in array order: ``(W, H)`` of a picture (its channels dropped), ``(I, J, K)`` of a volume."""
     return tuple(int(v) for v in array.shape[: 2 if planar else 3])
+
+
+class NonFiniteImageError(ImageReadError):
+    """An image whose plane (a picture, or the volume slice a prompt reaches) holds a NaN or infinite value."""
+
+
+def check_finite(values: np.ndarray, slice_index: int | None = None, where: str = "") -> None:
+    """Refuse NaN and ±inf in ``values``, naming the first one in array order (:class:`NonFiniteImageError`).
+
+    ``values`` is in the image's array order: a picture's ``(W, H[, C])``, named ``[x, y]``, or the slice
+    ``(I, J)`` of a volume at ``slice_index``, named ``[i, j, k]``. ``where`` ends the message (", on the
+    prompted slice"). Integer data holds neither; it is not scanned.
+    """
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.inexact):
+        return
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return
+    index = np.unravel_index(int(np.argmax(bad)), bad.shape)  # argmax: the first True in array order
+    value = values[index]
+    if slice_index is None:
+        raise NonFiniteImageError(f"the image has a NaN or infinite pixel at [{index[0]}, {index[1]}] (x, y; {value}){where}")
+    raise NonFiniteImageError(
+        f"the volume has a NaN or infinite voxel at [{index[0]}, {index[1]}, {slice_index}] (i, j, k; {value}){where}"
+    )
 
 
 def _volume_array(array: np.ndarray) -> np.ndarray:
@@ -63,10 +91,15 @@ def image_plane(
         modality: a volume's modality (a name or DICOM code): without ``window`` it picks the volume's rule
             (:func:`~imedsam.data.intensity.intensity_rule`: CT's window for ``ct``, the percentiles for any other,
             a guess from the values for None). Pictures ignore it.
+
+    A NaN or infinite value in the picture or on the slice is a :class:`NonFiniteImageError` naming the first
+    one (:func:`check_finite`); the rest of a volume may hold some.
     """
     array = np.asarray(array)
     if planar:
-        plane = _planar_channels(array, "a 2D image").transpose(1, 0, 2)
+        channels = _planar_channels(array, "a 2D image")
+        check_finite(channels)
+        plane = channels.transpose(1, 0, 2)
         if window is None and array.dtype == np.uint8:
             low, high = 0.0, 255.0
         elif window is None:
@@ -78,11 +111,12 @@ def image_plane(
         volume = _volume_array(array)
         if slice_index is None or not 0 <= slice_index < volume.shape[2]:
             raise ImageReadError(f"slice {slice_index} is not in the volume of shape {volume.shape}")
+        check_finite(volume[:, :, slice_index], slice_index, ", on the prompted slice")  # as the 3D path refuses one
         low, high = intensity_window(volume, window, intensity_rule(modality))
         plane = volume[:, :, slice_index].T[..., None]
     plane = np.clip((plane.astype(np.float32) - low) / (high - low), 0.0, 1.0)
-    if not np.isfinite(plane).all():
-        raise ImageReadError("the image contains NaN or infinite values")
+    if not np.isfinite(plane).all():  # finite values that overflow float32 when windowed
+        raise ImageReadError("the image's values cannot be scaled to [0, 1] (they overflow float32)")
     if plane.shape[-1] == 1:
         plane = np.repeat(plane, 3, axis=-1)
     return np.ascontiguousarray(plane)

@@ -49,6 +49,7 @@ from ..data.intensity import intensity_rule, intensity_window
 from ..data.modalities import normalize_modality
 from ..data.pictures import ImageReadError
 from ..networks.imedsam import IMedSAM
+from .planes import check_finite
 from .predictor import Predictor
 from .volume_prompts import ObjectPrompt
 
@@ -202,10 +203,8 @@ class VolumePredictor:
 
     def plane(self, k: int) -> np.ndarray:
         """Slice ``k`` as the model sees it: ``J x I x 3`` float32 in [0, 1]."""
+        check_finite(self._volume[:, :, k], k, ", on a slice the prompt reaches")
         raw = self._volume[:, :, k].T
-        if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():
-            j, i = np.argwhere(~np.isfinite(raw))[0]
-            raise ImageReadError(f"the volume has a NaN or infinite voxel at [{i}, {j}, {k}] (i, j, k), on a slice the prompt reaches")
         low, high = self.window
         plane = np.clip((raw.astype(np.float32) - low) / (high - low), 0.0, 1.0)
         return np.repeat(plane[..., None], 3, axis=-1)

@@ -268,9 +268,8 @@ def test_info_answers_within_a_second_while_a_run_sync_scoring_runs(server):
     assert len(answers) == 2 and [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
     assert set(ids) <= set(answers[0].json()["scored"]), answers[0].text
     assert answers[1].json()["id"] in ids + ["img_0", "img_1", "img_2", "vol_0"], answers[1].text
-    print('LAT', [round(x,2) for x in latencies])
+    assert max(latencies) < 1.0, latencies  # on the event loop, the first /info/ after the start waited for the scoring
     assert len(latencies) >= 3, latencies  # /info/ was asked while the scoring ran
-    assert max(latencies) < 1.0, latencies
 
 
 def test_monai_label_blocking_routes_run_in_a_worker_thread_with_their_answers_and_errors(monkeypatch):

@@ -327,6 +327,23 @@ def _labelled_pictures(folder: Path, names: list[str]) -> list[dict]:
     return datalist
 
 
+def test_trainer_export_leaves_out_a_slice_with_a_nan_voxel_naming_it(tmp_path, caplog):
+    trainers = import_app_module("lib.trainers.imedsam")
+    volume = np.random.default_rng(0).normal(0, 100, (40, 32, 5)).astype(np.float32)
+    label = np.zeros(volume.shape, np.uint8)
+    label[10:30, 8:24, 1:4] = 1  # slices 1, 2 and 3 are labelled
+    volume[12, 9, 2] = np.inf
+    volume[30, 20, 4] = np.nan  # an unlabelled slice: never read
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "vol.nii.gz")
+    nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / "vol_label.nii.gz")
+    items = [{"image": str(tmp_path / "vol.nii.gz"), "label": str(tmp_path / "vol_label.nii.gz"), "modality": "ct"}]
+    with caplog.at_level(logging.WARNING):
+        split = trainers.export_training_set(items, str(tmp_path / "data"), 0.5, 0)
+    assert sorted(split["train"] + split["val"]) == ["vol_slice0001", "vol_slice0003"]
+    assert f"skipping {tmp_path / 'vol.nii.gz'} slice 2: the volume has a NaN or infinite voxel at [12, 9, 2]" in caplog.text
+    assert not (tmp_path / "data" / "images" / "vol_slice0002.png").exists()
+
+
 def _trainer(trainers, tmp_path, modality_prompt: bool):
     network = {"encoder": "vit_tiny", "image_size": 64, "modality_prompt": modality_prompt, "content_prompt": False, "sam_checkpoint": None}
     return trainers.IMedSAMTrainer(str(ROOT / "bundle"), str(tmp_path / "model"), str(tmp_path / "model" / "imedsam.pt"), network, lambda: None)

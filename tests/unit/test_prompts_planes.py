@@ -7,6 +7,8 @@ from PIL import Image
 
 from imedsam.inference import (
     ImageReadError,
+    NonFiniteImageError,
+    VolumePredictor,
     PromptError,
     image_plane,
     label_plane,
@@ -102,6 +104,33 @@ def test_volume_plane_uses_the_window_and_result_fills_only_that_slice():
         image_plane(volume, planar=False, slice_index=4, window=[240, -160])
     with pytest.raises(ImageReadError, match="slice 9"):
         image_plane(volume, planar=False, slice_index=9)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_nan_or_infinite_voxel_on_the_prompted_slice_is_refused_and_named(bad):
+    volume = np.random.default_rng(0).normal(0, 1, (16, 12, 4)).astype(np.float32)
+    volume[9, 2, 3] = bad  # on another slice: slice 1 is still served
+    volume[5, 7, 1] = bad
+    volume[6, 3, 1] = bad  # later in array order (i before j) than [5, 7, 1]
+    for window in (None, (-1, 1)):
+        assert np.isfinite(image_plane(volume, planar=False, slice_index=0, window=window)).all()
+        with pytest.raises(NonFiniteImageError, match=r"voxel at \[5, 7, 1\] \(i, j, k; -?(nan|inf)\), on the prompted slice"):
+            image_plane(volume, planar=False, slice_index=1, window=window)
+    # the 3D path names the same voxel through the same check
+    predictor = VolumePredictor.__new__(VolumePredictor)
+    predictor._volume, predictor.window = volume, (-1.0, 1.0)
+    with pytest.raises(NonFiniteImageError, match=r"voxel at \[5, 7, 1\] \(i, j, k; -?(nan|inf)\), on a slice the prompt reaches"):
+        predictor.plane(1)
+
+
+def test_a_nan_or_infinite_pixel_of_a_picture_is_refused_and_named():
+    picture = np.ones((20, 10, 3), np.float32)  # (W, H, C)
+    picture[4, 8, 2] = np.inf
+    with pytest.raises(NonFiniteImageError, match=r"pixel at \[4, 8\] \(x, y; inf\)"):
+        image_plane(picture, planar=True)
+    assert issubclass(NonFiniteImageError, ImageReadError)  # the app answers it with a 400, as other unreadable images
+    integers = np.full((20, 10), 7, np.uint16)
+    assert np.isfinite(image_plane(integers, planar=True)).all()
 
 
 def test_prompt_planed_reads_png_and_nifti(tmp_path):

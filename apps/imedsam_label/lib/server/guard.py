@@ -16,10 +16,18 @@ starts (:func:`install`):
   image is segmented or a ``run_sync`` training runs;
 - an answer for a disk that refuses a write anywhere in the server: 507 for a full disk, 503 for other I/O
   errors, naming what could not be written but no server path (:func:`lib.server.storage.storage_problem`).
+
+Whatever the datastore (a local folder or a DICOMweb store), :func:`install_off_loop` puts MONAI Label's own
+routes that do blocking work (:data:`BLOCKING_ROUTES`: a ``run_sync`` training or scoring, an active-learning
+pick, the dataset zip, a batch infer, an infer, image and label transfers) ahead of themselves again, each
+running MONAI Label's endpoint unchanged in a worker thread: same parameters, same answers and errors, and the
+event loop keeps answering ``/info/``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import logging
 import os
@@ -51,7 +59,7 @@ from lib.server.storage import storage_problem
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RequestGuard", "install", "install_model_upload", "parse_params"]
+__all__ = ["BLOCKING_ROUTES", "RequestGuard", "install", "install_model_upload", "install_off_loop", "parse_params"]
 
 #: the largest ``params`` form field accepted, in characters
 MAX_PARAMS_CHARS = 1_000_000
@@ -293,6 +301,80 @@ async def _disk_error(request, exc: OSError):
     return JSONResponse({"detail": problem[1]}, status_code=problem[0])
 
 
+#: MONAI Label 0.8.5's routes whose ``async`` endpoints call blocking functions directly, on the event loop: its
+#: endpoint module, the method and the path (under the API prefix). With a DICOMweb store, an image or label
+#: request may also fetch a series from the store.
+BLOCKING_ROUTES = (
+    ("train", "POST", "/train/"),  # every trainer; with run_sync, the whole training
+    ("train", "POST", "/train/{model}"),
+    ("scoring", "POST", "/scoring/"),  # every scoring method; with run_sync, UGS over every image
+    ("scoring", "POST", "/scoring/{method}"),
+    ("activelearning", "POST", "/activelearning/{strategy}"),
+    ("batch_infer", "POST", "/batch/infer/{model}"),
+    ("infer", "POST", "/infer/{model}"),
+    ("wsi_infer", "POST", "/infer/wsi/{model}"),
+    ("wsi_infer", "POST", "/infer/wsi_v2/{model}"),
+    ("datastore", "GET", "/datastore/dataset"),  # builds a zip of the whole datastore
+    ("datastore", "PUT", "/datastore/image"),
+    ("datastore", "PUT", "/datastore/"),
+    ("datastore", "GET", "/datastore/image"),
+    ("datastore", "HEAD", "/datastore/image"),
+    ("datastore", "DELETE", "/datastore/image"),
+    ("datastore", "DELETE", "/datastore/"),
+    ("datastore", "PUT", "/datastore/label"),
+    ("datastore", "GET", "/datastore/label"),
+    ("datastore", "HEAD", "/datastore/label"),
+    ("datastore", "DELETE", "/datastore/label"),
+    ("session", "PUT", "/session/"),  # copies the image
+    ("model", "GET", "/model/info/{model}"),  # checksums the model file
+)
+
+
+def _complete(endpoint, args, kwargs):
+    """Run the coroutine function ``endpoint`` to its end on an event loop of this (worker) thread."""
+    return asyncio.run(endpoint(*args, **kwargs))
+
+
+def _off_loop(endpoint):
+    """``endpoint`` (an ``async`` endpoint that never awaits, calling blocking functions) run in a worker thread;
+    the same signature, so FastAPI gives it the same parameters and dependencies."""
+
+    async def off_loop(*args, **kwargs):
+        return await run_in_threadpool(_complete, endpoint, args, kwargs)
+
+    off_loop.__signature__ = inspect.signature(endpoint)
+    off_loop.__name__ = off_loop.__qualname__ = f"{endpoint.__name__}_off_loop"
+    off_loop.__doc__ = endpoint.__doc__
+    return off_loop
+
+
+def install_off_loop(server) -> None:
+    """Whatever the datastore: put each of MONAI Label's :data:`BLOCKING_ROUTES`, its endpoint run in a worker
+    thread, ahead of MONAI Label's own. Call it before the routes that replace some of them (:func:`install`),
+    so that those stay first. The copies are left out of the OpenAPI schema, which keeps MONAI Label's."""
+    from importlib import import_module
+
+    prefix = settings.MONAI_LABEL_API_STR
+    routes = []
+    for module_name, method, path in BLOCKING_ROUTES:
+        router = import_module(f"monailabel.endpoints.{module_name}").router
+        (original,) = [r for r in router.routes if isinstance(r, APIRoute) and r.path == path and method in r.methods]
+        routes.append(
+            APIRoute(
+                f"{prefix}{path}",
+                _off_loop(original.endpoint),
+                methods=[method],
+                name=f"imedsam_off_loop_{original.name}",
+                dependencies=original.dependencies,
+                response_class=original.response_class,
+                include_in_schema=False,
+            )
+        )
+    server.router.routes[:0] = routes
+    logger.info("MONAI Label's %d routes that block (run_sync training and scoring, active learning, the dataset zip, "
+                "infers, image and label transfers) run in a worker thread", len(routes))  # fmt: skip
+
+
 def install_model_upload(server, instance, upload_root: str) -> None:
     """Whatever the datastore (local or DICOMweb): the checked ``PUT /model/{model}`` ahead of MONAI Label's,
     and disk errors answered with 507/503. The caller builds the middleware stack again afterwards."""
@@ -305,7 +387,9 @@ def install_model_upload(server, instance, upload_root: str) -> None:
 
 def install(server, instance, upload_root: str) -> None:
     """Put :class:`RequestGuard` in front of ``server`` (the FastAPI app of ``monailabel start_server``,
-    already running) and its own infer, image, label, model and training routes ahead of MONAI Label's."""
+    already running) and its own infer, image, label, model and training routes ahead of MONAI Label's, and
+    MONAI Label's other blocking routes off the event loop (:func:`install_off_loop`)."""
+    install_off_loop(server)
     install_model_upload(server, instance, upload_root)
     prefix = settings.MONAI_LABEL_API_STR
     routes = [

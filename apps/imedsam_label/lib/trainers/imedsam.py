@@ -22,7 +22,7 @@ from PIL import Image
 from imedsam.data import ModalityBalancedSampler, seeded_split
 from imedsam.data.headers import VOLUME_SUFFIXES
 from imedsam.data.pictures import IMAGE_EXTENSIONS
-from imedsam.inference import ImageReadError, image_plane, is_picture, label_plane, load_image_array, spatial_shape
+from imedsam.inference import ImageReadError, NonFiniteImageError, image_plane, is_picture, label_plane, load_image_array, spatial_shape
 from imedsam.networks.prompts import ANY_MODALITY
 
 from lib.infers.modality import dicom_series_modality, image_modality_code, resolve_modality
@@ -125,8 +125,9 @@ def export_training_set(datalist: list[dict], folder: str, val_split: float, see
 
     A picture gives one image/mask pair; a volume gives one pair per slice whose label has foreground, windowed
     by ``window``, else by the item's ``modality`` (a name; CT's window for ct, the percentiles for any other), else
-    by a guess from its values, as at inference. Samples from one image stay in the same split. At least two
-    images (or, for a single volume, two labeled slices) are needed, so that validation has one.
+    by a guess from its values, as at inference. A picture or slice holding a NaN or infinite value is left out
+    with a warning naming the image, the slice and the first such voxel. Samples from one image stay in the same
+    split. At least two images (or, for a single volume, two labeled slices) are needed, so that validation has one.
     """
     for sub in ("images", "masks"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
@@ -154,7 +155,12 @@ def export_training_set(datalist: list[dict], folder: str, val_split: float, see
             other = written.setdefault(name.casefold(), image_path)
             if other != image_path:  # a picture named like another image's slice
                 raise TrainingDataError(f"the labeled images {other} and {image_path} would both give the sample {name!r}: rename one of them")
-            _write_pair(folder, name, image_plane(image, planar, k, window, item.get("modality")), mask)
+            try:
+                plane = image_plane(image, planar, k, window, item.get("modality"))
+            except NonFiniteImageError as exc:  # one bad slice does not take the training down: its sample is left out
+                logger.warning("skipping %s: %s", image_path if k is None else f"{image_path} slice {k}", exc)
+                continue
+            _write_pair(folder, name, plane, mask)
             names.append(name)
             modalities[name] = item.get("modality")
         if names:
