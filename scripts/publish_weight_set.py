@@ -28,11 +28,27 @@ def main(argv=None) -> int:
     parser.add_argument("--name", required=True, help="the weight set's name (a Python identifier)")
     parser.add_argument("--modality-prompt", action="store_true")
     parser.add_argument("--content-prompt", action="store_true")
+    parser.add_argument(
+        "--trained-on", metavar="NAMES",
+        help="for a checkpoint saved before the modality prompt counted its training images: the modalities it was "
+        "trained on, comma-separated (e.g. ct,mr,endoscopy,microscopy; 'any' is added), so that the others answer as 'any'",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if not args.name.isidentifier():
         parser.error(f"--name must be an identifier, got {args.name!r}")
     options = {"modality_prompt": args.modality_prompt, "content_prompt": args.content_prompt}
     trained = build_imedsam(**options).load_checkpoint(args.checkpoint)
+    if args.trained_on:
+        from imedsam.data import normalize_modality
+        from imedsam.networks.prompts import ANY_MODALITY
+
+        prompt = trained.prompt_path.modality_prompt
+        if prompt is None:
+            parser.error("--trained-on is for a model with --modality-prompt")
+        names = [normalize_modality(name) for name in args.trained_on.split(",")]
+        with torch.no_grad():
+            prompt.trained_images.zero_()
+            prompt.trained_images[prompt.indices([*names, ANY_MODALITY])] = 1
     torch.manual_seed(0)
     state = weight_set_state(trained, build_imedsam(**options))
     os.makedirs(WEIGHTS_DIR, exist_ok=True)

@@ -35,7 +35,15 @@ class WeightSet:
 
 
 #: the weight sets this package carries, by name
-WEIGHT_SETS: dict[str, WeightSet] = {}
+WEIGHT_SETS: dict[str, WeightSet] = {
+    # lite_medsam fine-tuned on every modality of ../shared/data (CT, MR, endoscopy, microscopy), modality-balanced,
+    # with the modality and content prompts: the model card is in bundle/docs/README.md ("all_modalities")
+    "all_modalities": WeightSet(
+        file="all_modalities.pt",
+        sha256="f0c2dc7abc3263aac861fd6ef7999b3a836918d65fd9f1f7d989746986fa1aeb",
+        options={"modality_prompt": True, "content_prompt": True},
+    ),
+}
 
 
 def weight_set_path(name: str) -> str:
