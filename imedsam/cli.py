@@ -40,6 +40,11 @@ def _save_png(array: np.ndarray, path: str) -> None:
     Image.fromarray(array).save(path)
 
 
+#: the weight set ``imedsam predict`` serves for lite_medsam when no checkpoint is given: it beats the untrained
+#: start on every modality of ../shared/data (docs/results.md, "Every modality")
+DEFAULT_WEIGHTS = "all_modalities"
+
+
 def _build_model(args: argparse.Namespace):
     import torch
 
@@ -51,6 +56,10 @@ def _build_model(args: argparse.Namespace):
             "use the default --encoder lite_medsam, or train one (see README) and pass --checkpoint models/model.pt",
             args.encoder,
         )
+    if args.weights is None and not (args.checkpoint or args.encoder != "lite_medsam" or args.modality_prompt or args.content_prompt):
+        args.weights = DEFAULT_WEIGHTS
+    if args.weights == "none":
+        args.weights = None
     if args.weights is not None:
         if args.checkpoint or args.encoder != "lite_medsam":
             raise ValueError("--weights is a fine-tuned lite_medsam: give it without --checkpoint and --encoder")
@@ -191,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--checkpoint", help="trained I-MedSAM state dict (models/model.pt)")
     predict.add_argument(
         "--weights", metavar="NAME",
-        help="a weight set this package carries, e.g. all_modalities (a lite_medsam fine-tuned on every shared modality; bundle/docs/README.md)",
+        help=f"a weight set this package carries: {DEFAULT_WEIGHTS} (the default for lite_medsam without --checkpoint: "
+        "fine-tuned on every shared modality, bundle/docs/README.md), or none (LiteMedSAM's own weights, untrained)",
     )  # fmt: skip
     predict.add_argument("--sam-checkpoint", help="official SAM checkpoint for the frozen vit_* encoders")
     predict.add_argument(

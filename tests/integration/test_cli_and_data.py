@@ -1,6 +1,7 @@
 """The command line, the synthetic demo data, boxes from masks and the overlay pictures."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -147,7 +148,7 @@ def test_cli_decodes_a_large_image_at_a_capped_size(tmp_path, caplog):
     assert np.asarray(Image.open(tmp_path / "m.png")).shape == (300, 500)
 
 
-def test_cli_predict_with_no_checkpoint_uses_the_pretrained_lite_medsam(tmp_path, caplog):
+def test_cli_predict_with_no_checkpoint_uses_the_default_weight_set_or_with_none_lite_medsam(tmp_path, caplog):
     from scipy import ndimage
 
     yy, xx = np.mgrid[:120, :200]
@@ -156,11 +157,17 @@ def test_cli_predict_with_no_checkpoint_uses_the_pretrained_lite_medsam(tmp_path
     image[disk] = (220, 140, 140)
     Image.fromarray(image).save(tmp_path / "disk.png")
     args = ["predict", "--image", str(tmp_path / "disk.png"), "--box", "90", "20", "170", "100", "--output", str(tmp_path / "m.png")]
+    caplog.set_level(logging.INFO)
     assert main(args) == 0
-    assert "meaningless" not in caplog.text
+    assert "meaningless" not in caplog.text and "loaded weight set 'all_modalities'" in caplog.text
     mask = np.asarray(Image.open(tmp_path / "m.png")) > 0
     assert 2 * (mask & disk).sum() / (mask.sum() + disk.sum()) > 0.9
     assert ndimage.label(mask)[1] == 1
+    caplog.clear()
+    assert main(args[:-1] + [str(tmp_path / "lite.png"), "--weights", "none"]) == 0  # LiteMedSAM's own weights
+    assert "loaded weight set" not in caplog.text
+    lite = np.asarray(Image.open(tmp_path / "lite.png")) > 0
+    assert 2 * (lite & disk).sum() / (lite.sum() + disk.sum()) > 0.9
     # the encoder compiled by OpenVINO for this CPU: the same mask, to a pixel or two of bfloat16 rounding
     assert main(args[:-1] + [str(tmp_path / "ov.png"), "--encoder-engine", "openvino"]) == 0
     compiled = np.asarray(Image.open(tmp_path / "ov.png")) > 0
