@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import os
 
+from dicomweb_client.session_utils import create_session_from_user_pass
 from fastapi import HTTPException
 from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMwebClientX
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -30,10 +32,10 @@ from lib.configs.imedsam import IMedSAMConfig
 from lib.infers.modality import IMAGE_CODE_KEY, ModalityRequestError, image_modality_code
 from lib.server.body_limit import MIB, RequestBodyLimit
 from lib.server.datastore import CheckedDatastore, DatastoreRequestError
-from lib.server.dicomweb import install_store_error_answers
-from lib.server.guard import install, install_model_upload, install_off_loop
+from lib.server.dicomweb import CheckedDICOMWebDatastore, install_store_error_answers
+from lib.server.guard import install, install_label_save, install_model_upload, install_off_loop
 from lib.server.model_upload import publish_checkpoint
-from lib.server.storage import PromptRecords, remove_stale_temporaries
+from lib.server.storage import PromptRecords, remove_stale_temporaries, remove_stale_uploads
 from lib.trainers.imedsam import TrainingDataError
 
 logger = logging.getLogger(__name__)
@@ -46,8 +48,10 @@ class IMedSAMApp(MONAILabelApp):
         self.model_dir = os.path.join(app_dir, "model")
         os.makedirs(self.model_dir, exist_ok=True)
         remove_stale_temporaries(self.model_dir, logger)
-        # uploads live here only while their request runs (lib.server.guard removes each request's folder)
+        # uploads live here only while their request runs (lib.server.guard removes each request's folder; those
+        # of requests a killed server was running are removed here)
         self.upload_root = os.path.join(app_dir, "uploads")
+        remove_stale_uploads(self.upload_root, logger)
         self.prompt_records = PromptRecords(os.path.join(self.model_dir, "last_prompts.json"), logger)
         self.task_config = IMedSAMConfig()
         self.task_config.init(MODEL_NAME, self.model_dir, conf, None, prompt_records=self.prompt_records)
@@ -75,6 +79,30 @@ class IMedSAMApp(MONAILabelApp):
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
 
+    def _init_dicomweb_datastore(self) -> Datastore:
+        """MONAI Label's DICOMweb datastore, its client and settings made as MONAI Label makes them, with the app's
+        safe save path and cache (lib.server.dicomweb.CheckedDICOMWebDatastore); Google's store is MONAI Label's own."""
+        if "googleapis.com" in self.studies:
+            return super()._init_dicomweb_datastore()
+        session = None
+        if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+            session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+        client = DICOMwebClientX(
+            url=self.studies,
+            session=session,
+            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+            wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+        )
+        self._download_dcmqi_tools()
+        return CheckedDICOMWebDatastore(
+            client=client,
+            search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+            cache_path=(settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None,
+            fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+            convert_to_nifti=settings.MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI,
+        )
+
     def server_mode(self, mode: bool):
         super().server_mode(mode)
         if not mode:
@@ -86,6 +114,7 @@ class IMedSAMApp(MONAILabelApp):
         else:  # DICOMweb: blocking routes off the event loop, the store's failures answered clearly, the checked model upload
             install_off_loop(server)
             install_model_upload(server, self, self.upload_root)
+            install_label_save(server, self, self.upload_root)  # uploads kept per request, disk errors answered 507/503
             install_store_error_answers(server, self.studies)  # builds the middleware stack again
         # outermost, so that a body above the limit is refused before anything reads it (lib.server.body_limit)
         limit = self.task_config.max_request_bytes

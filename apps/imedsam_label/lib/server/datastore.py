@@ -122,7 +122,48 @@ def check_new_image_id(image_id: str) -> str:
     return _check_plain(image_id, "image id")
 
 
-class CheckedDatastore(LocalDatastore):
+def set_aside_torn_record(path: str, folder: str = "the studies folder") -> None:
+    """Move a datastore record (``datastore_v2.json``) that cannot be read aside, to ``<path>.torn-<time>``, and say
+    so in the log: MONAI Label's datastore then rebuilds the record from its ``folder`` instead of refusing to start."""
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            LocalDatastoreModel.model_validate_json(f.read())
+    except (OSError, ValueError) as exc:
+        aside = f"{path}.torn-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(path, aside)
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        logger.warning(
+            "datastore record %s is unreadable (%s: %s); moved it to %s and rebuilding the record from %s: images and "
+            "labels are kept, their stored info (scores, timestamps) is not",
+            path, type(exc).__name__, first_line, aside, folder,
+        )  # fmt: skip
+
+
+class AtomicRecordFile:
+    """For a :class:`LocalDatastore` (the app's, or the DICOMweb datastore's cache): its record ``datastore_v2.json``
+    is written to a temporary file and renamed, so that a crash or a full disk leaves the old record or the new one,
+    never a part (MONAI Label truncates it, then writes)."""
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        def write() -> None:
+            self._ignore_event_config = True  # the file watcher is not to reload what is written here
+            try:
+                write_json_atomically(self._datastore_config_path, self._datastore.model_dump(exclude={"base_path"}))
+            except BaseException:
+                self._ignore_event_config = False
+                raise
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+
+class CheckedDatastore(AtomicRecordFile, LocalDatastore):
     """:class:`LocalDatastore` that:
 
     - takes label tags and new image ids only as plain names (a tag or id is joined into a path, so
@@ -149,7 +190,7 @@ class CheckedDatastore(LocalDatastore):
     def __init__(self, studies: str, label_values: dict[str, int], **kwargs) -> None:
         self.label_values = dict(label_values)
         kwargs.setdefault("extensions", DATASTORE_PATTERNS)
-        self._set_aside_torn_record(os.path.join(studies, kwargs.get("datastore_config", "datastore_v2.json")))
+        set_aside_torn_record(os.path.join(studies, kwargs.get("datastore_config", "datastore_v2.json")))
         super().__init__(studies, **kwargs)
         # what a server killed in the middle of a change left (only the app's own ``.NAME.XXXX.tmp`` files)
         labels_root = self._datastore.label_path(None)
@@ -157,23 +198,6 @@ class CheckedDatastore(LocalDatastore):
         for folder in {os.path.realpath(f) for f in (self._datastore_path, self._datastore.image_path(), *tags)}:
             remove_stale_temporaries(folder, logger, ours_only=True)
         warn_about_dicom_files(self._datastore.image_path(), labels_root)
-
-    @staticmethod
-    def _set_aside_torn_record(path: str) -> None:
-        if not os.path.exists(path):
-            return
-        try:
-            with open(path, encoding="utf-8") as f:
-                LocalDatastoreModel.model_validate_json(f.read())
-        except (OSError, ValueError) as exc:
-            aside = f"{path}.torn-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.replace(path, aside)
-            first_line = (str(exc).strip().splitlines() or [""])[0]
-            logger.warning(
-                "datastore record %s is unreadable (%s: %s); moved it to %s and rebuilding the record from the studies "
-                "folder: images and labels are kept, their stored info (scores, timestamps) is not",
-                path, type(exc).__name__, first_line, aside,
-            )  # fmt: skip
 
     # -- names --------------------------------------------------------------------------------------------
     def image_uri_or_404(self, image_id: str) -> str:
@@ -357,20 +381,3 @@ class CheckedDatastore(LocalDatastore):
             self._update_datastore_file(lock=False)
         logger.info("saved label %s (tag %s) for image %s", file_name, label_tag, image_id)
         return image_id
-
-    # -- the record file ----------------------------------------------------------------------------------
-    def _update_datastore_file(self, lock: bool = True) -> None:
-        def write() -> None:
-            self._ignore_event_config = True  # the file watcher is not to reload what is written here
-            try:
-                write_json_atomically(self._datastore_config_path, self._datastore.model_dump(exclude={"base_path"}))
-            except BaseException:
-                self._ignore_event_config = False
-                raise
-            self._config_ts = os.stat(self._datastore_config_path).st_mtime
-
-        if lock:
-            with FileLock(self._lock_file):
-                write()
-        else:
-            write()

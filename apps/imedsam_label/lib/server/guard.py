@@ -59,7 +59,9 @@ from lib.server.storage import storage_problem
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BLOCKING_ROUTES", "RequestGuard", "install", "install_model_upload", "install_off_loop", "parse_params"]
+__all__ = [
+    "BLOCKING_ROUTES", "RequestGuard", "install", "install_label_save", "install_model_upload", "install_off_loop", "parse_params",
+]  # fmt: skip
 
 #: the largest ``params`` form field accepted, in characters
 MAX_PARAMS_CHARS = 1_000_000
@@ -204,7 +206,13 @@ def _infer_route(instance, upload_root: str):
             else:
                 raise HTTPException(status_code=400, detail="no image: name one with ?image=ID or upload it as a file")
             request = {**instance.info().get("config", {}).get("infer", {}), **request, "model": model, "image": path}
-            result = await run_in_threadpool(instance.infer, request)
+            try:
+                result = await run_in_threadpool(instance.infer, request)
+            except HTTPException as exc:
+                if file is not None:  # an answer names an upload by the client's file name, never by its server path
+                    for server_path in {path, os.path.realpath(path)}:
+                        exc.detail = str(exc.detail).replace(server_path, _client_name(file))
+                raise
         return send_response(datastore, result, output, background_tasks)
 
     return infer
@@ -233,7 +241,9 @@ def _train_route(instance):
     return train
 
 
-def _save_label_route(instance, upload_root: str):
+def _save_label_route(instance, upload_root: str, binary: bool = False):
+    """``PUT /datastore/label``; with ``binary``, a ``.bin`` label too (MONAI Label's DICOMweb datastore converts one)."""
+
     async def save_label(
         image: str,
         params: str = Form("{}"),
@@ -242,9 +252,11 @@ def _save_label_route(instance, upload_root: str):
         user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
     ):
         info = parse_params(params)
-        datastore: CheckedDatastore = instance.datastore()  # its save_label checks the tag, image and label
+        # CheckedDatastore or lib.server.dicomweb.CheckedDICOMWebDatastore: its save_label checks the tag and image
+        datastore = instance.datastore()
         with tempfile.TemporaryDirectory(dir=upload_root) as folder:
-            path = _save_upload(label, folder, "label")
+            suffix = ".bin" if binary and _client_name(label).lower().endswith(".bin") else None
+            path = _save_upload(label, folder, "label", suffix)
             save = datastore.save_label  # the label and its record together, or neither (507/503 on a full disk)
             label_id = await run_in_threadpool(_to_http, save, image, path, tag or "final", info, _client_name(label))
         answer = instance.on_save_label(image, label_id) or {}
@@ -383,6 +395,16 @@ def install_model_upload(server, instance, upload_root: str) -> None:
     route = APIRoute(f"{prefix}/model/{{model}}", _update_model_route(instance, upload_root), methods=["PUT"], name="imedsam_update_model")
     server.router.routes.insert(0, route)
     server.add_exception_handler(OSError, _disk_error)
+
+
+def install_label_save(server, instance, upload_root: str) -> None:
+    """For a DICOMweb store: the app's ``PUT /datastore/label`` ahead of MONAI Label's, so that the upload is kept in
+    a per-request folder and the datastore's refusals (:class:`DatastoreRequestError`, a full disk) are answered
+    with their status (:func:`install` adds it for a local datastore)."""
+    pathlib.Path(upload_root).mkdir(parents=True, exist_ok=True)
+    route = _save_label_route(instance, upload_root, binary=True)
+    path = f"{settings.MONAI_LABEL_API_STR}/datastore/label"
+    server.router.routes.insert(0, APIRoute(path, route, methods=["PUT"], name="imedsam_save_label"))
 
 
 def install(server, instance, upload_root: str) -> None:

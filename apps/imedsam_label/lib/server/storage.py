@@ -28,6 +28,7 @@ __all__ = [
     "copy_atomically",
     "link_atomically",
     "remove_stale_temporaries",
+    "remove_stale_uploads",
     "storage_problem",
     "write_json_atomically",
 ]
@@ -97,6 +98,20 @@ def remove_stale_temporaries(folder: str, logger=None, ours_only: bool = False) 
             removed.append(name)
     if removed and logger:
         logger.warning("removed %d file(s) an interrupted write left in %s: %s", len(removed), folder, ", ".join(sorted(removed)))
+    return removed
+
+
+def remove_stale_uploads(folder: str, logger=None) -> list[str]:
+    """Remove the per-request upload folders (``tmpXXXX``, :mod:`lib.server.guard`) that a killed server left in
+    ``folder``: called at start, when no request can be running. Returns the names removed."""
+    removed = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        if name.startswith("tmp") and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    if removed and logger:
+        logger.warning("removed %d upload folder(s) an interrupted request left in %s", len(removed), folder)
     return removed
 
 
