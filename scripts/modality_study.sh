@@ -8,7 +8,7 @@ set -euo pipefail
 out=${1:?usage: modality_study.sh OUT_DIR [ROW ...]}
 shift
 rows=("$@")
-[ ${#rows[@]} -gt 0 ] || rows=(reference warm_start polyps_only proportional balanced modality content all_three all_three_without_microscopy)
+[ ${#rows[@]} -gt 0 ] || rows=(reference warm_start polyps_only proportional balanced modality content all_three proportional_without_microscopy)
 python=${PYTHON:-python}
 samples=${EPOCH_SAMPLES:-120}
 base="['bundle/configs/train.yaml','bundle/configs/train_modalities.yaml']"
@@ -49,6 +49,9 @@ for row in "${rows[@]}"; do
     all_three_without_microscopy) train "$row" --config_file "$base" --modality_prompt true --content_prompt true \
         --exclude_modalities "['microscopy']"
       evaluate "$row" --checkpoint "$out/$row/models/model.pt" --modality-prompt --content-prompt ;;
+    proportional_without_microscopy) train "$row" --config_file "$base" --modality_temperature 0.0 \
+        --exclude_modalities "['microscopy']"
+      evaluate "$row" --checkpoint "$out/$row/models/model.pt" ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
 done

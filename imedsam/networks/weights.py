@@ -36,12 +36,13 @@ class WeightSet:
 
 #: the weight sets this package carries, by name
 WEIGHT_SETS: dict[str, WeightSet] = {
-    # lite_medsam fine-tuned on every modality of ../shared/data (CT, MR, endoscopy, microscopy), modality-balanced,
-    # with the modality and content prompts: the model card is in bundle/docs/README.md ("all_modalities")
+    # lite_medsam fine-tuned on every modality of ../shared/data (CT, MR, endoscopy, microscopy), each modality
+    # drawn in proportion to its items: the best of the study in docs/results.md ("Every modality"); model card in
+    # bundle/docs/README.md ("all_modalities")
     "all_modalities": WeightSet(
         file="all_modalities.pt",
-        sha256="f0c2dc7abc3263aac861fd6ef7999b3a836918d65fd9f1f7d989746986fa1aeb",
-        options={"modality_prompt": True, "content_prompt": True},
+        sha256="606650f13959ac30ca4ae7f9517b483df595dad05d00f6f4e68abd55e28f4e84",
+        options={"modality_prompt": False, "content_prompt": False},
     ),
 }
 
