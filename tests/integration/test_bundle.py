@@ -296,3 +296,28 @@ def test_evaluate_volume_scores_every_protocol_beside_the_lite_medsam_recipe(tra
     assert summary["means"]["every_slice/lite_medsam"]["dsc"] > 0.8
     assert summary["by_set"]["phantoms"] == summary["means"]
     assert '"box3d/imedsam"' in log
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "dsb2018_nuclei_stardist")), reason="../shared/data is not beside the project")
+def test_the_all_modality_overlay_trains_with_the_sampler_and_gives_the_modality_to_the_network(tmp_path):
+    from monai.bundle import ConfigParser
+
+    from imedsam.data import ModalityBalancedSampler
+
+    overlay = os.path.join(CONFIGS, "train_modalities.yaml")
+    parser = ConfigParser()
+    parser.read_config([TRAIN, overlay])
+    parser.update({"encoder": "vit_tiny", "image_size": 64, "modality_prompt": True, "modality_temperature": 0.5,
+                   "exclude_modalities": ["ct", "mr", "endoscopy"]})  # fmt: skip
+    sampler = parser.get_parsed_content("train#dataloader#sampler")
+    assert isinstance(sampler, ModalityBalancedSampler) and sampler.temperature == 0.5 and sampler.num_samples == 120
+    assert set(sampler.modalities) == {"microscopy"}
+    assert parser.get_parsed_content("train#prepare_batch").extra_keys == {"boxes": "box", "modality": "modality"}
+    # a two-step run on the microscopy items: the network sees their modality and learns its token
+    log = ok(bundle("run", "training", "--config_file", f"['{TRAIN}','{overlay}']", *SMALL, "--label_size", "64",
+                    "--modality_prompt", "true", "--exclude_modalities", "['ct','mr','endoscopy']", "--epoch_samples", "4",
+                    "--val_samples", "2", "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")))  # fmt: skip
+    assert "val_mean_dice" in log
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    counts = state["prompt_path.modality_prompt.trained_images"].tolist()
+    assert counts[8] > 0 and sum(counts) == counts[8] + counts[11] == 4  # microscopy's row (and "any", by dropout)
