@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The all-modality study of docs/results.md ("Every modality"): each row fine-tunes the lite_medsam warm start
-# with the same budget (one epoch of EPOCH_SAMPLES items, batch 2, seed 123) and is scored per modality on the
+# with the same budget (one epoch of EPOCH_SAMPLES items, batch 2, seed 123; the prompt rows on the balanced sampler) and is scored per modality on the
 # test split of bundle/datalists/modalities.json.
 #   bash scripts/modality_study.sh OUT_DIR [ROW ...]      (default: every row; OUT_DIR/<row>.csv per row)
 #   python scripts/evaluate_modalities.py --table OUT_DIR/*.csv --baseline lite_medsam_reference
@@ -40,13 +40,13 @@ for row in "${rows[@]}"; do
       evaluate "$row" --checkpoint "$out/$row/models/model.pt" ;;
     balanced) train "$row" --config_file "$base" --modality_temperature 1.0
       evaluate "$row" --checkpoint "$out/$row/models/model.pt" ;;
-    modality) train "$row" --config_file "$base" --modality_prompt true
+    modality) train "$row" --config_file "$base" --modality_temperature 1.0 --modality_prompt true
       evaluate "$row" --checkpoint "$out/$row/models/model.pt" --modality-prompt ;;
-    content) train "$row" --config_file "$base" --content_prompt true
+    content) train "$row" --config_file "$base" --modality_temperature 1.0 --content_prompt true
       evaluate "$row" --checkpoint "$out/$row/models/model.pt" --content-prompt ;;
-    all_three) train "$row" --config_file "$base" --modality_prompt true --content_prompt true
+    all_three) train "$row" --config_file "$base" --modality_temperature 1.0 --modality_prompt true --content_prompt true
       evaluate "$row" --checkpoint "$out/$row/models/model.pt" --modality-prompt --content-prompt ;;
-    all_three_without_microscopy) train "$row" --config_file "$base" --modality_prompt true --content_prompt true \
+    all_three_without_microscopy) train "$row" --config_file "$base" --modality_temperature 1.0 --modality_prompt true --content_prompt true \
         --exclude_modalities "['microscopy']"
       evaluate "$row" --checkpoint "$out/$row/models/model.pt" --modality-prompt --content-prompt ;;
     proportional_without_microscopy) train "$row" --config_file "$base" --modality_temperature 0.0 \

@@ -232,7 +232,7 @@ def test_app_conf_keys(tmp_path):
     assert configs.conf_modality({"modality": "MR"}) == "mr" and configs.conf_modality({}) is None
     with pytest.raises(ValueError, match="--conf modality: unknown modality 'bogus'"):
         configs.conf_modality({"modality": "bogus"})
-    assert configs.conf_modality_temperature({}) == 1.0 and configs.conf_modality_temperature({"modality_temperature": "0.5"}) == 0.5
+    assert configs.conf_modality_temperature({}) == 0.0 and configs.conf_modality_temperature({"modality_temperature": "0.5"}) == 0.5
     for bad in ("2", "-0.1", "nan", "warm"):
         with pytest.raises(ValueError, match="--conf modality_temperature must be a number from 0 to 1"):
             configs.conf_modality_temperature({"modality_temperature": bad})
@@ -311,6 +311,7 @@ def test_trainer_draws_modality_balanced_when_the_labels_span_modalities(tmp_pat
     # one group (here: no modality at all) keeps the bundle's shuffling
     unknown = {**split, "modalities": dict.fromkeys(split["modalities"])}
     assert trainers.sampler_overrides(unknown, 1.0, 0) == {}
+    assert trainers.sampler_overrides(split, 0.0, 0) == {}  # the data's own proportions: plain shuffling
     assert trainers.sampler_overrides({**split, "modalities": dict.fromkeys(split["modalities"], "ct")}, 1.0, 0) == {}
 
 

@@ -66,12 +66,13 @@ def conf_modality(conf: dict[str, str]) -> str | None:
 
 
 def conf_modality_temperature(conf: dict[str, str]) -> float:
-    """``--conf modality_temperature`` (default 1.0): training draws modality ``k`` with probability proportional
+    """``--conf modality_temperature`` (default 0.0): training draws modality ``k`` with probability proportional
     to ``n_k ** (1 - temperature)`` (:class:`imedsam.data.ModalityBalancedSampler`); 0 keeps the data's
-    proportions, 1 draws the modalities equally."""
+    proportions (plain shuffling: on the shared data, balancing lost to it on every modality, docs/results.md),
+    1 draws the modalities equally."""
     value = conf.get("modality_temperature")
     if value is None or value == "":
-        return 1.0
+        return 0.0
     try:
         number = float(value)
     except ValueError:
@@ -155,7 +156,7 @@ class IMedSAMConfig(TaskConfig):
     - ``modality`` (none): the images' modality (a name such as ``mr`` or a DICOM code such as ``MR``) for a
       request that names none on an image that carries none (no DICOM ``Modality`` tag, no ``modality`` in its
       datastore info); ``modality_prompt`` / ``content_prompt`` (false): the network has MCP-MedSAM's modality /
-      content token (must match the checkpoint); ``modality_temperature`` (1.0): training's modality-balanced
+      content token (must match the checkpoint); ``modality_temperature`` (0.0): training's modality-balanced
       sampling, when the labelled images fall in more than one modality.
     """
 

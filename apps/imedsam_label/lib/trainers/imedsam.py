@@ -211,10 +211,10 @@ def modality_sampler(items: list[dict], modalities: dict[str, str | None], tempe
 def sampler_overrides(split: dict[str, Any], temperature: float, seed: int) -> dict[str, Any]:
     """The bundle overrides that draw training samples with :func:`modality_sampler` instead of shuffling them,
     when the training samples carry a modality and fall in more than one group (samples of no modality are one);
-    else none. With one group a balanced draw is only a draw with replacement, and shuffling shows every
-    sample once an epoch."""
+    else none. With one group, or at temperature 0 (the data's own proportions), a draw is only a draw with
+    replacement, and shuffling shows every sample once an epoch."""
     groups = {split["modalities"].get(name) or UNKNOWN_MODALITY for name in split["train"]}
-    if len(groups) < 2:
+    if len(groups) < 2 or temperature == 0:
         return {}
     return {
         "train#dataloader#shuffle": False,
@@ -273,7 +273,7 @@ class IMedSAMTrainer(TrainTask):
         start_from,
         window=None,
         modality: str | None = None,
-        modality_temperature: float = 1.0,
+        modality_temperature: float = 0.0,
         description: str = "Fine-tune I-MedSAM on the labels saved as final",
     ) -> None:
         super().__init__(description)
