@@ -140,9 +140,13 @@ def test_cli_auto_box_segments_without_a_box(trained_model, tmp_path, caplog):
     assert 2 * np.logical_and(predicted, truth).sum() / (predicted.sum() + truth.sum()) > 0.5
 
     caplog.clear()
-    code = main(["predict", "--image", str(tmp_path / "image.png"), "--auto-box", "--output", str(tmp_path / "again.png")])
-    assert code == 2 and "box-proposal head is untrained" in caplog.text  # the pretrained start has no trained head
+    code = main(["predict", "--image", str(tmp_path / "image.png"), "--auto-box", "--weights", "none", "--output", str(tmp_path / "again.png")])
+    assert code == 2 and "box-proposal head is untrained" in caplog.text  # LiteMedSAM's own weights have no trained head
     assert not (tmp_path / "again.png").exists()
+    caplog.clear()
+    # the default weight set (all_modalities) trained its head: it proposes a box
+    assert main(["predict", "--image", str(tmp_path / "image.png"), "--auto-box", "--output", str(tmp_path / "set.png")]) == 0
+    assert "proposed box" in caplog.text and (tmp_path / "set.png").is_file()
 
 
 def test_box_proposal_report_scores_the_proposal_against_the_tight_box(trained_model, tmp_path):
