@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from imedsam.networks.checkpoint import OPTIONAL_PARTS
+
 __all__ = ["parameter_groups"]
 
 #: the parts that start from random weights (or zero gates), which train at the full learning rate
-FROM_SCRATCH = (
-    "decoder.", "box_proposal.", "prompt_path.modality_prompt.", "prompt_path.content_prompt.", "prompt_path.token_gates."
-)  # fmt: skip
+FROM_SCRATCH = ("decoder.", *OPTIONAL_PARTS)
 
 
 def parameter_groups(network: nn.Module, lr: float, encoder_lr_scale: float = 0.05) -> list[dict]:

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from .presets import OFFICIAL_SAM_CHECKPOINTS
 
 __all__ = [
+    "OPTIONAL_PARTS",
+    "keep_missing_optional_parts",
     "CheckpointError",
     "read_state_dict",
     "verify_official_checkpoint",
@@ -23,6 +25,28 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: the state-dict prefixes of the parts a model may have that an older checkpoint may lack, each of which starts
+#: untrained: the box-proposal head and MCP-MedSAM's prompt tokens with their gates
+OPTIONAL_PARTS = (
+    "box_proposal.", "prompt_path.modality_prompt.", "prompt_path.content_prompt.", "prompt_path.token_gates."
+)  # fmt: skip
+MODALITY_COUNTS = "prompt_path.modality_prompt.trained_images"
+
+
+def keep_missing_optional_parts(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor], source: str) -> None:
+    """Complete ``state`` (a checkpoint read from ``source``) in place with the model's ``own`` tensors of every
+    optional part it lacks entirely, so that everything else loads and the part keeps its start (an untrained box
+    head, which ``propose_boxes`` refuses; prompts with zero gates)."""
+    for part in OPTIONAL_PARTS:
+        keys = [key for key in own if key.startswith(part)]
+        if keys and not any(key in state for key in keys):
+            logger.info("%s has no %s; the model's own, untrained, is kept", source, part[:-1])
+            state.update({key: own[key] for key in keys})
+    if MODALITY_COUNTS in own and MODALITY_COUNTS not in state and "prompt_path.modality_prompt.tokens.weight" in state:
+        # saved before the counts were kept: which tokens trained is not known, so every one is used
+        logger.warning("%s does not say which modality tokens were trained; every token is used as trained", source)
+        state[MODALITY_COUNTS] = torch.ones_like(own[MODALITY_COUNTS])
 
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 _LISTED_KEYS = 5

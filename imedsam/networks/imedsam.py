@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .box_proposal import BoxProposal, BoxProposalHead, boxes_from_foreground
-from .checkpoint import load_state_dict_checked, read_state_dict
+from .checkpoint import keep_missing_optional_parts, load_state_dict_checked, read_state_dict
 from .encoders.tiny_vit import AdaptedTinyViT, letterbox
 from .implicit.decoder import ImplicitSegmentationDecoder
 from .implicit.layers import rename_legacy_keys
@@ -118,19 +118,7 @@ class IMedSAM(nn.Module):
     def load_checkpoint(self, path: str | os.PathLike) -> IMedSAM:
         """Load a plain state dict of this whole model (as ``torch.save(model.state_dict(), path)`` writes)."""
         state = rename_legacy_keys(read_state_dict(path))
-        # a checkpoint made before (or without) one of the parts that start untrained: everything else loads, and
-        # the part keeps its start (an untrained box head, which propose_boxes refuses; prompts with zero gates)
-        own = self.state_dict()
-        for part in ("box_proposal.", *(f"prompt_path.{name}." for name in ("modality_prompt", "content_prompt", "token_gates"))):
-            keys = [key for key in own if key.startswith(part) or key == part[:-1]]
-            if keys and not any(key in state for key in keys):
-                logger.info("%s has no %s; the model's own, untrained, is kept", os.fspath(path), part[:-1])
-                state.update({key: own[key] for key in keys})
-        counts = "prompt_path.modality_prompt.trained_images"
-        if counts in own and counts not in state and "prompt_path.modality_prompt.tokens.weight" in state:
-            # saved before the counts were kept: which tokens trained is not known, so every one is used
-            logger.warning("%s does not say which modality tokens were trained; every token is used as trained", os.fspath(path))
-            state[counts] = torch.ones_like(own[counts])
+        keep_missing_optional_parts(state, self.state_dict(), os.fspath(path))
         encoder = type(self.image_encoder).__name__
         hint = f" (this model: {encoder}, image_size={self.image_size}, num_classes={self.num_classes})"
         load_state_dict_checked(self, state, os.fspath(path), hint)
@@ -174,14 +162,6 @@ class IMedSAM(nn.Module):
         return embedding.float()  # the prompt path takes float32 maps; the decoder picks its own precision
 
     # -- decoder ------------------------------------------------------------------------------------------
-    def _modality_rows(self, prompts: Prompts, num_boxes: int) -> torch.Tensor | None:
-        """Rows of the modality prompt, one per box (None: the path has no modality prompt)."""
-        modality_prompt = self.prompt_path.modality_prompt
-        if modality_prompt is None:
-            return None
-        rows = modality_prompt.indices(prompts.modalities(), prompts.boxes.device)
-        return rows.repeat_interleave(num_boxes)
-
     def _run_prompt_path(
         self, embedding: torch.Tensor, boxes: torch.Tensor, modality_rows: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,7 +224,7 @@ class IMedSAM(nn.Module):
         prompt_boxes = (boxes.to(embedding.dtype) * scale).reshape(-1, 4)
         # one box per image: the embedding itself, whose decoder rows are then kept for its next prompt
         per_prompt = embedding if num_boxes == 1 else embedding.repeat_interleave(num_boxes, dim=0)
-        box_features, mask_weights = self._run_prompt_path(per_prompt, prompt_boxes, self._modality_rows(prompts, num_boxes))
+        box_features, mask_weights = self._run_prompt_path(per_prompt, prompt_boxes, self.prompt_path.modality_rows(prompts.modalities(), num_boxes, boxes.device))
         out_h, out_w = int(output_size[0]), int(output_size[1])
         if self.decoder is None:
             sam_masks = torch.einsum("pc,pchw->phw", mask_weights, box_features).unsqueeze(1)

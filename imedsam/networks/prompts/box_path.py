@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 from segment_anything.modeling import MaskDecoder, PromptEncoder
@@ -75,6 +77,12 @@ class BoxPromptPath(nn.Module):
     @property
     def out_channels(self) -> int:
         return self.mask_decoder.transformer_dim // 8
+
+    def modality_rows(self, modalities: Sequence[str | None], num_boxes: int, device: torch.device) -> torch.Tensor | None:
+        """Rows of the modality prompt, ``[B * num_boxes]`` for ``B`` images' modalities (None without the prompt)."""
+        if self.modality_prompt is None:
+            return None
+        return self.modality_prompt.indices(modalities, device).repeat_interleave(num_boxes)
 
     def extra_tokens(self, image_embeddings: torch.Tensor, boxes: torch.Tensor, modality_rows: torch.Tensor | None) -> torch.Tensor | None:
         """``[P, E, C]``: the modality and content tokens this path has (None without any)."""
