@@ -56,6 +56,11 @@ def _build_model(args: argparse.Namespace):
             "use the default --encoder lite_medsam, or train one (see README) and pass --checkpoint models/model.pt",
             args.encoder,
         )
+    volumetric = {}
+    if args.volumetric_adapter:
+        volumetric = {"volumetric_adapter": True, "slab_depth": args.slab_depth, "volumetric_blocks": args.volumetric_blocks}
+        if args.checkpoint is None:
+            raise ValueError("--volumetric-adapter needs the --checkpoint that trained its adapters (train_volume.yaml)")
     if args.weights is None and not (args.checkpoint or args.encoder != "lite_medsam" or args.modality_prompt or args.content_prompt):
         args.weights = DEFAULT_WEIGHTS
     if args.weights == "none":
@@ -78,6 +83,7 @@ def _build_model(args: argparse.Namespace):
         adaptive_points=args.adaptive_points,
         modality_prompt=args.modality_prompt,
         content_prompt=args.content_prompt,
+        **volumetric,
     )
     if args.checkpoint:
         model.load_checkpoint(args.checkpoint)
@@ -222,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--content-prompt", action="store_true",
         help="the model has MCP-MedSAM's content token (bundle: content_prompt true); must match the checkpoint",
     )  # fmt: skip
+    predict.add_argument(
+        "--volumetric-adapter", action="store_true",
+        help="the model has 3DSAM-adapter's volumetric adapters (bundle: volumetric_adapter true, train_volume.yaml); "
+        "a volume's slices are then encoded in slabs of --slab-depth neighbours; must match the checkpoint",
+    )  # fmt: skip
+    predict.add_argument("--slab-depth", type=int, default=5, help="with --volumetric-adapter: the slab the model was trained with")
+    predict.add_argument("--volumetric-blocks", default="all", choices=("all", "last_half"), help="with --volumetric-adapter")
     predict.add_argument("--class-id", type=int, help="class of the box for multi-class models")
     predict.add_argument("--threshold", type=float, default=0.5)
     predict.add_argument("--device", default="cpu")

@@ -3,5 +3,6 @@
 from .handlers import CoarseWeightHandler, EvaluationReport, SavePredictions
 from .inferer import PromptInferer
 from .optim import parameter_groups
+from .slabs import PrepareSlabBatch
 
-__all__ = ["CoarseWeightHandler", "EvaluationReport", "PromptInferer", "SavePredictions", "parameter_groups"]
+__all__ = ["CoarseWeightHandler", "EvaluationReport", "PrepareSlabBatch", "PromptInferer", "SavePredictions", "parameter_groups"]

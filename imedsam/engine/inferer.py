@@ -30,7 +30,8 @@ class PromptInferer(Inferer):
     Called as ``inferer(images, network, boxes=..., output_size=...)`` with ``boxes [B, N, 4]`` (what the
     bundle's ``extra_keys={'boxes': 'box'}`` passes) and optionally ``modality=`` one name per image (``extra_keys``
     ``'modality': 'modality'``), or with ``prompts=`` a :class:`~imedsam.networks.Prompts`; either reaches the
-    network as a ``Prompts``. An ``output_size`` given in the call (a ``[B, 2]`` tensor from
+    network as a ``Prompts``. ``slab_depth=D`` (what :class:`~imedsam.engine.PrepareSlabBatch` passes): the images
+    are slabs of ``D`` consecutive slices, for a network with volumetric adapters. An ``output_size`` given in the call (a ``[B, 2]`` tensor from
     the batch, all rows equal) wins over the constructor's.
     """
 
@@ -64,7 +65,7 @@ class PromptInferer(Inferer):
 
     def __call__(
         self, inputs: torch.Tensor, network, boxes: torch.Tensor | None = None, output_size=None,
-        prompts: Prompts | None = None, modality=None, **kwargs,
+        prompts: Prompts | None = None, modality=None, slab_depth: int = 1, **kwargs,
     ):  # fmt: skip
         if (boxes is None) == (prompts is None):
             raise ValueError(
@@ -80,12 +81,14 @@ class PromptInferer(Inferer):
             if not (sizes == sizes[0]).all():
                 raise ValueError(f"images of one batch must share the output size, got {sizes.tolist()}; use batch_size 1")
             size = tuple(int(v) for v in sizes[0])
+        # slabs of neighbouring slices (PrepareSlabBatch) reach the network's encoder together; plain images alone
+        slabs = {} if slab_depth == 1 else {"slab_depth": slab_depth}
         if self.return_all:
             lines = self._query_lines(size or inputs.shape[-2:], inputs.device)
-            return network(inputs, prompts, size, return_all=True, query_lines=lines)
+            return network(inputs, prompts, size, return_all=True, query_lines=lines, **slabs)
         if not self.with_uncertainty:
-            return network(inputs, prompts, size)
-        out = network(inputs, prompts, size, return_all=True)
+            return network(inputs, prompts, size, **slabs)
+        out = network(inputs, prompts, size, return_all=True, **slabs)
         if out.uncertainty is None:
             raise ValueError(
                 "with_uncertainty=True, but this network returns no uncertainty map: SAM's mask decoder "

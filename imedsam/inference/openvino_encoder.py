@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..networks.frequency_adapter import frequency_image
+from ..networks.adapters.volumetric import check_slab_depth
 from ..networks.imedsam import IMedSAM
 from ..networks.precision import resolve_precision
 from ..networks.tiny_vit_encoder import AdaptedTinyViT
@@ -74,12 +75,13 @@ class _EncoderGraph(nn.Module):
     computed in PyTorch (:func:`_graph_inputs`).
     """
 
-    def __init__(self, encoder: AdaptedTinyViT) -> None:
+    def __init__(self, encoder: AdaptedTinyViT, slab_depth: int = 1) -> None:
         super().__init__()
         self.encoder = encoder
+        self.slab_depth = slab_depth
 
     def forward(self, image: torch.Tensor, frequency: torch.Tensor | None = None) -> torch.Tensor:
-        return self.encoder(image, frequency=frequency)
+        return self.encoder(image, frequency=frequency, slab_depth=self.slab_depth)
 
 
 def _graph_inputs(image: torch.Tensor, fa_mode: str) -> tuple[torch.Tensor, ...]:
@@ -133,22 +135,23 @@ class OpenVINOEncoder:
         self.num_threads = num_threads
         self.kept_graphs = kept_graphs
         self.conversions = 0  # graphs converted from PyTorch (not read from the cache) by this instance
-        self._compiled = None
-        self._compiled_for: tuple | None = None
+        self._compiled: dict[int, tuple[tuple, object]] = {}  # slab depth -> (what it was compiled for, graph)
 
-    def _weights_digest(self) -> str:
-        digest = hashlib.sha256(f"openvino {self._openvino.__version__} size {self.model.image_size}".encode())
+    def _weights_digest(self, slab_depth: int) -> str:
+        # the slab depth is the graph's batch, and with volumetric adapters also what they mix
+        key = f"openvino {self._openvino.__version__} size {self.model.image_size} slab {slab_depth}"
+        digest = hashlib.sha256(key.encode())
         for name, tensor in self.model.image_encoder.state_dict().items():
             digest.update(name.encode())
             digest.update(str(tuple(tensor.shape)).encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:32]
 
-    def _convert(self):
+    def _convert(self, slab_depth: int):
         size = self.model.image_size
         encoder = self.model.image_encoder
-        example = _graph_inputs(torch.rand(1, 3, size, size), encoder.fa_mode)
-        graph = _EncoderGraph(encoder).eval()
+        example = _graph_inputs(torch.rand(slab_depth, 3, size, size), encoder.fa_mode)
+        graph = _EncoderGraph(encoder, slab_depth).eval()
         was_training = encoder.training
         encoder.eval()
         try:
@@ -161,10 +164,10 @@ class OpenVINOEncoder:
         self.conversions += 1
         return converted
 
-    def _graph(self):
+    def _graph(self, slab_depth: int):
         if self.cache_dir is None:
-            return self._convert()
-        path = self.cache_dir / f"encoder-{self._weights_digest()}.xml"
+            return self._convert(slab_depth)
+        path = self.cache_dir / f"encoder-{self._weights_digest(slab_depth)}.xml"
         if path.is_file():
             try:
                 graph = self._core.read_model(str(path))
@@ -173,7 +176,7 @@ class OpenVINOEncoder:
             except RuntimeError as error:  # a cache entry is derived data: rebuild it, and say so
                 logger.warning("OpenVINO cache entry %s is unreadable (%s); converting the encoder again", path, error)
         logger.info("converting the image encoder to OpenVINO (once per set of weights; kept in %s)", self.cache_dir)
-        converted = self._convert()
+        converted = self._convert(slab_depth)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.cache_dir) as staging:
             staged = Path(staging) / "encoder.xml"
@@ -196,27 +199,31 @@ class OpenVINOEncoder:
         for stale in compiled[2 * self.kept_graphs :]:
             stale.unlink(missing_ok=True)
 
-    def _compiled_model(self):
+    def _compiled_model(self, slab_depth: int):
         device = next(self.model.parameters()).device
         precision = resolve_precision(self.model.encoder_precision, device)
         threads = self.num_threads or torch.get_num_threads()
         key = (self.model.encoder_version(), precision, threads)
-        if self._compiled is None or self._compiled_for != key:
+        if slab_depth not in self._compiled or self._compiled[slab_depth][0] != key:
+            if any(built != key for built, _ in self._compiled.values()):  # other weights: those graphs are stale
+                self._compiled.clear()
             config = {"INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY",
                       "INFERENCE_NUM_THREADS": threads}  # fmt: skip
-            self._compiled = self._core.compile_model(self._graph(), "CPU", config)
-            self._compiled_for = key
-        return self._compiled
+            self._compiled[slab_depth] = (key, self._core.compile_model(self._graph(slab_depth), "CPU", config))
+        return self._compiled[slab_depth][1]
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor, slab_depth: int = 1) -> torch.Tensor:
+        """The embeddings of ``image`` ``[B, 3, S, S]``, ``B / slab_depth`` slabs of consecutive slices (one graph
+        is compiled per slab depth)."""
         size = self.model.image_size
         if image.ndim != 4 or tuple(image.shape[1:]) != (3, size, size):
             raise ValueError(f"OpenVINOEncoder takes the letterboxed canvas [B, 3, {size}, {size}], got {tuple(image.shape)}")
-        compiled = self._compiled_model()
+        check_slab_depth(image.shape[0], slab_depth)
+        compiled = self._compiled_model(slab_depth)
         inputs = _graph_inputs(image.detach().float().cpu(), self.model.image_encoder.fa_mode)
         request = compiled.create_infer_request()
-        outputs = [  # the graph is compiled for one image: its static shape is the fastest
-            torch.from_numpy(request.infer({k: x[i : i + 1].numpy() for k, x in enumerate(inputs)})[0].copy())
-            for i in range(image.shape[0])
+        outputs = [  # the graph is compiled for one slab: its static shape is the fastest
+            torch.from_numpy(request.infer({k: x[i : i + slab_depth].numpy() for k, x in enumerate(inputs)})[0].copy())
+            for i in range(0, image.shape[0], slab_depth)
         ]
         return torch.cat(outputs).to(next(self.model.parameters()).device)

@@ -115,7 +115,7 @@ class Predictor:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _run_encoder(self) -> OpenVINOEncoder | None:
+    def encoder_runner(self) -> OpenVINOEncoder | None:
         """The encoder to run in place of the model's PyTorch one, or None for that one."""
         if resolve_encoder_engine(self.encoder_engine, self.model, self.device) == "torch":
             return None
@@ -143,7 +143,7 @@ class Predictor:
             self._cache.move_to_end(key)
         else:
             with torch.no_grad():
-                encoding = self.model.encode(tensor.to(self.device), run_encoder=self._run_encoder())
+                encoding = self.model.encode(tensor.to(self.device), run_encoder=self.encoder_runner())
             # keyed by the version after encoding: the first OpenVINO conversion traces the encoder, which bumps
             # its tensors' versions once without changing a weight, and the next prompt must find this encoding
             key = (digest, image.shape, str(image.dtype), self.model.encoder_version())
@@ -154,6 +154,16 @@ class Predictor:
         self._encoding = self._cache[key]
         self._encoding_cached = cached
         return cached
+
+    def set_encoding(self, encoding: ImageEncoding, modality: str | None = None, cached: bool = False) -> None:
+        """Take an encoding made elsewhere (one image, e.g. a slice of a slab that was encoded with its neighbours,
+        :class:`~imedsam.inference.slabs.SlabEncoder`) as the current image; ``modality`` as in :meth:`set_image`."""
+        if encoding.embedding.shape[0] != 1:
+            raise ValueError(f"set_encoding takes one image's encoding, got a batch of {encoding.embedding.shape[0]}")
+        self._encoding = None
+        self._modality = normalize_modality(modality)
+        self._encoding = encoding
+        self._encoding_cached = cached
 
     def propose_box(self) -> tuple[np.ndarray, float]:
         """The box the model's box-proposal head proposes for the current image, ``[x0, y0, x1, y1]`` in its

@@ -51,6 +51,7 @@ from ..data.pictures import ImageReadError
 from ..networks.imedsam import IMedSAM
 from .planes import check_finite
 from .predictor import Predictor
+from .slabs import SlabEncoder
 from .volume_prompts import ObjectPrompt
 
 __all__ = ["PropagationRule", "VolumePrediction", "VolumePredictor", "check_volume"]
@@ -136,7 +137,9 @@ class VolumePredictor:
         model: an :class:`~imedsam.networks.IMedSAM`, or a :class:`~imedsam.inference.Predictor` to share with
             2D prompts (its encoding cache then serves both).
         cache_slices: slice encodings kept (4 MiB each for ``lite_medsam``); a slice evicted and reached again
-            is encoded again. Ignored when ``model`` is a Predictor.
+            is encoded again. Ignored when ``model`` is a Predictor, except by a model with volumetric adapters
+            (``model.slab_depth > 1``), whose slices are encoded a slab of neighbours at a time and kept in whole
+            slabs (:class:`~imedsam.inference.slabs.SlabEncoder`).
         rule: the propagation's :class:`PropagationRule`.
         predictor_options: passed to :class:`~imedsam.inference.Predictor` (``decode_mode``, ``encoder_engine``,
             ``max_decode_side``).
@@ -172,6 +175,8 @@ class VolumePredictor:
         else:
             self.predictor = Predictor(model, cache_size=cache_slices, **predictor_options)
         self.rule = rule
+        self.cache_slices = cache_slices
+        self._slabs: SlabEncoder | None = None
         self._volume: np.ndarray | None = None
         self.window: tuple[float, float] | None = None
         self.modality: str | None = None
@@ -200,6 +205,9 @@ class VolumePredictor:
         self.modality = name
         self._volume = array
         self.affine = None if affine is None else np.asarray(affine)
+        self._slabs = None
+        if self.predictor.model.slab_depth > 1:  # an encoder with volumetric adapters sees each slice with its slab
+            self._slabs = SlabEncoder(self.predictor, self.plane, array.shape[2], self.cache_slices)
 
     def plane(self, k: int) -> np.ndarray:
         """Slice ``k`` as the model sees it: ``J x I x 3`` float32 in [0, 1]."""
@@ -211,7 +219,11 @@ class VolumePredictor:
 
     def decode_slice(self, k: int, box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probability and uncertainty (``J x I``) of slice ``k`` for ``box`` ``[x0, y0, x1, y1]``."""
-        self.predictor.set_image(self.plane(k), modality=self.modality)
+        if self._slabs is not None:
+            encoding, cached = self._slabs.encoding(k)
+            self.predictor.set_encoding(encoding, modality=self.modality, cached=cached)
+        else:
+            self.predictor.set_image(self.plane(k), modality=self.modality)
         prediction = self.predictor.predict(box)
         return prediction.probability, prediction.uncertainty
 

@@ -11,7 +11,8 @@ from .build import build_imedsam
 from .checkpoint import CheckpointError, load_sam_checkpoint, read_state_dict, resize_sam_state_dict
 from .encoders.sam_vit import AdaptedImageEncoder
 from .encoders.tiny_vit import AdaptedTinyViT
-from .imedsam import IMedSAM, IMedSAMBoxMask, IMedSAMOutput, ImageEncoding
+from .box_mask import IMedSAMBoxMask
+from .imedsam import IMedSAM, IMedSAMOutput, ImageEncoding
 from .implicit.decoder import ImplicitDecoderOutput, ImplicitSegmentationDecoder
 from .presets import ENCODER_PRESETS, IMEDSAM_PRESETS, OFFICIAL_SAM_CHECKPOINTS, build_sam_parts
 from .prompts.box_path import BoxPromptPath

@@ -7,6 +7,7 @@ import inspect
 import logging
 import os
 
+from .adapters.volumetric import add_volumetric_adapters
 from .box_proposal import BoxProposalHead
 from .checkpoint import load_sam_checkpoint
 from .encoders.lite_medsam import build_lite_medsam_parts, load_lite_medsam_weights
@@ -39,7 +40,7 @@ def build_imedsam(
             ``"all_modalities"``): a fine-tuned lite_medsam, built with the options the set needs and loaded
             (hash-checked). None: the untrained start.
         model_class: :class:`~imedsam.networks.imedsam.IMedSAM` or a subclass built from the same parts, such as
-            :class:`~imedsam.networks.imedsam.IMedSAMBoxMask`.
+            :class:`~imedsam.networks.box_mask.IMedSAMBoxMask`.
         overrides: any of
 
             * ``image_size``: side of the square encoder input (lite_medsam: 256 only; SAM: a multiple of 16);
@@ -58,6 +59,11 @@ def build_imedsam(
               "any"; ``modality_dropout`` is how often training swaps an image's token for "any") and content
               token (the embedding inside the box through an MLP), each through zero-initialised gates
               (:class:`~imedsam.networks.prompts.BoxPromptPath`);
+            * ``volumetric_adapter``: 3DSAM-adapter's depth-wise 3D convolution adapters after the encoder's blocks
+              (``volumetric_blocks``: ``"all"`` or ``"last_half"``; ``volumetric_hidden_dim``), zero-initialised, so
+              the untrained model is the 2D one; ``slab_depth`` (default 5) is the slab of neighbouring slices they
+              see together in training and whole-volume inference
+              (:class:`~imedsam.networks.adapters.volumetric.VolumetricAdapters`);
             * ``box_proposal``: add the box-proposal head (:class:`~imedsam.networks.box_proposal.BoxProposalHead`);
             * ``decode_mode``, ``encoder_precision``: the model's settings (:class:`~imedsam.networks.IMedSAM`);
             * ``decoder_precision`` and ``mc_dropout``: the decoder's ``precision`` and ``dropout``, and any other
@@ -116,6 +122,10 @@ def _build(
     modality_prompt: bool = False,
     content_prompt: bool = False,
     modality_dropout: float = 0.1,
+    volumetric_adapter: bool = False,
+    slab_depth: int = 5,
+    volumetric_blocks: str = "all",
+    volumetric_hidden_dim: int = 32,
     decode_mode: str = "exact",
     encoder_precision: str = "auto",
     decoder_precision: str = "auto",
@@ -143,6 +153,8 @@ def _build(
             raise ValueError(f"checkpoint_stages names stages of lite_medsam's TinyViT; the {preset} encoder has none")
         vit, prompt_encoder, mask_decoder = _sam_parts(preset, image_size, sam_checkpoint)
         image_encoder = AdaptedImageEncoder(vit, **adapters)
+    if volumetric_adapter:
+        add_volumetric_adapters(image_encoder, volumetric_blocks, slab_depth, volumetric_hidden_dim)
     dim = mask_decoder.transformer_dim
     prompt_path = BoxPromptPath(
         prompt_encoder, mask_decoder, sam_mask=mask_prior or not use_inr,

@@ -27,9 +27,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: the state-dict prefixes of the parts a model may have that an older checkpoint may lack, each of which starts
-#: untrained: the box-proposal head and MCP-MedSAM's prompt tokens with their gates
+#: untrained: the box-proposal head, MCP-MedSAM's prompt tokens with their gates and the volumetric adapters
 OPTIONAL_PARTS = (
-    "box_proposal.", "prompt_path.modality_prompt.", "prompt_path.content_prompt.", "prompt_path.token_gates."
+    "box_proposal.", "prompt_path.modality_prompt.", "prompt_path.content_prompt.", "prompt_path.token_gates.",
+    "image_encoder.volumetric_adapters.",
 )  # fmt: skip
 MODALITY_COUNTS = "prompt_path.modality_prompt.trained_images"
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .adapters.volumetric import check_slab_depth
 from .box_proposal import BoxProposal, BoxProposalHead, boxes_from_foreground
 from .checkpoint import keep_missing_optional_parts, load_state_dict_checked, read_state_dict
 from .encoders.tiny_vit import AdaptedTinyViT, letterbox
@@ -21,7 +22,7 @@ from .prompts.box_path import BoxPromptPath
 from .prompts.prompts import Prompts, as_prompts
 from .validation import check_boxes, check_image, check_output_size, check_parts, check_query_lines
 
-__all__ = ["DECODE_MODES", "IMedSAM", "IMedSAMBoxMask", "IMedSAMOutput", "ImageEncoding"]
+__all__ = ["DECODE_MODES", "IMedSAM", "IMedSAMOutput", "ImageEncoding"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,11 +133,21 @@ class IMedSAM(nn.Module):
         encoder = self.image_encoder
         return tuple((id(t), t._version) for t in (*encoder.parameters(), *encoder.buffers()))
 
-    def encode(self, image: torch.Tensor, run_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ImageEncoding:
+    @property
+    def slab_depth(self) -> int:
+        """The slices of a slab the encoder was made for: its volumetric adapters' (3DSAM-adapter), 1 without."""
+        adapters = getattr(self.image_encoder, "volumetric_adapters", None)
+        return 1 if adapters is None else adapters.slab_depth
+
+    def encode(
+        self, image: torch.Tensor, run_encoder: Callable[..., torch.Tensor] | None = None, slab_depth: int = 1
+    ) -> ImageEncoding:
         """Encode ``image [B, 3, h, w]`` (RGB in [0, 1], any size); the result serves any number of boxes.
 
         ``run_encoder`` takes the encoder's input (``[B, 3, S, S]``, preprocessed) to its embedding in place of
         :attr:`image_encoder` in PyTorch, e.g. an :class:`~imedsam.inference.OpenVINOEncoder` of this model.
+        ``slab_depth``: ``image`` is ``B / slab_depth`` slabs of consecutive slices, which the encoder's volumetric
+        adapters, if any, see together (see :attr:`slab_depth`); 1: every image alone.
         """
         if not torch.jit.is_tracing():
             check_image(image)
@@ -147,18 +158,19 @@ class IMedSAM(nn.Module):
             image, extent = letterbox(image, size)
         elif (height, width) != (size, size):
             image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-        return ImageEncoding((run_encoder or self._run_encoder)(image), int(height), int(width), extent)
+        check_slab_depth(image.shape[0], slab_depth)
+        return ImageEncoding((run_encoder or self._run_encoder)(image, slab_depth), int(height), int(width), extent)
 
-    def _run_encoder(self, image: torch.Tensor) -> torch.Tensor:
+    def _run_encoder(self, image: torch.Tensor, slab_depth: int = 1) -> torch.Tensor:
         # a trace records float32: autocast's casts do not survive in a TorchScript graph
         if torch.jit.is_tracing() or resolve_precision(self.encoder_precision, image.device) == "float32":
-            return self.image_encoder(image)
+            return self.image_encoder(image, slab_depth=slab_depth)
         if self.training:
             if isinstance(self.image_encoder, AdaptedTinyViT) and not self.image_encoder.stem_trains:
-                return self.image_encoder(image, frozen_stem_dtype=torch.bfloat16)
-            return self.image_encoder(image)
+                return self.image_encoder(image, frozen_stem_dtype=torch.bfloat16, slab_depth=slab_depth)
+            return self.image_encoder(image, slab_depth=slab_depth)
         with torch.autocast(image.device.type, dtype=torch.bfloat16):
-            embedding = self.image_encoder(image)
+            embedding = self.image_encoder(image, slab_depth=slab_depth)
         return embedding.float()  # the prompt path takes float32 maps; the decoder picks its own precision
 
     # -- decoder ------------------------------------------------------------------------------------------
@@ -270,14 +282,16 @@ class IMedSAM(nn.Module):
         output_size: tuple[int, int] | None = None,
         return_all: bool = False,
         query_lines: tuple[torch.Tensor, torch.Tensor] | None = None,
+        slab_depth: int = 1,
     ):
         """Logits ``[B, N, H, W]``; with ``return_all`` the whole :class:`IMedSAMOutput` (what training needs,
         through ``forward`` so that DistributedDataParallel sees the call). ``prompts``: a
         :class:`~imedsam.networks.prompts.Prompts`, or its boxes alone (a tensor or a nested list).
-        ``query_lines`` (with ``return_all``): decode only those rows and columns, see :meth:`decode_all`."""
+        ``query_lines`` (with ``return_all``): decode only those rows and columns, see :meth:`decode_all`.
+        ``slab_depth``: the images are slabs of that many slices (:meth:`encode`); each slice has its own prompts."""
         if query_lines is not None and not return_all:
             raise ValueError("query_lines need return_all=True: the output must carry the lines its maps cover")
-        encoding = self.encode(image)
+        encoding = self.encode(image, slab_depth=slab_depth)
         if return_all:
             out = self.decode_all(encoding, prompts, output_size, query_lines=query_lines)
             if self.training and self.box_proposal is not None:
@@ -304,42 +318,3 @@ class IMedSAM(nn.Module):
         proposal = boxes_from_foreground(logits, extent, height, width)
         return BoxProposal(proposal.boxes.to(embedding.device), proposal.confidence.to(embedding.device))
 
-
-class IMedSAMBoxMask(IMedSAM):
-    """I-MedSAM with the box given as a fourth input channel, for tools that pass a single tensor.
-
-    ``monai.bundle ckpt_export`` traces with one random input and MONAI Label's generic bundle task passes only
-    the image; both get the box here as a filled rectangle in channel 3 (non-zero inside the box). The box is
-    the bounding box of that channel's non-zero pixels, found with tensor ops so that it survives tracing.
-    Built from the same parts as :class:`IMedSAM`, with the same state dict.
-
-    Shapes: input ``[B, 4, h, w]`` (RGB in [0, 1] + box mask), output logits ``[B, 1, h, w]``.
-
-    Example::
-
-        >>> from imedsam.networks import build_imedsam
-        >>> model = build_imedsam("vit_tiny", image_size=64, model_class=IMedSAMBoxMask).eval()
-        >>> x = torch.rand(1, 4, 48, 48); x[:, 3] = 0; x[:, 3, 10:30, 5:40] = 1
-        >>> model(x).shape
-        torch.Size([1, 1, 48, 48])
-    """
-
-    @staticmethod
-    def box_from_channel(mask: torch.Tensor) -> torch.Tensor:
-        """``[B, h, w]`` box mask -> ``[B, 1, 4]`` x0, y0, x1, y1 (pixel edges) of its non-zero pixels."""
-        height, width = mask.shape[-2:]
-        rows = (mask != 0).any(dim=-1).to(torch.int64)
-        cols = (mask != 0).any(dim=-2).to(torch.int64)
-        y0 = rows.argmax(dim=-1)
-        x0 = cols.argmax(dim=-1)
-        y1 = height - rows.flip(-1).argmax(dim=-1)
-        x1 = width - cols.flip(-1).argmax(dim=-1)
-        return torch.stack([x0, y0, x1, y1], dim=-1).unsqueeze(1).to(mask.dtype)
-
-    def forward(self, image: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
-        if image.dim() != 4 or image.shape[1] != 4:
-            raise ValueError(f"IMedSAMBoxMask takes [B, 4, H, W] (RGB + box mask), got {tuple(image.shape)}")
-        if not torch.jit.is_tracing() and not (image[:, 3] != 0).flatten(1).any(dim=1).all():
-            raise ValueError("the box channel (channel 3) is empty for at least one image: draw the box in it")
-        boxes = self.box_from_channel(image[:, 3])
-        return super().forward(image[:, :3].contiguous(), boxes, output_size)

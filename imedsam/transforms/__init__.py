@@ -3,5 +3,6 @@
 from .dictionary import BinarizeMaskd, BoxFromMaskd, EnsureRGBd, KeepForegroundd, ThresholdLogitsd
 from .interactive import PromptPlaned, PromptVolumed
 from .modalities import LoadModalityItemd
+from .slabs import LoadSlabd
 
-__all__ = ["BinarizeMaskd", "BoxFromMaskd", "EnsureRGBd", "KeepForegroundd", "LoadModalityItemd", "PromptPlaned", "PromptVolumed", "ThresholdLogitsd"]
+__all__ = ["BinarizeMaskd", "BoxFromMaskd", "EnsureRGBd", "KeepForegroundd", "LoadModalityItemd", "LoadSlabd", "PromptPlaned", "PromptVolumed", "ThresholdLogitsd"]

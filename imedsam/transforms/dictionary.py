@@ -71,7 +71,9 @@ class BoxFromMaskd(Randomizable, MapTransform):
     The box is found on the label (channel-first ``[1, H, W]``) and scaled to the image's frame, so label and
     image may have different sizes (evaluation at a label size other than the encoder's). In training each
     side moves outward by a random 0..``jitter`` label pixels, as in the official code, then is clipped to
-    the image. The result is ``[1, 4]`` float32 (x0, y0, x1, y1), stored under ``box_key``.
+    the image. The result is ``[1, 4]`` float32 (x0, y0, x1, y1), stored under ``box_key``. A label of ``C``
+    channels (the slices of a slab, :class:`~imedsam.transforms.LoadSlabd`) gives ``[C, 4]``, a box per channel,
+    each with its own jitter.
     """
 
     def __init__(
@@ -80,29 +82,35 @@ class BoxFromMaskd(Randomizable, MapTransform):
         MapTransform.__init__(self, [label_key])
         self.label_key, self.image_key, self.box_key = label_key, image_key, box_key
         self.jitter = int(jitter)
-        self._offsets = np.zeros(4)
+        self._offsets = np.zeros((1, 4))
 
     def randomize(self, data=None) -> None:
-        self._offsets = self.R.randint(0, self.jitter + 1, size=4) if self.jitter > 0 else np.zeros(4)
+        channels = 1 if data is None else int(data)
+        self._offsets = self.R.randint(0, self.jitter + 1, size=(channels, 4)) if self.jitter > 0 else np.zeros((channels, 4))
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         label = d[self.label_key]
-        foreground = np.asarray(torch.as_tensor(label[0]).cpu() > 0)
-        if not foreground.any():
-            raise ValueError(f"empty mask for {_source(d, self.label_key)}: a box prompt needs foreground")
-        self.randomize()
+        foreground = np.asarray(torch.as_tensor(label).cpu() > 0)
+        for channel, plane in enumerate(foreground):
+            if not plane.any():
+                where = "" if len(foreground) == 1 else f" (channel {channel})"
+                raise ValueError(f"empty mask for {_source(d, self.label_key)}{where}: a box prompt needs foreground")
+        self.randomize(len(foreground))
         height, width = label.shape[-2:]
-        grown = box_from_mask(foreground) + self._offsets * np.array([-1, -1, 1, 1])
-        x0, y0, x1, y1 = np.clip(grown, 0, [width, height, width, height])
         image_h, image_w = d[self.image_key].shape[-2:]
         scale = np.array([image_w / width, image_h / height] * 2)
-        d[self.box_key] = torch.as_tensor((np.array([x0, y0, x1, y1]) * scale)[None], dtype=torch.float32)
+        boxes = []
+        for plane, offsets in zip(foreground, self._offsets):
+            grown = box_from_mask(plane) + offsets * np.array([-1, -1, 1, 1])
+            boxes.append(np.clip(grown, 0, [width, height, width, height]) * scale)
+        d[self.box_key] = torch.as_tensor(np.stack(boxes), dtype=torch.float32)
         return d
 
 
 class KeepForegroundd(Randomizable, Transform):
-    """Apply a random (spatial) transform, drawing again when it pushes the whole label out of the image.
+    """Apply a random (spatial) transform, drawing again when it pushes the whole label out of the image (any
+    channel's label: each slice of a slab needs its foreground for its box).
 
     After ``tries`` draws that all lose the foreground, the sample is returned untransformed and a warning is
     logged: the official code resampled in a loop; an unbounded loop is not acceptable in a data loader.
@@ -125,7 +133,8 @@ class KeepForegroundd(Randomizable, Transform):
     def __call__(self, data: Mapping) -> dict:
         for _ in range(self.tries):
             out = self.transform(dict(data))
-            if torch.as_tensor(out[self.label_key]).sum() > 0:
+            label = torch.as_tensor(out[self.label_key])
+            if (label.reshape(label.shape[0], -1).sum(dim=1) > 0).all():  # every channel: each slice of a slab
                 return out
         logger.warning("augmentation lost the foreground of %s %d times; using the sample unaugmented",
                        _source(data, self.label_key), self.tries)

@@ -8,6 +8,7 @@ from segment_anything.modeling import ImageEncoderViT
 
 from ..adapters.frequency import frequency_adapters, frequency_image
 from ..adapters.lora import add_lora_to_attention
+from ..adapters.volumetric import VolumetricAdapters
 
 __all__ = ["AdaptedImageEncoder"]
 
@@ -25,6 +26,9 @@ class AdaptedImageEncoder(nn.Module):
         lora_alpha: LoRA scaling numerator (defaults to the rank).
         fa_mode: ``"amplitude"``, ``"phase"`` or ``"none"``.
         fa_hidden_dim: bottleneck width of each frequency adapter.
+
+    ``forward(image, slab_depth=D)``: as :class:`~imedsam.networks.encoders.AdaptedTinyViT`'s, ``B / D`` slabs of
+    ``D`` consecutive slices for the :attr:`volumetric_adapters`, if set.
 
     Shapes: input ``[B, 3, S, S]`` RGB in [0, 1] with ``S = vit.img_size``; output the image embedding
     ``[B, 256, S / 16, S / 16]``.
@@ -54,6 +58,9 @@ class AdaptedImageEncoder(nn.Module):
             add_lora_to_attention(vit.blocks, rank=lora_rank, alpha=lora_alpha)
         widths = [vit.patch_embed.proj.out_channels] * len(vit.blocks)
         self.frequency_adapters = frequency_adapters(widths, fa_mode, fa_hidden_dim)
+        self.block_widths = widths
+        #: 3DSAM-adapter's slab adapters (:func:`~imedsam.networks.adapters.volumetric.add_volumetric_adapters`)
+        self.volumetric_adapters: VolumetricAdapters | None = None
         self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1) / 255.0, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1) / 255.0, persistent=False)
 
@@ -63,16 +70,16 @@ class AdaptedImageEncoder(nn.Module):
             tokens = tokens + self.vit.pos_embed
         return tokens
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, slab_depth: int = 1) -> torch.Tensor:
         x = self._tokens((image - self.pixel_mean) / self.pixel_std)
-        if self.fa_mode == "none":
-            for block in self.vit.blocks:
-                x = block(x)
-        else:
-            # The frequency map is already in [0, 1]; like the official code it skips SAM's normalisation.
-            freq = self._tokens(frequency_image(image, self.fa_mode))
-            for block, adapter in zip(self.vit.blocks, self.frequency_adapters):
-                delta = adapter(freq)
-                x = block(x) + delta
-                freq = freq + delta
+        # the frequency map is already in [0, 1]; like the official code it skips SAM's normalisation
+        freq = None if self.fa_mode == "none" else self._tokens(frequency_image(image, self.fa_mode))
+        for index, block in enumerate(self.vit.blocks):
+            x = block(x)
+            if freq is not None:
+                delta = self.frequency_adapters[index](freq)
+                x, freq = x + delta, freq + delta
+            if self.volumetric_adapters is not None:
+                update = self.volumetric_adapters.update(index, x, slab_depth)
+                x = x if update is None else x + update
         return self.vit.neck(x.permute(0, 3, 1, 2))

@@ -13,6 +13,7 @@ from .folded_conv import fold_conv_bn_pairs
 from ..adapters.frequency import frequency_adapters, frequency_image
 from .fused_attention import use_fused_attention_in_training
 from ..adapters.lora import add_lora_to_attention
+from ..adapters.volumetric import VolumetricAdapters
 
 __all__ = ["AdaptedTinyViT", "letterbox"]
 
@@ -84,6 +85,10 @@ class AdaptedTinyViT(nn.Module):
     ``forward(image, frequency=frequency_image(image, fa_mode))`` takes the frequency map from the caller: an
     exported graph (:class:`~imedsam.inference.OpenVINOEncoder`) then holds no FFT, which the engines lack.
 
+    ``forward(image, slab_depth=D)`` with :attr:`volumetric_adapters` set: ``image`` is ``B / D`` slabs of ``D``
+    consecutive slices each, and every adapter's 3D convolution mixes each slab's slices (3DSAM-adapter); without
+    adapters the slices stay independent whatever ``D``.
+
     Shapes: input ``[B, 3, 256, 256]`` (a :func:`letterbox` canvas in [0, 1]); output ``[B, 256, 64, 64]``.
 
     Example::
@@ -130,6 +135,9 @@ class AdaptedTinyViT(nn.Module):
                     use_fused_attention_in_training(block.attn)
         widths = [stage.dim for stage in self.attention_stages for _ in stage.blocks]
         self.frequency_adapters = frequency_adapters(widths, fa_mode, fa_hidden_dim)
+        self.block_widths = widths
+        #: 3DSAM-adapter's slab adapters (:func:`~imedsam.networks.adapters.volumetric.add_volumetric_adapters`)
+        self.volumetric_adapters: VolumetricAdapters | None = None
         self.register_load_state_dict_post_hook(self._refresh_attention_bias_cache)
 
     def train(self, mode: bool = True) -> AdaptedTinyViT:
@@ -174,7 +182,11 @@ class AdaptedTinyViT(nn.Module):
         return x.float(), None if freq is None else freq.float()
 
     def forward(
-        self, image: torch.Tensor, frozen_stem_dtype: torch.dtype | None = None, frequency: torch.Tensor | None = None
+        self,
+        image: torch.Tensor,
+        frozen_stem_dtype: torch.dtype | None = None,
+        frequency: torch.Tensor | None = None,
+        slab_depth: int = 1,
     ) -> torch.Tensor:
         vit = self.vit
         if self.fold_conv_bn:  # the folded convolutions' weights are channels-last: so is their input
@@ -185,20 +197,20 @@ class AdaptedTinyViT(nn.Module):
             self._checkpointed if checkpointing and index in self.checkpoint_stages else _call
             for index in range(len(self.attention_stages))
         ]
-        if self.fa_mode == "none":
-            for stage, run in zip(self.attention_stages, runners):
-                for block in stage.blocks:
-                    x = run(block, x)
-                if stage.downsample is not None:
-                    x = run(stage.downsample, x)
-        else:
-            adapters = iter(self.frequency_adapters)
-            for stage, run in zip(self.attention_stages, runners):
-                for block in stage.blocks:
+        adapters = iter(self.frequency_adapters) if self.fa_mode != "none" else None
+        block_index = 0
+        for stage, run in zip(self.attention_stages, runners):
+            for block in stage.blocks:
+                x = run(block, x)
+                if adapters is not None:
                     delta = next(adapters)(freq)
-                    x = run(block, x) + delta
-                    freq = freq + delta
-                if stage.downsample is not None:
-                    x, freq = run(stage.downsample, x), run(stage.downsample, freq)
+                    x, freq = x + delta, freq + delta
+                if self.volumetric_adapters is not None:
+                    update = self.volumetric_adapters.update(block_index, x, slab_depth)
+                    x = x if update is None else x + update
+                block_index += 1
+            if stage.downsample is not None:
+                x = run(stage.downsample, x)
+                freq = None if freq is None else run(stage.downsample, freq)
         grid = self.image_size // 4
         return vit.neck(x.view(x.shape[0], grid, grid, -1).permute(0, 3, 1, 2))

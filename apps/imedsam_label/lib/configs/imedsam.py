@@ -114,6 +114,10 @@ def network_overrides(conf: dict[str, str]) -> dict[str, Any]:
         "encoder_precision": conf.get("encoder_precision", "auto"),
         # MCP-MedSAM's prompt tokens: must match the checkpoint
         **prompts,
+        # 3DSAM-adapter's volumetric adapters (bundle/configs/train_volume.yaml): must match the checkpoint
+        "volumetric_adapter": _flag(conf, "volumetric_adapter"),
+        "slab_depth": _positive_int(conf, "slab_depth", 5),
+        "volumetric_blocks": conf.get("volumetric_blocks", "all"),
     }
 
 
@@ -157,7 +161,12 @@ class IMedSAMConfig(TaskConfig):
       request that names none on an image that carries none (no DICOM ``Modality`` tag, no ``modality`` in its
       datastore info); ``modality_prompt`` / ``content_prompt`` (false): the network has MCP-MedSAM's modality /
       content token (must match the checkpoint); ``modality_temperature`` (0.0): training's modality-balanced
-      sampling, when the labelled images fall in more than one modality.
+      sampling, when the labelled images fall in more than one modality;
+    - ``volumetric_adapter`` (false), ``slab_depth`` (5), ``volumetric_blocks`` (``all``): the network has
+      3DSAM-adapter's volumetric adapters, trained with ``bundle/configs/train_volume.yaml`` (must match the
+      checkpoint); the 3D task then encodes each volume in slabs of ``slab_depth`` neighbouring slices. The app's
+      own retraining trains on single slices (slabs of one), which leaves the adapters nothing to see: retrain
+      such a model with the bundle.
     """
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
