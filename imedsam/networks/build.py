@@ -7,6 +7,8 @@ import inspect
 import logging
 import os
 
+import numpy as np
+
 from .adapters.volumetric import add_volumetric_adapters
 from .box_proposal import BoxProposalHead
 from .checkpoint import load_sam_checkpoint
@@ -84,11 +86,12 @@ def build_imedsam(
     if unknown:
         hint = f": the encoder is the preset, build_imedsam({options['encoder']!r}, ...)" if "encoder" in unknown else ""
         raise TypeError(f"build_imedsam got unknown options {sorted(unknown)}{hint}")
+    options.update({name: as_flag(name, options[name]) for name in FLAGS if name in options})
     if weights is None:
         return _build(preset, model_class, **options)
     path = weight_set_path(weights)
     needed = WEIGHT_SETS[weights].options
-    clash = {key: options[key] for key, value in needed.items() if key in overrides and overrides[key] != value}
+    clash = {key: options[key] for key, value in needed.items() if key in overrides and options[key] != value}
     if preset != "lite_medsam" or clash:
         given = f"preset {preset!r}" if preset != "lite_medsam" else f"{clash}"
         raise ValueError(f"weight set {weights!r} is a lite_medsam built with {needed}; got {given}")
@@ -96,6 +99,21 @@ def build_imedsam(
     load_weight_set(model, path, f"weight set {weights!r} ({path})")
     logger.info("loaded weight set %r from %s (SHA-256 verified)", weights, path)
     return model
+
+
+#: the options that switch a part on or off
+FLAGS = ("freeze_sam", "use_inr", "mask_prior", "box_proposal", "modality_prompt", "content_prompt", "volumetric_adapter")
+
+
+def as_flag(name: str, value) -> bool:
+    """``value`` as a bool: a bool, or ``"true"`` / ``"false"`` in any case (what a command line such as
+    ``python -m monai.bundle run ... --volumetric_adapter false`` passes on); anything else is a ``TypeError``
+    rather than Python's truth of a non-empty string."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise TypeError(f"{name} must be true or false, got {value!r}")
 
 
 def _decoder_options() -> set[str]:

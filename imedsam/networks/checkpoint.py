@@ -33,6 +33,13 @@ OPTIONAL_PARTS = (
     "image_encoder.volumetric_adapters.",
 )  # fmt: skip
 MODALITY_COUNTS = "prompt_path.modality_prompt.trained_images"
+#: how to build a model that has an optional part a checkpoint brings
+_PART_OPTIONS = {
+    "image_encoder.volumetric_adapters.": "volumetric_adapter=True and the slab_depth it was trained with "
+    "(imedsam predict --volumetric-adapter --slab-depth; bundle and app: volumetric_adapter true)",
+    "prompt_path.modality_prompt.": "modality_prompt=True (imedsam predict --modality-prompt; bundle and app: modality_prompt true)",
+    "prompt_path.content_prompt.": "content_prompt=True (imedsam predict --content-prompt; bundle and app: content_prompt true)",
+}
 
 
 def keep_missing_optional_parts(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor], source: str) -> None:
@@ -155,6 +162,9 @@ def _describe_mismatch(
         if items:
             more = f" ... and {len(items) - _LISTED_KEYS} more" if len(items) > _LISTED_KEYS else ""
             lines.append(f"  {label} ({len(items)}): {', '.join(items[:_LISTED_KEYS])}{more}")
+    for part, option in _PART_OPTIONS.items():
+        if any(key.startswith(part) for key in unexpected):
+            lines.append(f"  the checkpoint has {part[:-1]}: build the model with {option}")
     return "\n".join(lines)
 
 

@@ -144,8 +144,8 @@ class IMedSAM(nn.Module):
     ) -> ImageEncoding:
         """Encode ``image [B, 3, h, w]`` (RGB in [0, 1], any size); the result serves any number of boxes.
 
-        ``run_encoder`` takes the encoder's input (``[B, 3, S, S]``, preprocessed) to its embedding in place of
-        :attr:`image_encoder` in PyTorch, e.g. an :class:`~imedsam.inference.OpenVINOEncoder` of this model.
+        ``run_encoder(canvas, slab_depth)`` takes the encoder's input (``[B, 3, S, S]``, preprocessed) to its
+        embedding in place of :attr:`image_encoder` in PyTorch, e.g. an :class:`~imedsam.inference.OpenVINOEncoder`.
         ``slab_depth``: ``image`` is ``B / slab_depth`` slabs of consecutive slices, which the encoder's volumetric
         adapters, if any, see together (see :attr:`slab_depth`); 1: every image alone.
         """

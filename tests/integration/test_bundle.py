@@ -321,3 +321,23 @@ def test_the_all_modality_overlay_trains_with_the_sampler_and_gives_the_modality
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     counts = state["prompt_path.modality_prompt.trained_images"].tolist()
     assert counts[8] > 0 and sum(counts) == counts[8] + counts[11] == 4  # microscopy's row (and "any", by dropout)
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "brats2013_deepmedic_mr")), reason="../shared/data is not beside the project")
+def test_the_volume_overlay_trains_the_adapters_on_slabs_of_patients_never_split_by_slice(tmp_path):
+    from imedsam.data import slab_datalist
+
+    train, test = slab_datalist("train", slab_depth=3), slab_datalist("test", slab_depth=3)
+    assert {item["case"] for item in train}.isdisjoint({item["case"] for item in test})
+    assert all(item["slab_depth"] == 3 for item in train) and len({item["name"] for item in train}) == len(train)
+    overlay = os.path.join(CONFIGS, "train_volume.yaml")
+    log = ok(bundle("run", "training", "--config_file", f"['{TRAIN}','{overlay}']", *SMALL, "--batch_size", "1",
+                    "--label_size", "64", "--weights", "None", "--slab_depth", "3", "--epoch_samples", "2", "--val_samples", "1",
+                    "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")))  # fmt: skip
+    dice = float(log.split("val_mean_dice: ")[1].split()[0])
+    assert 0.0 <= dice <= 1.0
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    ups = [key for key in state if key.startswith("image_encoder.volumetric_adapters.") and key.endswith("up.weight")]
+    assert ups and all(torch.count_nonzero(state[key]) > 0 for key in ups)  # the zero start moved: the adapters trained
+    model = build_imedsam("vit_tiny", image_size=64, freeze_sam=False, volumetric_adapter=True, slab_depth=3)
+    assert set(state) == set(model.state_dict())

@@ -116,3 +116,23 @@ def test_bad_volumes_exit_2_and_write_nothing(checkpoint, tmp_path, caplog):
     assert main(_base(checkpoint, tmp_path / "nan.nii.gz", tmp_path / "mask.png") + box) == 2
     assert "must end in .nii.gz or .nii" in caplog.text
     assert not output.exists() and not list(tmp_path.glob(".imedsam-*"))
+
+
+def test_a_volumetric_adapter_checkpoint_encodes_slabs_and_must_be_named(volume_file, tmp_path, caplog):
+    from imedsam.networks import build_imedsam
+
+    torch.manual_seed(0)
+    model = build_imedsam("vit_tiny", image_size=64, volumetric_adapter=True, slab_depth=4)
+    for adapter in model.image_encoder.volumetric_adapters.adapters.values():
+        torch.nn.init.normal_(adapter.up.weight, std=0.05)  # a trained adapter: its update is not zero
+    path = tmp_path / "volumetric.pt"
+    torch.save(model.state_dict(), path)
+    box = ["--box3d", "10", "8", "2", "30", "28", "7", "--encoder-engine", "torch"]
+    output = tmp_path / "slabs.nii.gz"
+    assert main(_base(str(path), volume_file, output) + box + ["--volumetric-adapter", "--slab-depth", "4"]) == 0
+    assert np.asarray(nib.load(output).dataobj)[:, :, 2:7].any()
+    # the same file without the flag is a checkpoint of another network: refused, naming what it holds
+    assert main(_base(str(path), volume_file, tmp_path / "plain.nii.gz") + box) == 2
+    assert "volumetric_adapters" in caplog.text and not (tmp_path / "plain.nii.gz").exists()
+    assert main(["predict", "--image", str(volume_file), "--volumetric-adapter", "--output", str(tmp_path / "x.nii.gz")] + box) == 2
+    assert "--volumetric-adapter needs the --checkpoint" in caplog.text

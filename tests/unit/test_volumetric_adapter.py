@@ -165,3 +165,11 @@ def test_a_batch_of_slabs_reaches_the_network_as_consecutive_slices_with_a_box_e
     label[1] = 0
     with pytest.raises(ValueError, match=r"empty mask .*\(channel 1\)"):
         BoxFromMaskd()({"image": item["image"], "label": label})
+
+
+def test_part_switches_from_a_command_line_are_read_as_booleans_not_as_strings():
+    # `python -m monai.bundle run ... --volumetric_adapter false` passes the string "false"
+    assert tiny(volumetric_adapter="false").image_encoder.volumetric_adapters is None
+    assert tiny(volumetric_adapter="True").image_encoder.volumetric_adapters is not None
+    with pytest.raises(TypeError, match="volumetric_adapter must be true or false, got 'no'"):
+        tiny(volumetric_adapter="no")
