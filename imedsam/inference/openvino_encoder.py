@@ -137,7 +137,7 @@ class OpenVINOEncoder:
         self.conversions = 0  # graphs converted from PyTorch (not read from the cache) by this instance
         self._compiled: dict[int, tuple[tuple, object]] = {}  # slab depth -> (what it was compiled for, graph)
 
-    def _weights_digest(self, slab_depth: int) -> str:
+    def _weights_digest(self, slab_depth: int = 1) -> str:
         # the slab depth is the graph's batch, and with volumetric adapters also what they mix
         key = f"openvino {self._openvino.__version__} size {self.model.image_size} slab {slab_depth}"
         digest = hashlib.sha256(key.encode())

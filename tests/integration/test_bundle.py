@@ -332,7 +332,7 @@ def test_the_volume_overlay_trains_the_adapters_on_slabs_of_patients_never_split
     assert all(item["slab_depth"] == 3 for item in train) and len({item["name"] for item in train}) == len(train)
     overlay = os.path.join(CONFIGS, "train_volume.yaml")
     log = ok(bundle("run", "training", "--config_file", f"['{TRAIN}','{overlay}']", *SMALL, "--batch_size", "1",
-                    "--label_size", "64", "--weights", "None", "--slab_depth", "3", "--epoch_samples", "2", "--val_samples", "1",
+                    "--label_size", "64", "--slab_depth", "3", "--epoch_samples", "2", "--val_samples", "1",
                     "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")))  # fmt: skip
     dice = float(log.split("val_mean_dice: ")[1].split()[0])
     assert 0.0 <= dice <= 1.0
