@@ -31,8 +31,8 @@ class PromptInferer(Inferer):
     bundle's ``extra_keys={'boxes': 'box'}`` passes) and optionally ``modality=`` one name per image (``extra_keys``
     ``'modality': 'modality'``), or with ``prompts=`` a :class:`~imedsam.networks.Prompts`; either reaches the
     network as a ``Prompts``. ``slab_depth=D`` (what :class:`~imedsam.engine.PrepareSlabBatch` passes): the images
-    are slabs of ``D`` consecutive slices, for a network with volumetric adapters. An ``output_size`` given in the call (a ``[B, 2]`` tensor from
-    the batch, all rows equal) wins over the constructor's.
+    are slabs of ``D`` consecutive slices, for a network with volumetric adapters. An ``output_size`` given in the
+    call (a ``[B, 2]`` tensor from the batch, all rows equal) wins over the constructor's.
     """
 
     def __init__(
