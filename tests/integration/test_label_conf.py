@@ -30,6 +30,19 @@ def test_adaptive_points_reach_the_network_the_app_builds(app_config):
     assert parser.get_parsed_content("network_def").decoder.adaptive_points == 1024
 
 
+def test_the_volumetric_adapter_keys_build_the_slab_model_the_3d_task_serves(app_config):
+    overrides = app_config.network_overrides({"encoder": "vit_tiny", "image_size": "64", "volumetric_adapter": "true",
+                                              "slab_depth": "3", "volumetric_blocks": "last_half"})  # fmt: skip
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundle" / "configs" / "train.yaml"))
+    parser.update(overrides)
+    network = parser.get_parsed_content("network_def")
+    assert network.slab_depth == 3 and sorted(network.image_encoder.volumetric_adapters.adapters) == ["2", "3"]
+    assert app_config.network_overrides({})["volumetric_adapter"] is False
+    with pytest.raises(ValueError, match="--conf slab_depth must be a positive whole number"):
+        app_config.network_overrides({"slab_depth": "0"})
+
+
 @pytest.mark.parametrize("key, value", [("adaptive_points", "0"), ("adaptive_points", "many"), ("image_size", "-64")])
 def test_a_bad_number_is_refused_with_its_key(app_config, key, value):
     with pytest.raises(ValueError, match=f"--conf {key} must be a positive whole number, got '{value}'"):
