@@ -7,12 +7,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from monai.data import MetaTensor
-from monai.engines.utils import PrepareBatchExtraInput
+from monai.engines.utils import PrepareBatch, PrepareBatchExtraInput
 
 __all__ = ["PrepareSlabBatch"]
 
 
-class PrepareSlabBatch(PrepareBatchExtraInput):
+class PrepareSlabBatch(PrepareBatch):
     """``prepare_batch`` for a trainer or evaluator over slabs of ``D`` slices.
 
     The batch holds ``image [B, 3 * D, H, W]``, ``label [B, D, h, w]``, ``box [B, D, 4]`` (one box per slice,
@@ -25,12 +25,12 @@ class PrepareSlabBatch(PrepareBatchExtraInput):
         slab_depth: ``D``; a batch whose channels do not match it is an error.
         encoder_slab_depth: the slab depth the network's encoder is given, a divisor of ``D`` (default ``D``): 1
             lets volumetric adapters see no neighbours on the same data (an ablation).
-        extra_keys: as :class:`monai.engines.PrepareBatchExtraInput`'s (default: ``boxes`` from ``box`` and,
-            where the batch has it, ``modality``).
+        extra_keys: as :class:`monai.engines.PrepareBatchExtraInput`'s dictionary (default: ``boxes`` from ``box``
+            and ``modality`` from ``modality``); a key the batch lacks is left out.
     """
 
     def __init__(self, slab_depth: int, encoder_slab_depth: int | None = None, extra_keys: Mapping[str, str] | None = None) -> None:
-        super().__init__(dict(extra_keys or {"boxes": "box", "modality": "modality"}))
+        self.extra_keys = dict(extra_keys or {"boxes": "box", "modality": "modality"})
         self.slab_depth = int(slab_depth)
         self.encoder_slab_depth = self.slab_depth if encoder_slab_depth is None else int(encoder_slab_depth)
         if self.slab_depth < 1 or self.encoder_slab_depth < 1 or self.slab_depth % self.encoder_slab_depth:
@@ -40,12 +40,9 @@ class PrepareSlabBatch(PrepareBatchExtraInput):
 
     def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
         depth = self.slab_depth
-        keys = {k: v for k, v in self.extra_keys.items() if v in batchdata}
-        self.extra_keys, all_keys = keys, self.extra_keys
-        try:
-            image, label, args, extra = super().__call__(batchdata, device, non_blocking, **kwargs)
-        finally:
-            self.extra_keys = all_keys
+        # the keys this batch has (a datalist without modality has none), without changing this object's own
+        present = {k: v for k, v in self.extra_keys.items() if v in batchdata}
+        image, label, args, extra = PrepareBatchExtraInput(present)(batchdata, device, non_blocking, **kwargs)
         slabs, channels = image.shape[:2]
         if channels != 3 * depth or label.shape[1] != depth:
             raise ValueError(

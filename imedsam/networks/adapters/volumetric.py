@@ -82,7 +82,7 @@ class VolumetricAdapters(nn.Module):
             give another, ``1`` leaves the adapters no neighbours to see).
         hidden_dim, kernel_size: each adapter's (see :class:`VolumetricAdapter`).
 
-    ``adapters[str(i)]`` is block ``i``'s adapter; :meth:`update` returns block ``i``'s update of its tokens.
+    ``adapters[str(i)]`` is block ``i``'s adapter; ``adapters(i, tokens, slab_depth)`` adds block ``i``'s update.
     Tokens come as ``[N, L, C]`` (TinyViT, ``L`` a square grid) or ``[N, h, w, C]`` (SAM's ViT).
 
     Example::
@@ -90,7 +90,8 @@ class VolumetricAdapters(nn.Module):
         >>> adapters = VolumetricAdapters([128, 128, 160, 160], blocks="last_half", slab_depth=3)
         >>> sorted(adapters.adapters), adapters.slab_depth
         (['2', '3'], 3)
-        >>> adapters.update(0, torch.rand(3, 16, 128), 3) is None  # block 0 has no adapter
+        >>> tokens = torch.rand(3, 16, 128)
+        >>> adapters(0, tokens, 3) is tokens  # block 0 has no adapter
         True
     """
 
@@ -108,19 +109,19 @@ class VolumetricAdapters(nn.Module):
             {str(i): VolumetricAdapter(width, hidden_dim, kernel_size) for i, width in enumerate(widths) if i >= first}
         )
 
-    def update(self, block: int, tokens: torch.Tensor, slab_depth: int) -> torch.Tensor | None:
-        """Block ``block``'s update of its output ``tokens`` (shaped as they come), or None where it has no adapter."""
-        adapter = self.adapters[str(block)] if str(block) in self.adapters else None
-        if adapter is None:
-            return None
+    def forward(self, block: int, tokens: torch.Tensor, slab_depth: int) -> torch.Tensor:
+        """Block ``block``'s output ``tokens`` with its adapter's update added (shaped as they come), or as they
+        are where the block has none."""
+        if str(block) not in self.adapters:
+            return tokens
+        adapter = self.adapters[str(block)]
         if tokens.dim() == 4:
-            return adapter(tokens, slab_depth)
+            return tokens + adapter(tokens, slab_depth)
         count, length, width = tokens.shape
         side = math.isqrt(length)
         if side * side != length:
             raise ValueError(f"expected a square grid of tokens, got {length}")
-        return adapter(tokens.view(count, side, side, width), slab_depth).view(count, length, width)
-
+        return tokens + adapter(tokens.view(count, side, side, width), slab_depth).view(count, length, width)
 
 def add_volumetric_adapters(
     encoder: nn.Module, blocks: str = "all", slab_depth: int = 5, hidden_dim: int = 32, kernel_size: int = 3

@@ -80,6 +80,5 @@ class AdaptedImageEncoder(nn.Module):
                 delta = self.frequency_adapters[index](freq)
                 x, freq = x + delta, freq + delta
             if self.volumetric_adapters is not None:
-                update = self.volumetric_adapters.update(index, x, slab_depth)
-                x = x if update is None else x + update
+                x = self.volumetric_adapters(index, x, slab_depth)
         return self.vit.neck(x.permute(0, 3, 1, 2))

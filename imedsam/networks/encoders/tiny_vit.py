@@ -206,8 +206,7 @@ class AdaptedTinyViT(nn.Module):
                     delta = next(adapters)(freq)
                     x, freq = x + delta, freq + delta
                 if self.volumetric_adapters is not None:
-                    update = self.volumetric_adapters.update(block_index, x, slab_depth)
-                    x = x if update is None else x + update
+                    x = self.volumetric_adapters(block_index, x, slab_depth)
                 block_index += 1
             if stage.downsample is not None:
                 x = run(stage.downsample, x)
