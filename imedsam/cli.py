@@ -91,7 +91,7 @@ def _build_model(args: argparse.Namespace):
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from .cli_volume import is_volume_path, predict_volume
+    from .cli_volume import CLICKS_GAVE_NOTHING, is_volume_path, predict_volume
     from .data import box_from_mask, read_mask
     from .inference import Predictor
     from .visualize import heat_map, overlay
@@ -119,18 +119,28 @@ def _predict(args: argparse.Namespace) -> None:
         model, max_decode_side=args.max_decode_side or None, decode_mode=args.decode_mode, encoder_engine=args.encoder_engine
     )
     predictor.set_image(image, modality=args.modality)
+    prompts = args.box
+    if args.click:
+        prompts = _click_prompts(args.click, args.background_click)
+    elif args.background_click:
+        raise ValueError("--background-click goes with --click")
     if args.auto_box:
         box, confidence = predictor.propose_box()
         args.box = [round(float(v), 1) for v in box]
         logger.info("proposed box %s (confidence %.2f)", args.box, confidence)
         if confidence < 0.5:
             logger.warning("the proposal is unsure (peak foreground probability %.2f < 0.5): check the box, or draw one with --box", confidence)
-    prediction = predictor.predict(args.box, output_size=args.output_size, class_id=args.class_id)
+        prompts = args.box
+    prediction = predictor.predict(prompts, output_size=args.output_size, class_id=args.class_id)
     probability, uncertainty = prediction
+    if args.click:  # the maps of the one click prompt
+        probability, uncertainty = probability[0], uncertainty[0]
     if prediction.upsampled:
         logger.info("decoded at %dx%d (--max-decode-side %d), upsampled to %dx%d", prediction.decode_size[1],
                     prediction.decode_size[0], args.max_decode_side, probability.shape[1], probability.shape[0])  # fmt: skip
     mask = probability > args.threshold
+    if args.click and not mask.any():
+        logger.warning(CLICKS_GAVE_NOTHING)
     _save_png(mask.astype(np.uint8) * 255, args.output)
     logger.info("mask %dx%d, %d foreground pixels -> %s", mask.shape[1], mask.shape[0], int(mask.sum()), args.output)
     if args.uncertainty:
@@ -139,9 +149,23 @@ def _predict(args: argparse.Namespace) -> None:
     if args.overlay:
         if mask.shape != image.shape[:2]:
             # The overlay is drawn on the image: query the decoder again at the image's own size.
-            probability, uncertainty = predictor.predict(args.box, class_id=args.class_id)
+            probability, uncertainty = predictor.predict(prompts, class_id=args.class_id)
+            if args.click:
+                probability, uncertainty = probability[0], uncertainty[0]
         _save_png(overlay(image, probability > args.threshold, args.box, uncertainty=uncertainty), args.overlay)
         logger.info("overlay -> %s", args.overlay)
+
+
+def _click_prompts(foreground: list[list[float]], background: list[list[float]] | None):
+    """``--click X Y`` (and ``--background-click X Y``) as the one prompt of one picture."""
+    from .networks import Prompts
+
+    for values in [*foreground, *(background or [])]:
+        if len(values) != 2:
+            raise ValueError(f"a click on a picture is X Y (two numbers), got {values}; I J K is for volumes")
+    clicks = [*foreground, *(background or [])]
+    labels = [1] * len(foreground) + [0] * len(background or [])
+    return Prompts(points=[[clicks]], point_labels=[[labels]])
 
 
 def _demo_data(args: argparse.Namespace) -> None:
@@ -184,8 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     prompt.add_argument("--box-from-mask", metavar="MASK", help="take the tight box of this mask's foreground (> 127)")
     prompt.add_argument(
+        "--click", nargs="+", type=float, action="append", metavar="X",
+        help="a foreground click: X Y in image pixels, or I J K voxel indices on a volume (the propagation takes it "
+             "from its slice); repeat it for more clicks. Through SAM's prompt encoder: needs a model trained with "
+             "clicks (the all_modalities_clicks weight set, or a bundle run with click_prob > 0)",
+    )  # fmt: skip
+    prompt.add_argument(
         "--auto-box", action="store_true",
         help="no box: the model's box-proposal head proposes one from the image (needs a checkpoint trained with the head)",
+    )  # fmt: skip
+    predict.add_argument(
+        "--background-click", nargs="+", type=float, action="append", metavar="X",
+        help="with --click: a click on what is not the object (X Y, or I J K on a volume, where it stops the "
+             "propagation before a slice whose mask covers it)",
     )  # fmt: skip
     predict.add_argument("--slice", type=int, help="volumes: the slice (k) that --box is drawn on")
     predict.add_argument(

@@ -19,6 +19,13 @@ VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr")
 VOLUME_OUTPUT_EXTENSIONS = (".nii", ".nii.gz")
 
 
+#: why a click prompt can give an empty mask, said where it does
+CLICKS_GAVE_NOTHING = (
+    "the clicks gave an empty mask: a model trained with boxes only (LiteMedSAM, the all_modalities weight set) "
+    "does not answer clicks; use --weights all_modalities_clicks or a checkpoint trained with click_prob > 0, or a box"
+)
+
+
 def is_volume_path(path: str) -> bool:
     """Whether ``path`` names a volume: a NIfTI or NRRD file, or a folder (a DICOM series)."""
     return os.path.isdir(path) or str(path).lower().endswith(VOLUME_EXTENSIONS)
@@ -63,21 +70,31 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
 
 
 def _prompts(args: argparse.Namespace, shape):
-    from .inference.volume_prompts import box3d_prompt, slice_box_prompt
+    from .inference.volume_prompts import box3d_prompt, click_prompt, slice_box_prompt
 
+    if args.click:
+        if args.slice is not None:
+            raise ValueError("--slice goes with --box; a click on a volume is I J K, its slice the third value")
+        for values in [*args.click, *(args.background_click or [])]:
+            if len(values) != 3:
+                raise ValueError(f"a click on a volume is I J K (three voxel indices), got {values}")
+        return [click_prompt(args.click, args.background_click, shape, mode="points")]
+    if args.background_click:
+        raise ValueError("--background-click goes with --click")
     if args.box3d:
         if args.slice is not None:
             raise ValueError("--slice goes with --box, not --box3d (a 3D box has its own z-range)")
         return [box3d_prompt(box, shape) for box in args.box3d]
     if args.box is None:
-        raise ValueError("a volume takes --box3d X0 Y0 Z0 X1 Y1 Z1, or --box X0 Y0 X1 Y1 with --slice K")
+        raise ValueError("a volume takes --box3d X0 Y0 Z0 X1 Y1 Z1, --box X0 Y0 X1 Y1 with --slice K, or --click I J K")
     if args.slice is None:
         raise ValueError("--box on a volume needs --slice K, the slice the box is drawn on")
     return [slice_box_prompt(args.box, args.slice, shape)]
 
 
 def predict_volume(args: argparse.Namespace, model) -> None:
-    """Segment the objects of ``args.box3d`` (or ``args.box`` on ``args.slice``) and write the label volume."""
+    """Segment the objects of ``args.box3d`` (or ``args.box`` on ``args.slice``, or the object of ``args.click``)
+    and write the label volume."""
     from tqdm import tqdm
 
     from .inference.volume import VolumePredictor
@@ -99,7 +116,10 @@ def predict_volume(args: argparse.Namespace, model) -> None:
     with tqdm(total=known, unit="slice", desc="slices", disable=None) as bar:
         result = session.predict(prompts, progress=bar.update)
     for index, (first, last) in enumerate(result.slices, start=1):
-        logger.info("label %d: slices %d..%d, %d voxels", index, first, last - 1, int((result.labels == index).sum()))
+        voxels = int((result.labels == index).sum())
+        logger.info("label %d: slices %d..%d, %d voxels", index, first, last - 1, voxels)
+        if voxels == 0 and prompts[index - 1].points is not None:
+            logger.warning(CLICKS_GAVE_NOTHING)
     logger.info("%d slices encoded in %.1f s", result.encoder_calls, result.seconds)
     labels = result.labels.astype(np.uint8 if len(prompts) < 256 else np.uint16)
     save_nifti(labels, affine, args.output)

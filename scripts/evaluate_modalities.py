@@ -47,14 +47,17 @@ def _planes(items: list[dict]):
         yield item, np.ascontiguousarray(image), np.asarray(loaded["label"])[0] > 0
 
 
-def evaluate(segment, items: list[dict], row: str) -> list[dict]:
-    """``segment(image, box, modality) -> H x W bool`` on every item; one result row per item."""
-    from imedsam.data import box_from_mask
+def evaluate(segment, items: list[dict], row: str, prompt: str = "box") -> list[dict]:
+    """``segment(image, prompt, modality) -> H x W bool`` on every item; one result row per item. ``prompt``:
+    ``"box"`` gives the tight box ``[x0, y0, x1, y1]``, ``"click"`` the centre click ``[[x, y]]``
+    (:func:`~imedsam.data.click_from_mask`)."""
+    from imedsam.data import box_from_mask, click_from_mask
     from imedsam.metrics import boundary_iou, dice
 
     rows = []
     for item, image, mask in _planes(items):
-        predicted = segment(image, box_from_mask(mask).tolist(), item["modality"])
+        given = box_from_mask(mask).tolist() if prompt == "box" else [click_from_mask(mask).tolist()]
+        predicted = segment(image, given, item["modality"])
         rows.append({
             "row": row, "set": item["set"], "modality": item["modality"], "case": item["case"], "name": item["name"],
             "object": item.get("object") or "", "dice": dice(predicted, mask), "boundary_iou": boundary_iou(predicted, mask),
@@ -64,16 +67,19 @@ def evaluate(segment, items: list[dict], row: str) -> list[dict]:
 
 def model_segmenter(args):
     from imedsam.inference import Predictor
-    from imedsam.networks import build_imedsam
+    from imedsam.networks import Prompts, build_imedsam
 
     model = build_imedsam(modality_prompt=args.modality_prompt, content_prompt=args.content_prompt)
     if args.checkpoint:
         model.load_checkpoint(args.checkpoint)
     predictor = Predictor(model)
 
-    def segment(image, box, modality):
+    def segment(image, given, modality):
         predictor.set_image(image, modality=modality if args.modality_prompt else None)
-        return predictor.predict(box).probability > 0.5
+        if args.prompt == "click":
+            given = Prompts(points=[[given]], point_labels=[[[1] * len(given)]])
+        # a Prompts keeps its axis of one prompt; a plain box gives the H x W map itself
+        return predictor.predict(given).probability.reshape(image.shape[:2]) > 0.5
 
     return segment
 
@@ -157,6 +163,7 @@ def main(argv=None) -> int:
     parser.add_argument("--modality-prompt", action="store_true", help="the model has the modality prompt")
     parser.add_argument("--content-prompt", action="store_true", help="the model has the content prompt")
     parser.add_argument("--reference", action="store_true", help="score LiteMedSAM's reference forward and the ellipse instead")
+    parser.add_argument("--prompt", default="box", choices=("box", "click"), help="the tight box, or one click at the object's centre")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--split-file", help="default: bundle/datalists/modalities.json")
     parser.add_argument("--data-root", help="default: ../shared/data beside the project")
@@ -169,12 +176,14 @@ def main(argv=None) -> int:
         return 0
     if not args.output or not (args.row or args.reference):
         parser.error("give --output and --row (or --reference), or --table")
+    if args.reference and args.prompt != "box":
+        parser.error("the reference rows (LiteMedSAM's forward, the ellipse) take the box only")
     items = _items(args.split, args.split_file, args.data_root, args.slice_step)
     start = time.perf_counter()
     if args.reference:
         rows = [row for name, segment in reference_segmenters().items() for row in evaluate(segment, items, name)]
     else:
-        rows = evaluate(model_segmenter(args), items, args.row)
+        rows = evaluate(model_segmenter(args), items, args.row, args.prompt)
     write_rows(args.output, rows)
     print(table(rows, None))
     print(f"{len(items)} items in {time.perf_counter() - start:.0f} s", file=sys.stderr)

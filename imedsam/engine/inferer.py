@@ -26,6 +26,10 @@ class PromptInferer(Inferer):
             (:func:`~imedsam.networks.coordinates.stratified_lines`); the output carries its lines so that
             :class:`~imedsam.losses.CoarseFineLoss` reads the full-resolution target there. None, or the
             output grid's size: every pixel.
+        click_prob: for a batch that carries clicks beside its boxes (``points`` and ``point_labels``, from
+            :class:`~imedsam.transforms.ClicksFromMaskd`), the chance that the batch is prompted by its clicks
+            instead of its boxes, drawn once per call with torch's generator (seeded by MONAI's
+            ``set_determinism``): training for both kinds of prompt. 0: boxes only; 1: clicks only.
 
     Called as ``inferer(images, network, boxes=..., output_size=...)`` with ``boxes [B, N, 4]`` (what the
     bundle's ``extra_keys={'boxes': 'box'}`` passes) and optionally ``modality=`` one name per image (``extra_keys``
@@ -41,8 +45,12 @@ class PromptInferer(Inferer):
         return_all: bool = False,
         with_uncertainty: bool = False,
         query_size: int | None = None,
+        click_prob: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= click_prob <= 1.0:
+            raise ValueError(f"click_prob must be a probability in [0, 1], got {click_prob}")
+        self.click_prob = float(click_prob)
         if return_all and with_uncertainty:
             raise ValueError("return_all already includes the uncertainty; pass only one of the two")
         if query_size is not None and not return_all:
@@ -65,8 +73,14 @@ class PromptInferer(Inferer):
 
     def __call__(
         self, inputs: torch.Tensor, network, boxes: torch.Tensor | None = None, output_size=None,
-        prompts: Prompts | None = None, modality=None, slab_depth: int = 1, **kwargs,
+        prompts: Prompts | None = None, modality=None, slab_depth: int = 1,
+        points: torch.Tensor | None = None, point_labels: torch.Tensor | None = None, **kwargs,
     ):  # fmt: skip
+        if points is not None and prompts is None:
+            if boxes is None or (self.click_prob > 0 and torch.rand(()) < self.click_prob):
+                boxes = None
+                prompts = Prompts(points=points, point_labels=point_labels, modality=modality)
+                modality = None
         if (boxes is None) == (prompts is None):
             raise ValueError(
                 "PromptInferer needs boxes or prompts (one of the two): set prepare_batch to "

@@ -7,7 +7,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from monai.data import MetaTensor
-from monai.engines.utils import PrepareBatch, PrepareBatchExtraInput
+from monai.engines.utils import PrepareBatch
+
+from .prompt_batch import PreparePromptBatch
 
 __all__ = ["PrepareSlabBatch"]
 
@@ -26,11 +28,14 @@ class PrepareSlabBatch(PrepareBatch):
         encoder_slab_depth: the slab depth the network's encoder is given, a divisor of ``D`` (default ``D``): 1
             lets volumetric adapters see no neighbours on the same data (an ablation).
         extra_keys: as :class:`monai.engines.PrepareBatchExtraInput`'s dictionary (default: ``boxes`` from ``box``
-            and ``modality`` from ``modality``); a key the batch lacks is left out.
+            ``modality`` from ``modality``, and the clicks ``points`` and ``point_labels``); a key the batch lacks is
+            left out.
     """
 
     def __init__(self, slab_depth: int, encoder_slab_depth: int | None = None, extra_keys: Mapping[str, str] | None = None) -> None:
-        self.extra_keys = dict(extra_keys or {"boxes": "box", "modality": "modality"})
+        self.extra_keys = dict(
+            extra_keys or {"boxes": "box", "modality": "modality", "points": "points", "point_labels": "point_labels"}
+        )
         self.slab_depth = int(slab_depth)
         self.encoder_slab_depth = self.slab_depth if encoder_slab_depth is None else int(encoder_slab_depth)
         if self.slab_depth < 1 or self.encoder_slab_depth < 1 or self.slab_depth % self.encoder_slab_depth:
@@ -40,9 +45,7 @@ class PrepareSlabBatch(PrepareBatch):
 
     def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
         depth = self.slab_depth
-        # the keys this batch has (a datalist without modality has none), without changing this object's own
-        present = {k: v for k, v in self.extra_keys.items() if v in batchdata}
-        image, label, args, extra = PrepareBatchExtraInput(present)(batchdata, device, non_blocking, **kwargs)
+        image, label, args, extra = PreparePromptBatch(self.extra_keys)(batchdata, device, non_blocking, **kwargs)
         slabs, channels = image.shape[:2]
         if channels != 3 * depth or label.shape[1] != depth:
             raise ValueError(
@@ -54,6 +57,9 @@ class PrepareSlabBatch(PrepareBatch):
         label = _plain(label).reshape(slabs * depth, 1, *label.shape[-2:])
         if "boxes" in extra:
             extra["boxes"] = _plain(extra["boxes"]).reshape(slabs * depth, 1, 4)
+        if "points" in extra:  # [B, D, K, 2] clicks per slice (ClicksFromMaskd) -> one prompt of K clicks per slice
+            extra["points"] = _plain(extra["points"]).reshape(slabs * depth, 1, -1, 2)
+            extra["point_labels"] = _plain(extra["point_labels"]).reshape(slabs * depth, 1, -1)
         if "modality" in extra:
             extra["modality"] = _per_slice(extra["modality"], depth)
         return image, label, args, {**extra, "slab_depth": self.encoder_slab_depth}

@@ -102,6 +102,8 @@ class LiteMedSAMVolumeRecipe:
         probability and uncertainty of the result are not part of the recipe (zeros)."""
         if self._volume is None:
             raise RuntimeError("call set_volume() before predict()")
+        if any(prompt.box is None for prompt in prompts):
+            raise ValueError("LiteMedSAM's 3D recipe is prompted by boxes; a click prompt needs I-MedSAM's VolumePredictor")
         start, calls = time.perf_counter(), self.encoder_calls
         labels = np.zeros(self._volume.shape, np.uint16)
         ranges = []

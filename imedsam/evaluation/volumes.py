@@ -6,9 +6,11 @@ Protocols, each from the ground truth of one object:
 - ``box3d``: the object's 3D bounding box ``[x0, y0, z0, x1, y1, z1]`` (the CVPR 2024 challenge's prompt);
 - ``slice_box``: the tight 2D box on the object's middle slice (the middle of its z-range, or the nearest
   slice that holds the object) and nothing else: the propagation finds where the object ends;
-- ``every_slice``: the tight box on every slice that holds the object, no propagation: the 2D upper bound.
+- ``every_slice``: the tight box on every slice that holds the object, no propagation: the 2D upper bound;
+- ``click``: one foreground click on that middle slice, at the object's centre there
+  (:func:`~imedsam.data.click_from_mask`), through the prompt encoder: 3DSAM-adapter's single-click prompt.
 
-The reference runs the same protocols: the recipe for ``box3d``, the recipe's walk until a mask is empty for
+The reference runs the box protocols (its recipe takes no click): the recipe for ``box3d``, the recipe's walk until a mask is empty for
 ``slice_box``, and LiteMedSAM on every slice for ``every_slice``. NSD is MONAI's
 :func:`~monai.metrics.compute_surface_dice` at ``nsd_tolerance_mm`` (2 mm by default, the challenge's).
 """
@@ -26,10 +28,11 @@ import numpy as np
 import torch
 
 from ..data.boxes import box_from_mask
+from ..data.clicks import click_from_mask
 from ..data.volume_datalist import read_volume_datalist
 from ..inference.planes import load_image_array
 from ..inference.volume import VolumePredictor
-from ..inference.volume_prompts import ObjectPrompt, box3d_prompt, slice_box_prompt
+from ..inference.volume_prompts import ObjectPrompt, box3d_prompt, click_prompt, slice_box_prompt
 from ..networks.imedsam import IMedSAM
 from .lite_medsam_3d import LiteMedSAMVolumeRecipe
 
@@ -37,7 +40,9 @@ __all__ = ["PROTOCOLS", "VolumeEvaluation", "box3d_of", "middle_slice_box", "sur
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS = ("box3d", "slice_box", "every_slice")
+PROTOCOLS = ("box3d", "slice_box", "every_slice", "click")
+#: the protocols LiteMedSAM's recipe runs (it is prompted by boxes)
+REFERENCE_PROTOCOLS = ("box3d", "slice_box", "every_slice")
 
 
 def box3d_of(mask: np.ndarray) -> list[float]:
@@ -149,6 +154,10 @@ class VolumeEvaluation:
             return pred
         if protocol == "box3d":
             prompt: ObjectPrompt = box3d_prompt(box3d_of(mask), shape)
+        elif protocol == "click":
+            _, k = middle_slice_box(mask)
+            i, j = click_from_mask(mask[:, :, k].T)
+            prompt = click_prompt([[i, j, k]], None, shape, mode="points")
         else:
             box, k = middle_slice_box(mask)
             prompt = slice_box_prompt(box, k, shape)
@@ -173,7 +182,7 @@ class VolumeEvaluation:
         rows = []
         for name, mask in volume_objects(label, case.get("objects"), self.min_voxels):
             for protocol in self.protocols:
-                for method in methods:
+                for method in methods if protocol in REFERENCE_PROTOCOLS else ("imedsam",):
                     start = time.perf_counter()
                     pred = self._predict(method, protocol, mask)
                     seconds = time.perf_counter() - start

@@ -49,6 +49,7 @@ from ..data.intensity import intensity_rule, intensity_window
 from ..data.modalities import normalize_modality
 from ..data.pictures import ImageReadError
 from ..networks.imedsam import IMedSAM
+from ..networks.prompts.prompts import Prompts
 from .planes import check_finite
 from .predictor import Predictor
 from .slabs import SlabEncoder
@@ -217,14 +218,17 @@ class VolumePredictor:
         plane = np.clip((raw.astype(np.float32) - low) / (high - low), 0.0, 1.0)
         return np.repeat(plane[..., None], 3, axis=-1)
 
-    def decode_slice(self, k: int, box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Probability and uncertainty (``J x I``) of slice ``k`` for ``box`` ``[x0, y0, x1, y1]``."""
+    def decode_slice(self, k: int, box: np.ndarray | Prompts) -> tuple[np.ndarray, np.ndarray]:
+        """Probability and uncertainty (``J x I``) of slice ``k`` for ``box`` ``[x0, y0, x1, y1]``, or for the
+        :class:`~imedsam.networks.Prompts` of one prompt on it (a click prompt's, :meth:`ObjectPrompt.slice_prompts`)."""
         if self._slabs is not None:
             encoding, cached = self._slabs.encoding(k)
             self.predictor.set_encoding(encoding, modality=self.modality, cached=cached)
         else:
             self.predictor.set_image(self.plane(k), modality=self.modality)
         prediction = self.predictor.predict(box)
+        if isinstance(box, Prompts):  # one prompt: its own axis of one
+            return prediction.probability[0], prediction.uncertainty[0]
         return prediction.probability, prediction.uncertainty
 
     # -- propagation -------------------------------------------------------------------------------------
@@ -248,7 +252,8 @@ class VolumePredictor:
         fg_reach = [k for k in prompt.must_reach if (k - prompt.seed_slice) * direction > 0]
         reach = max(fg_reach, key=lambda k: abs(k - prompt.seed_slice)) if fg_reach else None
         stops = {k for _, _, k in prompt.background}
-        neighbour, neighbour_box = seed_mask, prompt.box
+        # a click prompt has no box: the seed mask's own box is the first one the walk grows from
+        neighbour, neighbour_box = seed_mask, prompt.box if prompt.box is not None else _mask_box(seed_mask)
         k = prompt.seed_slice + direction
         while low <= k < high:
             if prompt.z_range is not None and not self.rule.box3d_follows_masks:
@@ -259,7 +264,7 @@ class VolumePredictor:
                 box = prompt.xy_limit
             else:
                 break
-            if k in tried and np.array_equal(box, prompt.box):  # a seed candidate, decoded with this box already
+            if k in tried and prompt.points is None and np.array_equal(box, prompt.box):  # a seed candidate, decoded with this box already
                 probability, uncertainty = tried[k]
             else:
                 probability, uncertainty = self.decode_slice(k, box)
@@ -285,12 +290,18 @@ class VolumePredictor:
             z0, z1 = prompt.z_range
             candidates |= {int(z0 + fraction * (z1 - 1 - z0) + 0.5) for fraction in self.rule.seed_candidates}
         best, tried = None, {}
+        seed_prompts = prompt.box if prompt.points is None else prompt.slice_prompts()
         for k in [prompt.seed_slice, *sorted(candidates - {prompt.seed_slice})]:  # a tie keeps the middle
-            probability, uncertainty = tried[k] = self.decode_slice(k, prompt.box)
+            probability, uncertainty = tried[k] = self.decode_slice(k, seed_prompts)
             if progress is not None:
                 progress(1)
             mask = probability > 0.5
-            fill = _box_iou(_mask_box(mask), prompt.box) * float(probability[mask].mean()) if mask.any() else 0.0
+            if not mask.any():
+                fill = 0.0
+            elif prompt.box is None:
+                fill = float(probability[mask].mean())
+            else:
+                fill = _box_iou(_mask_box(mask), prompt.box) * float(probability[mask].mean())
             if best is None or fill > best[0]:
                 best = (fill, k)
         return prompt._replace(seed_slice=best[1]), tried

@@ -14,28 +14,45 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..networks.prompts.prompts import Prompts
 from .prompts import ROI_LAYOUTS, PromptError, roi_to_box3d
 
-__all__ = ["ObjectPrompt", "box3d_prompt", "slice_box_prompt", "click_prompt", "resolve_volume_prompts"]
+__all__ = ["CLICK_MODES", "ObjectPrompt", "box3d_prompt", "slice_box_prompt", "click_prompt", "resolve_volume_prompts"]
+
+#: what clicks on a volume mean: ``"points"`` clicks through the prompt encoder, ``"corners"`` two or more clicks
+#: on one slice as opposite corners of the object's box, ``"auto"`` one foreground click on that slice a point
+#: and two or more corners (what OHIF's users of this app are told to click)
+CLICK_MODES = ("auto", "points", "corners")
 
 
 class ObjectPrompt(NamedTuple):
     """One object to segment in a volume, as the propagation reads it.
 
-    ``box`` prompts the ``seed_slice``; from there the object is followed slice by slice in both directions.
+    ``box`` prompts the ``seed_slice``, with ``points`` (``[K, 2]`` x = i, y = j on that slice, labels ``[K]``: 1
+    foreground, 0 background) through the prompt encoder beside it, or alone (``box`` None: a click prompt);
+    from there the object is followed slice by slice in both directions, by boxes from the masks.
     ``z_range`` (``[z0, z1)``) bounds that walk when the prompt says where the object ends (a 3D box), else the
     propagation decides; ``xy_limit`` (``[x0, y0, x1, y1]``) is a box no propagated box may leave (a 3D box's
     extent). ``background`` clicks ``(i, j, k)`` mark voxels that are not the object: the walk stops before a
     slice whose mask covers one.
     """
 
-    box: np.ndarray
+    box: np.ndarray | None
     seed_slice: int
     z_range: tuple[int, int] | None = None
     xy_limit: np.ndarray | None = None
     background: tuple[tuple[int, int, int], ...] = ()
     source: str = "box"
     must_reach: tuple[int, ...] = ()  #: slices the walk reaches whatever its stop tests say (foreground clicks)
+    points: np.ndarray | None = None  #: ``[K, 2]`` clicks on the seed slice for the prompt encoder
+    point_labels: np.ndarray | None = None  #: ``[K]`` 1 foreground, 0 background
+
+    def slice_prompts(self) -> Prompts:
+        """The seed slice's prompt as the network takes it: the box, the clicks, or both, for one image."""
+        boxes = None if self.box is None else self.box[None, None]
+        if self.points is None:
+            return Prompts(boxes=boxes)
+        return Prompts(boxes=boxes, points=self.points[None, None], point_labels=self.point_labels[None, None])
 
 
 def _numbers(values, name: str, count: int) -> list[float]:
@@ -109,35 +126,50 @@ def _clicks(values, name: str, shape: tuple[int, int, int]) -> list[tuple[int, i
     return clicks
 
 
-def click_prompt(foreground, background, shape: Sequence[int]) -> ObjectPrompt:
-    """The object marked by foreground clicks ``[[i, j, k], ...]``, as OHIF sends them.
+def click_prompt(foreground, background, shape: Sequence[int], mode: str = "auto") -> ObjectPrompt:
+    """The object marked by foreground clicks ``[[i, j, k], ...]`` (and ``background`` ones), as OHIF sends them.
 
-    The slice with the most foreground clicks (the last clicked among equals) needs two or more of them: they
-    are opposite corners of the object's box there (a box has no z-range, so the walk finds the object's end).
-    Clicks on other slices widen nothing, since the model takes boxes, but a foreground click on any slice
-    keeps the walk going at least to that slice; background clicks stop it before a slice whose mask covers one.
+    The seed is the slice with the most foreground clicks (the last clicked among equals). ``mode``
+    (:data:`CLICK_MODES`) says what its clicks are:
+
+    - ``"points"``: prompts of their own: the seed slice's foreground and background clicks go through the
+      model's prompt encoder (3DSAM-adapter's and SAM's click prompt; the model must have been trained with
+      clicks, ``click_prob`` in the bundle, as the ``all_modalities_clicks`` weight set was);
+    - ``"corners"``: two or more foreground clicks are opposite corners of the object's box on the seed slice;
+    - ``"auto"`` (default): one foreground click on the seed slice is a point, two or more are corners.
+
+    Either way the walk finds the object's end (clicks have no z-range); a foreground click on any other slice
+    keeps the walk going at least to that slice, and background clicks stop it before a slice whose mask covers
+    one.
     """
+    if mode not in CLICK_MODES:
+        raise PromptError(f"clicks must be one of {', '.join(CLICK_MODES)}, got {mode!r}")
     shape = _check_shape(shape)
     fg = _clicks(foreground, "foreground", shape)
     bg = _clicks(background, "background", shape)
     if not fg:
-        raise PromptError("no foreground clicks: click two opposite corners of the object on one slice")
+        raise PromptError("no foreground clicks: click the object (or two opposite corners of it) on one slice")
     counts: dict[int, int] = {}
     for _, _, k in fg:
         counts[k] = counts.get(k, 0) + 1
     seed = max(reversed([k for _, _, k in fg]), key=lambda k: counts[k])
     on_seed = [c for c in fg if c[2] == seed]
+    z_reached = tuple(sorted({k for _, _, k in fg}))
+    if mode == "points" or (mode == "auto" and len(on_seed) == 1):
+        marked = [(c, 1) for c in on_seed] + [(c, 0) for c in bg if c[2] == seed]
+        points = np.array([[i, j] for (i, j, _), _ in marked], np.float32)
+        labels = np.array([label for _, label in marked], np.int64)
+        return ObjectPrompt(None, seed, None, None, tuple(bg), "points", z_reached, points, labels)
     if len(on_seed) < 2:
         raise PromptError(
-            f"one foreground click on slice {seed}: click two opposite corners of the object on one slice "
-            "(the model is prompted by a box)"
+            f"one foreground click on slice {seed} with clicks 'corners': click two opposite corners of the object "
+            "on one slice, or send clicks 'points' (or 'auto') to prompt with the click itself"
         )
     ii, jj = [c[0] for c in on_seed], [c[1] for c in on_seed]
     box = np.array([min(ii), min(jj), max(ii) + 1, max(jj) + 1], np.float32)
     if box[2] - box[0] < 2 or box[3] - box[1] < 2:
         raise PromptError(f"the clicks on slice {seed} span less than 2 voxels along i or j: click opposite corners")
-    z_reached = sorted({k for _, _, k in fg})
-    return ObjectPrompt(box, seed, None, None, tuple(bg), "clicks", tuple(z_reached))
+    return ObjectPrompt(box, seed, None, None, tuple(bg), "clicks", z_reached)
 
 
 def _box3d_list(value) -> list:
@@ -157,7 +189,8 @@ def resolve_volume_prompts(request, shape: Sequence[int]) -> list[ObjectPrompt]:
       (inclusive; :func:`roi_to_box3d` says how they are told apart, and ``roi_layout`` settles it), or 4 values
       ``[i0, j0, i1, j1]`` on ``slice``;
     - ``box`` ``[x0, y0, x1, y1]`` on ``slice``;
-    - ``foreground`` clicks ``[[i, j, k], ...]``, with optional ``background`` clicks (:func:`click_prompt`).
+    - ``foreground`` clicks ``[[i, j, k], ...]``, with optional ``background`` clicks and ``clicks``, what they
+      mean (:func:`click_prompt`: ``auto``, ``points`` or ``corners``).
     """
     shape = _check_shape(shape)
     if request.get("box3d") is not None:
@@ -174,10 +207,10 @@ def resolve_volume_prompts(request, shape: Sequence[int]) -> list[ObjectPrompt]:
     if request.get("box") is not None:
         return [slice_box_prompt(request["box"], _slice_field(request, shape), shape)]
     if request.get("foreground"):
-        return [click_prompt(request.get("foreground"), request.get("background"), shape)]
+        return [click_prompt(request.get("foreground"), request.get("background"), shape, request.get("clicks") or "auto")]
     raise PromptError(
         "no prompt: send 'box3d' [x0, y0, z0, x1, y1, z1], a 6-value 'roi', 'box' [x0, y0, x1, y1] with 'slice', "
-        "or two 'foreground' clicks [i, j, k] on opposite corners of the object"
+        "or 'foreground' clicks [i, j, k]: one on the object, or two on opposite corners of it"
     )
 
 

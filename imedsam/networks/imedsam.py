@@ -20,7 +20,7 @@ from .outputs import IMedSAMOutput, ImageEncoding
 from .precision import resolve_precision
 from .prompts.box_path import BoxPromptPath
 from .prompts.prompts import Prompts, as_prompts
-from .validation import check_boxes, check_image, check_output_size, check_parts, check_query_lines
+from .validation import check_boxes, check_image, check_output_size, check_parts, check_points, check_query_lines
 
 __all__ = ["DECODE_MODES", "IMedSAM", "IMedSAMOutput", "ImageEncoding"]
 
@@ -31,7 +31,7 @@ DECODE_MODES = ("exact", "adaptive")
 
 
 class IMedSAM(nn.Module):
-    """I-MedSAM (Wei et al., ECCV 2024): box-prompted segmentation at any output resolution, from its parts.
+    """I-MedSAM (Wei et al., ECCV 2024): box- (or click-) prompted segmentation at any output resolution, from its parts.
 
     The image encoder encodes an image once; each box goes through the prompt path; the implicit decoder, with
     uncertainty-guided sampling, predicts a logit at every pixel of the requested output grid. Build one from a
@@ -57,9 +57,11 @@ class IMedSAM(nn.Module):
     Settings, attributes that may change at any time: :attr:`decode_mode` and :attr:`encoder_precision` (below).
 
     Shapes: ``image [B, 3, h, w]`` RGB in [0, 1]; ``prompts`` a :class:`~imedsam.networks.prompts.Prompts` of
-    ``boxes [B, N, 4]`` x0, y0, x1, y1 in pixels of ``image`` and a ``modality`` (used by a prompt path with a
-    modality prompt), or that box tensor alone (:attr:`prompt_kinds`: points are refused); output logits ``[B, N, H, W]`` with ``(H, W) = output_size``
-    (default ``(h, w)``).
+    ``boxes [B, N, 4]`` x0, y0, x1, y1 in pixels of ``image``, clicks ``points [B, N, K, 2]`` (x, y pixel
+    indices) with ``point_labels [B, N, K]`` (beside the boxes or alone), and a ``modality`` (used by a prompt
+    path with a modality prompt); or that box tensor alone. Output logits ``[B, N, H, W]`` with
+    ``(H, W) = output_size`` (default ``(h, w)``). A click answers only once the model is trained with clicks
+    (the bundle's ``click_prob``): LiteMedSAM was trained with boxes, and gives an empty mask for one.
 
     Example::
 
@@ -79,7 +81,7 @@ class IMedSAM(nn.Module):
 
     #: the kinds of :class:`~imedsam.networks.prompts.Prompts` this model takes; it refuses any other. The
     #: modality is used by a prompt path with a modality prompt, and taken unused by one without
-    prompt_kinds: tuple[str, ...] = ("boxes", "modality")
+    prompt_kinds: tuple[str, ...] = ("boxes", "points", "modality")
     #: ``"exact"`` (every pixel through the coarse INR, the method) or ``"adaptive"``: how :meth:`decode_all`
     #: decodes unless its ``mode`` says otherwise
     decode_mode: str = "exact"
@@ -175,27 +177,32 @@ class IMedSAM(nn.Module):
 
     # -- decoder ------------------------------------------------------------------------------------------
     def _run_prompt_path(
-        self, embedding: torch.Tensor, boxes: torch.Tensor, modality_rows: torch.Tensor | None = None
+        self,
+        embedding: torch.Tensor,
+        boxes: torch.Tensor | None,
+        modality_rows: torch.Tensor | None = None,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # the implicit decoder's precision: its maps feed a decoder that runs in that precision anyway
         if (self.training or torch.jit.is_tracing() or self.decoder is None
                 or resolve_precision(self.decoder.precision, embedding.device) == "float32"):  # fmt: skip
-            return self.prompt_path(embedding, boxes, modality_rows)
+            return self.prompt_path(embedding, boxes, modality_rows, points)
         with torch.autocast(embedding.device.type, dtype=torch.bfloat16):
-            box_features, mask_weights = self.prompt_path(embedding, boxes, modality_rows)
+            box_features, mask_weights = self.prompt_path(embedding, boxes, modality_rows, points)
         return box_features.float(), None if mask_weights is None else mask_weights.float()
 
-    def _class_ids(self, boxes: torch.Tensor, class_ids: torch.Tensor | None) -> torch.Tensor:
-        batch, num_boxes = boxes.shape[:2]
+    def _class_ids(
+        self, batch: int, num_prompts: int, device: torch.device, class_ids: torch.Tensor | None
+    ) -> torch.Tensor:
         if class_ids is None:
             if self.num_classes == 1:
-                return torch.zeros(batch * num_boxes, dtype=torch.long, device=boxes.device)
-            if num_boxes > self.num_classes:
-                raise ValueError(f"{num_boxes} boxes per image but only {self.num_classes} classes: pass class_ids")
-            return torch.arange(num_boxes, device=boxes.device).repeat(batch)
-        class_ids = torch.as_tensor(class_ids, device=boxes.device).long()
-        if class_ids.shape != (batch, num_boxes):
-            raise ValueError(f"class_ids must have shape {(batch, num_boxes)}, got {tuple(class_ids.shape)}")
+                return torch.zeros(batch * num_prompts, dtype=torch.long, device=device)
+            if num_prompts > self.num_classes:
+                raise ValueError(f"{num_prompts} prompts per image but only {self.num_classes} classes: pass class_ids")
+            return torch.arange(num_prompts, device=device).repeat(batch)
+        class_ids = torch.as_tensor(class_ids, device=device).long()
+        if class_ids.shape != (batch, num_prompts):
+            raise ValueError(f"class_ids must have shape {(batch, num_prompts)}, got {tuple(class_ids.shape)}")
         if class_ids.min() < 0 or class_ids.max() >= self.num_classes:
             raise ValueError(f"class_ids must be in [0, {self.num_classes - 1}], got {class_ids.unique().tolist()}")
         return class_ids.reshape(-1)
@@ -223,20 +230,29 @@ class IMedSAM(nn.Module):
         embedding, height, width, extent = encoding
         batch = embedding.shape[0]
         prompts = as_prompts(prompts, embedding.device).only(self.prompt_kinds, type(self).__name__)
-        boxes = prompts.boxes
+        boxes, points, point_labels = prompts.boxes, prompts.points, prompts.point_labels
         if output_size is None:
             output_size = (height, width)
         if not torch.jit.is_tracing():
-            check_boxes(boxes, batch, height, width)
+            if boxes is not None:
+                check_boxes(boxes, batch, height, width)
+            if points is not None:
+                check_points(points, point_labels, batch, height, width, with_boxes=boxes is not None)
             output_size = check_output_size(output_size)
-        num_boxes = boxes.shape[1]
-        ids = self._class_ids(boxes, class_ids)
+        num_prompts = prompts.num_prompts
+        ids = self._class_ids(batch, num_prompts, embedding.device, class_ids)
         # image pixels -> pixels of the encoder's input, where the image fills the top-left extent
-        scale = boxes.new_tensor([self.image_size * extent[1] / width, self.image_size * extent[0] / height] * 2)
-        prompt_boxes = (boxes.to(embedding.dtype) * scale).reshape(-1, 4)
-        # one box per image: the embedding itself, whose decoder rows are then kept for its next prompt
-        per_prompt = embedding if num_boxes == 1 else embedding.repeat_interleave(num_boxes, dim=0)
-        box_features, mask_weights = self._run_prompt_path(per_prompt, prompt_boxes, self.prompt_path.modality_rows(prompts.modalities(), num_boxes, boxes.device))
+        scale = embedding.new_tensor([self.image_size * extent[1] / width, self.image_size * extent[0] / height])
+        prompt_boxes = None if boxes is None else (boxes.to(embedding.dtype) * scale.repeat(2)).reshape(-1, 4)
+        prompt_points = None
+        if points is not None:
+            # a click names a pixel; SAM's encoder adds half a pixel of its input, so map the pixel's centre
+            coords = (points.to(embedding.dtype) + 0.5) * scale - 0.5
+            prompt_points = (coords.reshape(-1, *coords.shape[2:]), point_labels.reshape(-1, point_labels.shape[-1]))
+        # one prompt per image: the embedding itself, whose decoder rows are then kept for its next prompt
+        per_prompt = embedding if num_prompts == 1 else embedding.repeat_interleave(num_prompts, dim=0)
+        modality_rows = self.prompt_path.modality_rows(prompts.modalities(), num_prompts, embedding.device)
+        box_features, mask_weights = self._run_prompt_path(per_prompt, prompt_boxes, modality_rows, prompt_points)
         out_h, out_w = int(output_size[0]), int(output_size[1])
         if self.decoder is None:
             sam_masks = torch.einsum("pc,pchw->phw", mask_weights, box_features).unsqueeze(1)
@@ -247,14 +263,14 @@ class IMedSAM(nn.Module):
             if query_lines is not None:
                 rows, columns = check_query_lines(query_lines, out_h, out_w)
                 logits = logits.index_select(-2, rows.to(logits.device)).index_select(-1, columns.to(logits.device))
-            logits = logits.view(batch, num_boxes, *logits.shape[-2:])
+            logits = logits.view(batch, num_prompts, *logits.shape[-2:])
             return IMedSAMOutput(logits, logits, None, None, query_lines)
         out = self.decoder(
             box_features, per_prompt, (out_h, out_w), ids, mode=mode, query_lines=query_lines, extent=extent,
             mask_weights=mask_weights if self.decoder.mask_prior else None,
         )  # fmt: skip
-        shape = (batch, num_boxes, *out.logits.shape[-2:])
-        refined = None if out.refined_index is None else out.refined_index.view(batch, num_boxes, -1)
+        shape = (batch, num_prompts, *out.logits.shape[-2:])
+        refined = None if out.refined_index is None else out.refined_index.view(batch, num_prompts, -1)
         return IMedSAMOutput(
             out.logits.view(shape), out.coarse_logits.view(shape), out.uncertainty.view(shape), refined, query_lines
         )

@@ -52,6 +52,32 @@ def check_boxes(boxes: torch.Tensor, batch_size: int, height: int, width: int) -
             raise ValueError(f"{where} lies outside the {width}x{height} (WxH) image")
 
 
+def check_points(
+    points: torch.Tensor, labels: torch.Tensor, batch_size: int, height: int, width: int, with_boxes: bool = False
+) -> None:
+    """Clicks ``points [B, N, K, 2]`` (x, y) must be finite pixels of an ``height x width`` image, with
+    ``labels [B, N, K]`` of 1 (foreground), 0 (background) or -1 (padding, ignored); a prompt without a box
+    (``with_boxes=False``) needs a foreground click."""
+    if points.shape[0] != batch_size:
+        raise ValueError(f"points are for {points.shape[0]} images but the image batch has {batch_size}")
+    if points.shape[1] == 0 or points.shape[2] == 0:
+        raise ValueError("points holds no click: every prompt needs at least one")
+    if not torch.isfinite(points).all():
+        raise ValueError("points contain NaN or infinite values")
+    bad_labels = ~((labels == 1) | (labels == 0) | (labels == -1))
+    if bad_labels.any():
+        raise ValueError(f"point_labels must be 1 (foreground), 0 (background) or -1 (padding), got {labels[bad_labels].unique().tolist()}")
+    real = (labels != -1).unsqueeze(-1)
+    x, y = points[..., 0:1], points[..., 1:2]
+    outside = real & ((x < 0) | (y < 0) | (x >= width) | (y >= height))
+    if outside.any():
+        image, prompt, click = (int(v) for v in outside.squeeze(-1).nonzero()[0])
+        cx, cy = points[image, prompt, click].tolist()
+        raise ValueError(f"click {image}/{prompt}/{click} ({cx:g}, {cy:g}) lies outside the {width}x{height} (WxH) image")
+    if not with_boxes and not (labels == 1).any(-1).all():
+        raise ValueError("a prompt without a box needs at least one foreground click (label 1)")
+
+
 def check_query_lines(query_lines, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``query_lines = (rows, columns)`` must be non-empty 1-D integer indices into an ``height x width``
     output grid; returned as int64 tensors."""

@@ -74,7 +74,7 @@ class PromptVolumed(MapTransform):
     """Load the volume at ``data[key]`` (a path) and the objects the request prompts in it.
 
     The request's ``box3d``, ``roi`` (and ``roi_layout``), ``box`` with ``slice``, and ``foreground`` /
-    ``background`` clicks are read by :func:`imedsam.inference.resolve_volume_prompts`. Adds ``volume``
+    ``background`` clicks (and ``clicks``, what they mean) are read by :func:`imedsam.inference.resolve_volume_prompts`. Adds ``volume``
     (``(I, J, K)`` array), ``object_prompts`` (one :class:`~imedsam.inference.ObjectPrompt` per object) and
     ``window`` (the request's ``[low, high]``, else this transform's, else None: the default rule);
     ``data[key]`` becomes the loaded ``MetaTensor``, whose affine the result keeps.

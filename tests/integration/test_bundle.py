@@ -83,6 +83,26 @@ def test_training_decodes_a_half_size_sub_lattice_by_default_and_every_pixel_on_
     assert "train_query_size: 48" in log and "val_mean_dice" in log and (tmp_path / "models" / "model.pt").is_file()
 
 
+def test_click_prob_trains_the_click_embeddings_and_validation_still_prompts_boxes(tmp_path):
+    from monai.bundle import ConfigParser
+
+    write_synthetic_dataset(tmp_path / "data", count=6, size=(64, 64))
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update({"encoder": "vit_tiny", "image_size": 64, "label_size": 48, "max_epochs": 1, "click_prob": 1.0,
+                   "dataset_dir": str(tmp_path / "data"), "ckpt_dir": str(tmp_path / "models"),
+                   "output_dir": str(tmp_path / "eval")})  # fmt: skip
+    parser.get_parsed_content("initialize")  # set_determinism, as `run training` does first
+    trainer = parser.get_parsed_content("train#trainer")
+    encoder = parser.get_parsed_content("network").prompt_path.prompt_encoder
+    before = {name: p.detach().clone() for name, p in encoder.named_parameters()}
+    trainer.run()
+    after = dict(encoder.named_parameters())
+    assert not torch.equal(after["point_embeddings.1.weight"], before["point_embeddings.1.weight"])  # clicks trained it
+    assert torch.equal(after["point_embeddings.2.weight"], before["point_embeddings.2.weight"])  # no batch had a box
+    assert parser.get_parsed_content("validate#evaluator").state.metrics["val_mean_dice"] >= 0  # validated on boxes
+
+
 def test_the_network_is_defined_once_in_train_yaml():
     train = ConfigParser.load_config_file(TRAIN)
     network_keys = {"network_kwargs", "network_def", "export_network_def", *(ref[1:] for ref in train["network_kwargs"].values())}
@@ -312,7 +332,9 @@ def test_the_all_modality_overlay_trains_with_the_sampler_and_gives_the_modality
     sampler = parser.get_parsed_content("train#dataloader#sampler")
     assert isinstance(sampler, ModalityBalancedSampler) and sampler.temperature == 0.5 and sampler.num_samples == 120
     assert set(sampler.modalities) == {"microscopy"}
-    assert parser.get_parsed_content("train#prepare_batch").extra_keys == {"boxes": "box", "modality": "modality"}
+    assert parser.get_parsed_content("train#prepare_batch").extra_keys == {
+        "boxes": "box", "modality": "modality", "points": "points", "point_labels": "point_labels"
+    }  # fmt: skip
     # a two-step run on the microscopy items: the network sees their modality and learns its token
     log = ok(bundle("run", "training", "--config_file", f"['{TRAIN}','{overlay}']", *SMALL, "--label_size", "64",
                     "--modality_prompt", "true", "--exclude_modalities", "['ct','mr','endoscopy']", "--epoch_samples", "4",

@@ -70,6 +70,24 @@ def test_cli_predict_writes_mask_uncertainty_and_overlay(tmp_path):
         main(args + ["--box", "10", "10", "50", "40", "--decode-mode", "fast", "--output", str(tmp_path / "m.png")])
 
 
+def test_cli_predict_from_clicks(tmp_path, caplog):
+    write_synthetic_dataset(tmp_path / "data", count=3, size=(60, 90))
+    checkpoint = tmp_path / "model.pt"
+    torch.save(tiny_model().state_dict(), checkpoint)
+    image = tmp_path / "data" / "images" / "synthetic_0000.png"
+    args = ["predict", "--encoder", "vit_tiny", "--image-size", "64", "--checkpoint", str(checkpoint), "--image", str(image)]
+    output = ["--output", str(tmp_path / "mask.png"), "--overlay", str(tmp_path / "ov.png")]
+    assert main(args + ["--click", "30", "25", "--click", "35", "28", "--background-click", "2", "2"] + output) == 0
+    assert np.asarray(Image.open(tmp_path / "mask.png")).shape == (60, 90)
+    assert np.asarray(Image.open(tmp_path / "ov.png")).shape == (60, 180, 3)  # the image and the uncertainty
+    assert main(args + ["--click", "30", "25", "3"] + output) == 2
+    assert "a click on a picture is X Y" in caplog.text
+    assert main(args + ["--click", "95", "25"] + output) == 2
+    assert "lies outside the 90x60" in caplog.text
+    assert main(args + ["--box", "1", "1", "20", "20", "--background-click", "2", "2"] + output) == 2
+    assert "--background-click goes with --click" in caplog.text
+
+
 def test_cli_errors_are_reported_not_raised(tmp_path, caplog):
     write_synthetic_dataset(tmp_path, count=3, size=(40, 40))
     image = str(tmp_path / "images" / "synthetic_0000.png")

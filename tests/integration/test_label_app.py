@@ -174,6 +174,10 @@ def test_3d_task_returns_the_packages_volume_for_a_slicer_roi(server, tmp_path):
     assert [o["slices"] for o in first["objects"]] == [[1, 4], [1, 2]] and "mean_in_prediction" in first["objects"][0]["uncertainty"]
     clicks = infer_3d(server["client"], "vol_0", {"foreground": [[5, 4, 2], [30, 25, 2]], "window": [-200, 200]}).json()
     assert clicks["objects"][0]["source"] == "clicks" and clicks["objects"][0]["seed_slice"] == 2
+    # one click is a click: it reaches the prompt encoder, with the seed slice's background clicks
+    one = infer_3d(server["client"], "vol_0", {"foreground": [[16, 14, 3]], "background": [[1, 1, 3]], "window": [-200, 200]}).json()
+    assert one["objects"][0]["source"] == "points" and one["objects"][0]["points"] == [[16, 14, 1], [1, 1, 0]]
+    assert "box" not in one["objects"][0] and one["objects"][0]["seed_slice"] == 3
 
 
 @pytest.mark.parametrize(
@@ -182,7 +186,8 @@ def test_3d_task_returns_the_packages_volume_for_a_slicer_roi(server, tmp_path):
         ("vol_0", {"roi": [2, 3, 1, 20, 4, 5]}, "roi_layout"),
         ("vol_0", {"roi": [2, 3, 1, 10, 12, 5], "roi_layout": "slicer"}, "outside the volume"),
         ("vol_0", {"box": [1, 1, 9, 9]}, "needs 'slice'"),
-        ("vol_0", {"foreground": [[1, 1, 1]]}, "one foreground click"),
+        ("vol_0", {"foreground": [[1, 1, 1]], "clicks": "corners"}, "one foreground click"),
+        ("vol_0", {"foreground": [[1, 1, 1]], "clicks": "all"}, "clicks must be one of auto, points, corners"),
         ("img_1", {"box3d": [1, 1, 0, 9, 9, 1]}, "2D picture"),
         ("vol_0", {"box3d": [1, 1, 0, 9, 9, 2], "modality": "XYZ"}, "unknown modality 'XYZ'; accepted: ct, mr"),
     ],

@@ -66,21 +66,42 @@ def test_the_model_takes_prompts_or_plain_boxes_alike(model, images, boxes):
     assert out.logits.shape == plain.shape
 
 
+def test_the_model_takes_clicks_alone_or_beside_boxes(model, images, boxes):
+    single = {"points": [[[[30.0, 30.0]]], [[[40.0, 20.0]]]], "point_labels": [[[1]], [[1]]]}
+    clicks = seeded(lambda: model(images, Prompts(**single)))
+    both = seeded(lambda: model(images, Prompts(boxes=boxes, **CLICKS)))  # a background click beside a box is enough
+    plain = seeded(lambda: model(images, boxes))
+    assert clicks.shape == both.shape == plain.shape
+    assert not torch.equal(both, plain)  # the clicks reach the prompt encoder beside the box
+    # a padding click (-1), which lets prompts of fewer clicks share a batch, is ignored wherever it lies
+    def padded(x, y):
+        return Prompts(points=[[[[30.0, 30.0], [x, y]]], [[[40.0, 20.0], [x, y]]]], point_labels=[[[1, -1]], [[1, -1]]])
+
+    assert torch.equal(seeded(lambda: model(images, padded(0, 0))), seeded(lambda: model(images, padded(87, 71))))
+
+
 @pytest.mark.parametrize(
-    "fields, message",
+    "points, labels, message",
     [
-        ({"points": CLICKS["points"], "point_labels": CLICKS["point_labels"]}, "takes boxes, modality only; these prompts give points,"),
-        ({**CLICKS, "modality": "mr"}, "takes boxes, modality only; these prompts give points, which it cannot use"),
+        ([[[[88.0, 3]]], [[[1.0, 1]]]], [[[1]], [[1]]], r"click 0/0/0 \(88, 3\) lies outside the 88x72"),
+        ([[[[8.0, -1]]], [[[1.0, 1]]]], [[[1]], [[1]]], "lies outside"),
+        ([[[[8.0, 3]]], [[[1.0, 1]]]], [[[1]], [[2]]], r"point_labels must be 1 \(foreground\), 0 \(background\) or -1"),
+        ([[[[8.0, 3]]], [[[1.0, 1]]]], [[[1]], [[0]]], "without a box needs at least one foreground click"),
+        ([[[[float("nan"), 3]]], [[[1.0, 1]]]], [[[1]], [[1]]], "NaN or infinite"),
     ],
 )
-def test_the_model_refuses_prompts_it_cannot_use(model, images, boxes, fields, message):
-    prompts = Prompts(boxes=boxes, **fields)
-    with pytest.raises(ValueError, match="IMedSAM " + message):
-        model(images, prompts)
+def test_bad_clicks_are_refused_naming_the_problem(model, images, points, labels, message):
     with pytest.raises(ValueError, match=message):
-        model.decode(model.encode(images), prompts)
-    with pytest.raises(ValueError, match="give points, which it cannot use"):
-        model(images, Prompts(**CLICKS))  # clicks alone: no box to decode, refused the same way
+        model(images, Prompts(points=points, point_labels=labels))
+
+
+def test_a_model_refuses_prompts_it_cannot_use(model, images, boxes):
+    model.prompt_kinds = ("boxes", "modality")  # a box-only model, as a subclass would declare
+    try:
+        with pytest.raises(ValueError, match="IMedSAM takes boxes, modality only; these prompts give points, which it cannot use"):
+            model(images, Prompts(boxes=boxes, **CLICKS))
+    finally:
+        del model.prompt_kinds
 
 
 def test_box_values_are_still_checked_through_prompts(model, images, boxes):
@@ -146,7 +167,9 @@ def test_predictor_takes_prompts_for_its_one_image(picture):
     np.testing.assert_array_equal(one.probability[0], seeded(lambda: predictor.predict(boxes[0])).probability)
     with pytest.raises(ValueError, match="segments one image.*got 2"):
         predictor.predict(Prompts(boxes=[boxes[:1], boxes[1:]]))
-    with pytest.raises(ValueError, match="takes boxes, modality only; these prompts give points"):
-        predictor.predict(Prompts(boxes=[boxes[:1]], points=[[[[9.0, 9]]]], point_labels=[[[1]]]))
+    clicked = seeded(lambda: predictor.predict(Prompts(points=[[[[9.0, 9]]]], point_labels=[[[1]]])))
+    assert clicked.probability.shape == (1, 45, 70)
+    with pytest.raises(ValueError, match="lies outside the 70x45"):
+        predictor.predict(Prompts(points=[[[[70.0, 9]]]], point_labels=[[[1]]]))
     with pytest.raises(ValueError, match="N x 4"):
         predictor.predict([[[5, 5, 60, 40]]])  # a plain [1, 1, 4] array: wrap it in Prompts instead

@@ -1,4 +1,4 @@
-"""The box prompt path: SAM's prompt encoder and mask-decoder transformer give a box-conditioned map."""
+"""The prompt path: SAM's prompt encoder and mask-decoder transformer give a box- or click-conditioned map."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ __all__ = ["BoxPromptPath"]
 
 
 class BoxPromptPath(nn.Module):
-    """Turns an image embedding and a box into SAM's upscaled, box-conditioned feature map.
+    """Turns an image embedding and a box, clicks, or both into SAM's upscaled, prompt-conditioned feature map.
 
-    SAM's prompt encoder embeds the box corners; SAM's frozen two-way transformer mixes them with the
+    SAM's prompt encoder embeds the box corners and the clicks (foreground, background, and padding for prompts
+    with fewer clicks, labels 1, 0 and -1 as in SAM); SAM's frozen two-way transformer mixes them with the
     image tokens; the trainable ``output_upscaling`` of the mask decoder gives a ``[32, 4g, 4g]`` map. With
     ``sam_mask=True`` the weights of SAM's single-mask head are also returned: their dot product with the map
     is SAM's own mask logit (the ``use_inr=False`` ablation, and the implicit decoder's mask prior).
@@ -28,13 +29,14 @@ class BoxPromptPath(nn.Module):
     through zero-initialised gates (:mod:`~imedsam.networks.prompts.gated_tokens`), so until they are trained
     the path gives exactly SAM's map.
 
-    Trainable: ``output_upscaling``, the two box-corner embeddings and ``no_mask_embed`` (plus the first
-    hypernetwork MLP for the SAM-mask ablation), and the extra prompts with their gates; the rest of SAM stays
-    frozen.
+    Trainable: ``output_upscaling``, the two box-corner and the two click embeddings, ``not_a_point_embed`` and
+    ``no_mask_embed`` (plus the first hypernetwork MLP for the SAM-mask ablation), and the extra prompts with
+    their gates; the rest of SAM stays frozen. A click embedding only learns from a batch that has clicks.
 
     Shapes: ``image_embeddings [P, 256, g, g]`` (one row per prompt), ``boxes [P, 4]`` as x0, y0, x1, y1 in
-    pixels of the encoder's ``S x S`` input, ``modality_rows [P]`` rows of the modality prompt (with one).
-    Output ``[P, 32, 4g, 4g]`` (and the mask-head weights ``[P, 32]``).
+    pixels of the encoder's ``S x S`` input (or None: clicks alone), ``points = (coords [P, K, 2], labels [P, K])``
+    with ``coords`` x, y in the same pixels (or None: the box alone), ``modality_rows [P]`` rows of the modality
+    prompt (with one). Output ``[P, 32, 4g, 4g]`` (and the mask-head weights ``[P, 32]``).
 
     Example::
 
@@ -65,8 +67,8 @@ class BoxPromptPath(nn.Module):
         self.token_gates = ExtraTokenGates(len(transformer.layers), extra, transformer.layers[0].self_attn.num_heads) if extra else None
         trainable = [
             mask_decoder.output_upscaling,
-            prompt_encoder.point_embeddings[2],
-            prompt_encoder.point_embeddings[3],
+            *prompt_encoder.point_embeddings,
+            prompt_encoder.not_a_point_embed,
             prompt_encoder.no_mask_embed,
         ]
         if sam_mask:
@@ -84,22 +86,33 @@ class BoxPromptPath(nn.Module):
             return None
         return self.modality_prompt.indices(modalities, device).repeat_interleave(num_boxes)
 
-    def extra_tokens(self, image_embeddings: torch.Tensor, boxes: torch.Tensor, modality_rows: torch.Tensor | None) -> torch.Tensor | None:
+    def extra_tokens(
+        self, image_embeddings: torch.Tensor, boxes: torch.Tensor | None, modality_rows: torch.Tensor | None
+    ) -> torch.Tensor | None:
         """``[P, E, C]``: the modality and content tokens this path has (None without any)."""
         tokens = []
         if self.modality_prompt is not None:
             if modality_rows is None:
-                modality_rows = torch.full((boxes.shape[0],), self.modality_prompt.any_index, device=boxes.device)
+                rows = image_embeddings.shape[0]
+                modality_rows = torch.full((rows,), self.modality_prompt.any_index, device=image_embeddings.device)
             tokens.append(self.modality_prompt(modality_rows))
         if self.content_prompt is not None:
+            if boxes is None:
+                raise ValueError("this model's content prompt reads the image inside a box: give a box with the clicks")
             tokens.append(self.content_prompt(image_embeddings, boxes))
         return torch.stack(tokens, dim=1).to(image_embeddings.dtype) if tokens else None
 
     def forward(
-        self, image_embeddings: torch.Tensor, boxes: torch.Tensor, modality_rows: torch.Tensor | None = None
+        self,
+        image_embeddings: torch.Tensor,
+        boxes: torch.Tensor | None,
+        modality_rows: torch.Tensor | None = None,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The box-conditioned map and, with ``sam_mask``, the weights of SAM's mask head (else None)."""
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
+        """The prompt-conditioned map and, with ``sam_mask``, the weights of SAM's mask head (else None)."""
+        if boxes is None and points is None:
+            raise ValueError("the prompt path needs boxes, points, or both")
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
         decoder = self.mask_decoder
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)

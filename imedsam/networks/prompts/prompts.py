@@ -1,4 +1,4 @@
-"""One value for every prompt the network may take: boxes today; clicked points and a modality to come."""
+"""One value for every prompt the network may take: boxes, clicked points and the images' modality."""
 
 from __future__ import annotations
 
@@ -32,13 +32,14 @@ class Prompts:
     One value travels from the user to the network (:meth:`~imedsam.networks.IMedSAM.decode`, ``forward``,
     :class:`~imedsam.engine.PromptInferer`, :meth:`~imedsam.inference.Predictor.predict`), so a new kind of
     prompt is a new field here rather than a new argument on every signature. A model states the kinds it
-    uses (``IMedSAM.prompt_kinds``: boxes today) and refuses, with :meth:`only`, a value that gives any other
+    uses (``IMedSAM.prompt_kinds``) and refuses, with :meth:`only`, a value that gives any other
     rather than ignore it. Shapes are checked here; values against the image's size by the model.
 
     Args:
         boxes: ``[B, N, 4]`` x0, y0, x1, y1 in pixels of the image: one box per prompt.
         points: ``[B, N, K, 2]`` x, y in pixels of the image: ``K`` clicks per prompt. Needs ``point_labels``.
-        point_labels: ``[B, N, K]`` integer: 1 a foreground click, 0 a background one (SAM's convention).
+        point_labels: ``[B, N, K]`` integer: 1 a foreground click, 0 a background one, -1 padding that lets
+            prompts of fewer clicks share the tensor (SAM's convention).
         modality: the images' imaging modality, lower case as in the CVPR 2024 challenge (``"ct"``, ``"mr"``,
             ``"endoscopy"``, ...; :data:`~imedsam.networks.prompts.MODALITY_NAMES`): one name for the batch, or a
             sequence of ``B`` names (None in it: not known). A model with a modality prompt uses it (an image

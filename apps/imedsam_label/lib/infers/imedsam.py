@@ -50,8 +50,11 @@ class IMedSAMInfer(BasicInferTask):
       ``[i0, j0, k0, i1, j1, k1]``; the two are told apart by which reading fits the volume, and a roi that
       fits both ways is refused unless ``roi_layout`` (``"slicer"`` or ``"corners"``) says which;
     - ``box`` with ``slice``: a 2D box on one slice; the propagation finds where the object ends;
-    - ``foreground`` (and ``background``) clicks ``[i, j, k]``: two foreground clicks on one slice are a box's
-      opposite corners; a background click that the mask would cover stops the walk before that slice;
+    - ``foreground`` (and ``background``) clicks ``[i, j, k]``: one foreground click on a slice prompts the model
+      with the click itself (through SAM's prompt encoder: a model trained with clicks, such as the
+      ``all_modalities_clicks`` weight set), two on one slice are a box's opposite corners; ``clicks``
+      (``"auto"``, ``"points"`` or ``"corners"``) says otherwise; a background click that the mask would cover
+      stops the walk before that slice;
     - ``window`` ``[low, high]``; ``uncertainty`` (true: add the uncertainty summary); ``modality``.
 
     The 3D result is the label volume on the image's grid (``result_extension`` ``.nii.gz``, ``.nrrd``, ...), and

@@ -103,10 +103,12 @@ class VolumeResultd(_ResultTransform):
             objects = []
             for index, (prompt, (first, last), seed) in enumerate(zip(prompts, run["slices"], run["seed_slices"]), start=1):
                 inside = labels == index
-                entry = {
-                    "label": index, "source": prompt.source, "seed_slice": seed,
-                    "box": [round(float(v), 2) for v in prompt.box], "slices": [first, last - 1], "voxels": int(inside.sum()),
-                }  # fmt: skip
+                entry = {"label": index, "source": prompt.source, "seed_slice": seed}
+                if prompt.box is not None:
+                    entry["box"] = [round(float(v), 2) for v in prompt.box]
+                if prompt.points is not None:  # a click prompt: the clicks the prompt encoder took, [i, j, label]
+                    entry["points"] = [[*(round(float(v), 2) for v in point), int(label)] for point, label in zip(prompt.points, prompt.point_labels)]
+                entry.update({"slices": [first, last - 1], "voxels": int(inside.sum())})
                 if with_uncertainty:
                     entry["uncertainty"] = {
                         "max": float(uncertainty.max()),
