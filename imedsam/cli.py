@@ -43,6 +43,9 @@ def _save_png(array: np.ndarray, path: str) -> None:
 #: the weight set ``imedsam predict`` serves for lite_medsam when no checkpoint is given: it beats the untrained
 #: start on every modality of ../shared/data (docs/results.md, "Every modality")
 DEFAULT_WEIGHTS = "all_modalities"
+#: the one it serves for --click: the same model trained on clicks too, which LiteMedSAM and DEFAULT_WEIGHTS
+#: do not answer (docs/results.md, "Clicks through the prompt encoder")
+CLICK_WEIGHTS = "all_modalities_clicks"
 
 
 def _build_model(args: argparse.Namespace):
@@ -61,8 +64,9 @@ def _build_model(args: argparse.Namespace):
         volumetric = {"volumetric_adapter": True, "slab_depth": args.slab_depth, "volumetric_blocks": args.volumetric_blocks}
         if args.checkpoint is None:
             raise ValueError("--volumetric-adapter needs the --checkpoint that trained its adapters (train_volume.yaml)")
-    if args.weights is None and not (args.checkpoint or args.encoder != "lite_medsam" or args.modality_prompt or args.content_prompt):
-        args.weights = DEFAULT_WEIGHTS
+    if args.weights is None and not (args.checkpoint or args.encoder != "lite_medsam" or args.modality_prompt or args.content_prompt
+                                     or args.decoder_lora_rank):  # fmt: skip
+        args.weights = CLICK_WEIGHTS if args.click else DEFAULT_WEIGHTS
     if args.weights == "none":
         args.weights = None
     if args.weights is not None:
@@ -83,6 +87,7 @@ def _build_model(args: argparse.Namespace):
         adaptive_points=args.adaptive_points,
         modality_prompt=args.modality_prompt,
         content_prompt=args.content_prompt,
+        decoder_lora_rank=args.decoder_lora_rank,
         **volumetric,
     )
     if args.checkpoint:
@@ -94,7 +99,11 @@ def _predict(args: argparse.Namespace) -> None:
     from .cli_volume import CLICKS_GAVE_NOTHING, is_volume_path, predict_volume
     from .data import box_from_mask, read_mask
     from .inference import Predictor
+    from .networks import Prompts
     from .visualize import heat_map, overlay
+
+    if args.click_rounds is not None and args.click_rounds < 0:
+        raise ValueError(f"--click-rounds must be 0 or more, got {args.click_rounds}")
 
     if is_volume_path(args.image):
         args.encoder_engine = args.encoder_engine or "auto"
@@ -121,7 +130,7 @@ def _predict(args: argparse.Namespace) -> None:
     predictor.set_image(image, modality=args.modality)
     prompts = args.box
     if args.click:
-        prompts = _click_prompts(args.click, args.background_click)
+        prompts = _grown_click_prompt(predictor, _click_prompts(args.click, args.background_click), args.click_rounds or 0)
     elif args.background_click:
         raise ValueError("--background-click goes with --click")
     if args.auto_box:
@@ -133,7 +142,7 @@ def _predict(args: argparse.Namespace) -> None:
         prompts = args.box
     prediction = predictor.predict(prompts, output_size=args.output_size, class_id=args.class_id)
     probability, uncertainty = prediction
-    if args.click:  # the maps of the one click prompt
+    if isinstance(prompts, Prompts):  # the maps of the one click prompt
         probability, uncertainty = probability[0], uncertainty[0]
     if prediction.upsampled:
         logger.info("decoded at %dx%d (--max-decode-side %d), upsampled to %dx%d", prediction.decode_size[1],
@@ -150,10 +159,27 @@ def _predict(args: argparse.Namespace) -> None:
         if mask.shape != image.shape[:2]:
             # The overlay is drawn on the image: query the decoder again at the image's own size.
             probability, uncertainty = predictor.predict(prompts, class_id=args.class_id)
-            if args.click:
+            if isinstance(prompts, Prompts):
                 probability, uncertainty = probability[0], uncertainty[0]
         _save_png(overlay(image, probability > args.threshold, args.box, uncertainty=uncertainty), args.overlay)
         logger.info("overlay -> %s", args.overlay)
+
+
+def _grown_click_prompt(predictor, prompts, rounds: int):
+    """The clicks' prompt, or the box that grows their mask (:func:`~imedsam.inference.grow_click_mask`), at the
+    image's own size, where the clicks are pixels."""
+    from .inference import PropagationRule, grow_click_mask
+
+    if rounds == 0:
+        return prompts
+    first = predictor.predict(prompts)
+    points, labels = prompts.points[0, 0].numpy(), prompts.point_labels[0, 0].numpy()
+    rule = PropagationRule(click_rounds=rounds)
+    *_, box = grow_click_mask(lambda b: tuple(predictor.predict(b)), first.probability[0], first.uncertainty[0], points, labels, rule)
+    if box is None:
+        return prompts
+    logger.info("the clicks' mask grown in the image with the box %s (--click-rounds %d)", [round(float(v), 1) for v in box], rounds)
+    return box.tolist()
 
 
 def _click_prompts(foreground: list[list[float]], background: list[list[float]] | None):
@@ -222,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --click: a click on what is not the object (X Y, or I J K on a volume, where it stops the "
              "propagation before a slice whose mask covers it)",
     )  # fmt: skip
+    predict.add_argument(
+        "--click-rounds", type=int,
+        help="with --click: times the clicks' mask may be grown by decoding again with its widened box (0: the clicks' "
+             "own mask; default 0 on a picture, 3 on a volume, where the propagation needs the whole object's slice)",
+    )  # fmt: skip
     predict.add_argument("--slice", type=int, help="volumes: the slice (k) that --box is drawn on")
     predict.add_argument(
         "--window", nargs=2, type=float, metavar=("LOW", "HIGH"),
@@ -242,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--weights", metavar="NAME",
         help=f"a weight set this package carries: {DEFAULT_WEIGHTS} (the default for lite_medsam without --checkpoint: "
-        "fine-tuned on every shared modality, bundle/docs/README.md), or none (LiteMedSAM's own weights, untrained)",
+        f"fine-tuned on every shared modality, bundle/docs/README.md), {CLICK_WEIGHTS} (the default with --click: "
+        "trained on clicks too), or none (LiteMedSAM's own weights, untrained)",
     )  # fmt: skip
     predict.add_argument("--sam-checkpoint", help="official SAM checkpoint for the frozen vit_* encoders")
     predict.add_argument(
@@ -269,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
         "a volume's slices are then encoded in slabs of --slab-depth neighbours; must match the checkpoint",
     )  # fmt: skip
     predict.add_argument("--slab-depth", type=int, default=5, help="with --volumetric-adapter: the slab the model was trained with")
+    predict.add_argument(
+        "--decoder-lora-rank", type=int, default=0,
+        help="LoRA rank in SAM's two-way transformer, as the checkpoint was trained (bundle: decoder_lora_rank; clicks need it)",
+    )  # fmt: skip
     predict.add_argument("--volumetric-blocks", default="all", choices=("all", "last_half"), help="with --volumetric-adapter")
     predict.add_argument("--class-id", type=int, help="class of the box for multi-class models")
     predict.add_argument("--threshold", type=float, default=0.5)

@@ -22,7 +22,8 @@ VOLUME_OUTPUT_EXTENSIONS = (".nii", ".nii.gz")
 #: why a click prompt can give an empty mask, said where it does
 CLICKS_GAVE_NOTHING = (
     "the clicks gave an empty mask: a model trained with boxes only (LiteMedSAM, the all_modalities weight set) "
-    "does not answer clicks; use --weights all_modalities_clicks or a checkpoint trained with click_prob > 0, or a box"
+    "does not answer clicks; use the all_modalities_clicks weight set (imedsam predict --click's default) or a checkpoint "
+    "trained with click_prob > 0, or a box"
 )
 
 
@@ -97,7 +98,7 @@ def predict_volume(args: argparse.Namespace, model) -> None:
     and write the label volume."""
     from tqdm import tqdm
 
-    from .inference.volume import VolumePredictor
+    from .inference.volume import PropagationRule, VolumePredictor
 
     _check_output(args.output, "--output")
     if args.uncertainty:
@@ -107,7 +108,9 @@ def predict_volume(args: argparse.Namespace, model) -> None:
     volume, affine = load_volume(args.image)
     prompts = _prompts(args, volume.shape)
     session = VolumePredictor(
-        model, max_decode_side=args.max_decode_side or None, decode_mode=args.decode_mode, encoder_engine=args.encoder_engine
+        model, rule=PropagationRule() if args.click_rounds is None else PropagationRule(click_rounds=args.click_rounds),
+        max_decode_side=args.max_decode_side or None,
+        decode_mode=args.decode_mode, encoder_engine=args.encoder_engine,
     )
     session.set_volume(volume, affine, window=args.window, modality=args.modality)
     logger.info("volume %s %s, modality %s, intensity window %s, %d object(s)", args.image, volume.shape,

@@ -66,20 +66,24 @@ def evaluate(segment, items: list[dict], row: str, prompt: str = "box") -> list[
 
 
 def model_segmenter(args):
-    from imedsam.inference import Predictor
+    from imedsam.inference import Predictor, PropagationRule, grow_click_mask
     from imedsam.networks import Prompts, build_imedsam
 
-    model = build_imedsam(modality_prompt=args.modality_prompt, content_prompt=args.content_prompt)
+    model = build_imedsam(
+        modality_prompt=args.modality_prompt, content_prompt=args.content_prompt, decoder_lora_rank=args.decoder_lora_rank
+    )
     if args.checkpoint:
         model.load_checkpoint(args.checkpoint)
     predictor = Predictor(model)
 
     def segment(image, given, modality):
         predictor.set_image(image, modality=modality if args.modality_prompt else None)
-        if args.prompt == "click":
-            given = Prompts(points=[[given]], point_labels=[[[1] * len(given)]])
-        # a Prompts keeps its axis of one prompt; a plain box gives the H x W map itself
-        return predictor.predict(given).probability.reshape(image.shape[:2]) > 0.5
+        if args.prompt == "box":
+            return predictor.predict(given).probability > 0.5
+        first = predictor.predict(Prompts(points=[[given]], point_labels=[[[1] * len(given)]]))
+        grown, *_ = grow_click_mask(lambda box: tuple(predictor.predict(box)), first.probability[0], first.uncertainty[0],
+                                    np.asarray(given), np.ones(len(given)), PropagationRule(click_rounds=args.click_rounds))  # fmt: skip
+        return grown > 0.5
 
     return segment
 
@@ -162,8 +166,10 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", help="a trained I-MedSAM state dict; none: the untrained warm start")
     parser.add_argument("--modality-prompt", action="store_true", help="the model has the modality prompt")
     parser.add_argument("--content-prompt", action="store_true", help="the model has the content prompt")
+    parser.add_argument("--decoder-lora-rank", type=int, default=0, help="the model's LoRA rank in SAM's two-way transformer")
     parser.add_argument("--reference", action="store_true", help="score LiteMedSAM's reference forward and the ellipse instead")
     parser.add_argument("--prompt", default="box", choices=("box", "click"), help="the tight box, or one click at the object's centre")
+    parser.add_argument("--click-rounds", type=int, default=0, help="with --prompt click: rounds of growing its mask (0: none, the CLI's default on pictures)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--split-file", help="default: bundle/datalists/modalities.json")
     parser.add_argument("--data-root", help="default: ../shared/data beside the project")

@@ -3,6 +3,8 @@
 
     python scripts/publish_weight_set.py --checkpoint runs/all/models/model.pt --name all_modalities \
         --modality-prompt --content-prompt
+    python scripts/publish_weight_set.py --checkpoint runs/clicks/models/model.pt --name all_modalities_clicks \
+        --decoder-lora-rank 4
 
 Writes ``imedsam/weights/NAME.pt``: the tensors the training changed (:func:`imedsam.networks.weights.weight_set_state`),
 checks that a fresh build loaded with them gives the checkpoint's model back, and prints the
@@ -28,6 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--name", required=True, help="the weight set's name (a Python identifier)")
     parser.add_argument("--modality-prompt", action="store_true")
     parser.add_argument("--content-prompt", action="store_true")
+    parser.add_argument("--decoder-lora-rank", type=int, default=0, help="the checkpoint's LoRA rank in SAM's two-way transformer")
     parser.add_argument(
         "--trained-on", metavar="NAMES",
         help="for a checkpoint saved before the modality prompt counted its training images: the modalities it was "
@@ -37,6 +40,8 @@ def main(argv=None) -> int:
     if not args.name.isidentifier():
         parser.error(f"--name must be an identifier, got {args.name!r}")
     options = {"modality_prompt": args.modality_prompt, "content_prompt": args.content_prompt}
+    if args.decoder_lora_rank:
+        options["decoder_lora_rank"] = args.decoder_lora_rank
     trained = build_imedsam(**options).load_checkpoint(args.checkpoint)
     if args.trained_on:
         from imedsam.data import normalize_modality

@@ -17,7 +17,7 @@ from .openvino_encoder import ENCODER_ENGINES, OpenVINOEncoder, resolve_encoder_
 from .prediction import Prediction
 from .predictor import Predictor, image_to_tensor
 from .prompts import ROI_LAYOUTS, BoxPrompt, PromptError, normalize_roi, resolve_box_prompt, roi_to_box3d
-from .volume import PropagationRule, VolumePrediction, VolumePredictor, check_volume
+from .volume import PropagationRule, VolumePrediction, VolumePredictor, check_volume, grow_click_mask
 from .volume_prompts import ObjectPrompt, box3d_prompt, click_prompt, resolve_volume_prompts, slice_box_prompt
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "VolumePrediction",
     "PropagationRule",
     "check_volume",
+    "grow_click_mask",
     "ObjectPrompt",
     "ROI_LAYOUTS",
     "box3d_prompt",

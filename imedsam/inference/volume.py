@@ -13,6 +13,11 @@ The propagation rule (``docs/volumes.md`` has the measurements behind it):
    5/8, 3/4) of its z-range are decoded with that extent, and the slice whose mask fills it best (the IoU of
    the mask's box with the extent, times the mask's mean probability) seeds the walk and anchors the
    clean-up (5). The encoder runs on those slices once either way: the walk covers the whole z-range.
+1b. A click prompts its slice through the prompt encoder. The model marks the part of the object around the
+   click, so the seed is grown in its slice (:func:`grow_click_mask`): the slice is decoded again with the box of
+   its mask, widened by ``margin`` on every side, while that adds area (more than ``click_converged`` of it, at
+   most ``click_rounds`` times) and keeps every foreground click inside the mask and every background click
+   outside it. The walk goes on from the last box.
 2. A 3D box then prompts every other slice of its z-range with its x/y extent too (``box3d_follows_masks``
    False, the default): for this model the box itself is a better prompt than a box derived from the
    neighbour's mask, on every shared volume set (``docs/results.md``), and the slices are independent.
@@ -55,7 +60,7 @@ from .predictor import Predictor
 from .slabs import SlabEncoder
 from .volume_prompts import ObjectPrompt
 
-__all__ = ["PropagationRule", "VolumePrediction", "VolumePredictor", "check_volume"]
+__all__ = ["PropagationRule", "VolumePrediction", "VolumePredictor", "check_volume", "grow_click_mask"]
 
 
 class PropagationRule(NamedTuple):
@@ -72,6 +77,8 @@ class PropagationRule(NamedTuple):
     max_uncertainty: float = 4.0
     seed_candidates: tuple[float, ...] = (0.25, 0.375, 0.625, 0.75)
     box3d_follows_masks: bool = False
+    click_rounds: int = 3
+    click_converged: float = 0.1
 
 
 class VolumePrediction(NamedTuple):
@@ -84,6 +91,43 @@ class VolumePrediction(NamedTuple):
     encoder_calls: int  #: slices encoded by this call (the rest came from the cache)
     seconds: float
     seed_slices: list[int]  #: per object, the slice its walk started from
+
+
+def grow_click_mask(
+    decode_box: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    probability: np.ndarray,
+    uncertainty: np.ndarray,
+    points: np.ndarray,
+    point_labels: np.ndarray,
+    rule: PropagationRule = PropagationRule(),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Grow a click's mask in its plane: the model marks the part of the object around a click, so the plane is
+    decoded again with the box of that mask, widened by ``rule.margin`` of its side on every side (at least
+    ``rule.min_margin``), while that adds more than ``rule.click_converged`` of its area, at most
+    ``rule.click_rounds`` times, and only while the mask keeps every foreground click (label 1 of
+    ``point_labels``) inside it and every background click (0) outside it.
+
+    ``decode_box(box) -> (probability, uncertainty)`` decodes the plane for a box ``[x0, y0, x1, y1]``; the maps
+    are ``H x W`` and ``points`` ``[K, 2]`` x, y pixel indices of the plane. Returns the kept maps and the box
+    that gave them (None: the clicks' own mask was kept).
+    """
+    height, width = probability.shape
+    box = None
+    marked = [(int(x), int(y), int(label)) for (x, y), label in zip(np.asarray(points), np.asarray(point_labels)) if label >= 0]
+    for _ in range(rule.click_rounds):
+        mask = probability > 0.5
+        if not mask.any():
+            break
+        wider = _next_box(mask, _mask_box(mask), rule, width, height)
+        grown_probability, grown_uncertainty = decode_box(wider)
+        grown = grown_probability > 0.5
+        if not all(grown[y, x] == bool(label) for x, y, label in marked) or grown.sum() <= mask.sum():
+            break  # the box lost a foreground click, covered a background one, or added nothing
+        converged = grown.sum() <= (1 + rule.click_converged) * mask.sum()
+        probability, uncertainty, box = grown_probability, grown_uncertainty, wider
+        if converged:
+            break
+    return probability, uncertainty, box
 
 
 def check_volume(volume) -> np.ndarray:
@@ -290,21 +334,31 @@ class VolumePredictor:
             z0, z1 = prompt.z_range
             candidates |= {int(z0 + fraction * (z1 - 1 - z0) + 0.5) for fraction in self.rule.seed_candidates}
         best, tried = None, {}
-        seed_prompts = prompt.box if prompt.points is None else prompt.slice_prompts()
+        if prompt.points is not None:
+            return self._grow_click_seed(prompt, progress)
         for k in [prompt.seed_slice, *sorted(candidates - {prompt.seed_slice})]:  # a tie keeps the middle
-            probability, uncertainty = tried[k] = self.decode_slice(k, seed_prompts)
+            probability, uncertainty = tried[k] = self.decode_slice(k, prompt.box)
             if progress is not None:
                 progress(1)
             mask = probability > 0.5
-            if not mask.any():
-                fill = 0.0
-            elif prompt.box is None:
-                fill = float(probability[mask].mean())
-            else:
-                fill = _box_iou(_mask_box(mask), prompt.box) * float(probability[mask].mean())
+            fill = _box_iou(_mask_box(mask), prompt.box) * float(probability[mask].mean()) if mask.any() else 0.0
             if best is None or fill > best[0]:
                 best = (fill, k)
         return prompt._replace(seed_slice=best[1]), tried
+
+    def _grow_click_seed(self, prompt: ObjectPrompt, progress) -> tuple[ObjectPrompt, dict[int, tuple[np.ndarray, np.ndarray]]]:
+        """A click prompt's seed: its slice decoded with the clicks, then grown in the slice (:func:`grow_click_mask`).
+        The prompt comes back with the box that gave the kept mask (None: the clicks' own), which the walk goes on from."""
+        k = prompt.seed_slice
+
+        def decode(prompts):
+            if progress is not None:
+                progress(1)
+            return self.decode_slice(k, prompts)
+
+        probability, uncertainty = decode(prompt.slice_prompts())
+        probability, uncertainty, box = grow_click_mask(decode, probability, uncertainty, prompt.points, prompt.point_labels, self.rule)
+        return prompt._replace(box=box), {k: (probability, uncertainty)}
 
     def _segment_object(self, prompt: ObjectPrompt, progress) -> tuple[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
         prompt, tried = self._seed(prompt, progress)

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from .adapters.decoder_lora import DecoderLoRA
 from .adapters.volumetric import add_volumetric_adapters
 from .box_proposal import BoxProposalHead
 from .checkpoint import load_sam_checkpoint
@@ -66,6 +67,8 @@ def build_imedsam(
               the untrained model is the 2D one; ``slab_depth`` (default 5) is the slab of neighbouring slices they
               see together in training and whole-volume inference
               (:class:`~imedsam.networks.adapters.volumetric.VolumetricAdapters`);
+            * ``decoder_lora_rank``: LoRA of that rank on q and v of SAM's two-way transformer (0: none), trainable
+              (:class:`~imedsam.networks.adapters.decoder_lora.DecoderLoRA`): what lets a model learn clicks;
             * ``box_proposal``: add the box-proposal head (:class:`~imedsam.networks.box_proposal.BoxProposalHead`);
             * ``decode_mode``, ``encoder_precision``: the model's settings (:class:`~imedsam.networks.IMedSAM`);
             * ``decoder_precision`` and ``mc_dropout``: the decoder's ``precision`` and ``dropout``, and any other
@@ -144,6 +147,7 @@ def _build(
     slab_depth: int = 5,
     volumetric_blocks: str = "all",
     volumetric_hidden_dim: int = 32,
+    decoder_lora_rank: int = 0,
     decode_mode: str = "exact",
     encoder_precision: str = "auto",
     decoder_precision: str = "auto",
@@ -178,6 +182,7 @@ def _build(
         prompt_encoder, mask_decoder, sam_mask=mask_prior or not use_inr,
         modality_prompt=ModalityPrompt(dim, modality_dropout) if modality_prompt else None,
         content_prompt=ContentPrompt(dim, dim, image_size) if content_prompt else None,
+        decoder_lora=DecoderLoRA(mask_decoder.transformer, decoder_lora_rank) if decoder_lora_rank else None,
     )  # fmt: skip
     decoder = None
     if use_inr:

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 #: untrained: the box-proposal head, MCP-MedSAM's prompt tokens with their gates and the volumetric adapters
 OPTIONAL_PARTS = (
     "box_proposal.", "prompt_path.modality_prompt.", "prompt_path.content_prompt.", "prompt_path.token_gates.",
-    "image_encoder.volumetric_adapters.",
+    "image_encoder.volumetric_adapters.", "prompt_path.decoder_lora.",
 )  # fmt: skip
 MODALITY_COUNTS = "prompt_path.modality_prompt.trained_images"
 #: how to build a model that has an optional part a checkpoint brings
@@ -39,6 +39,8 @@ _PART_OPTIONS = {
     "(imedsam predict --volumetric-adapter --slab-depth; bundle and app: volumetric_adapter true)",
     "prompt_path.modality_prompt.": "modality_prompt=True (imedsam predict --modality-prompt; bundle and app: modality_prompt true)",
     "prompt_path.content_prompt.": "content_prompt=True (imedsam predict --content-prompt; bundle and app: content_prompt true)",
+    "prompt_path.decoder_lora.": "decoder_lora_rank set to the rank it was trained with (imedsam predict --decoder-lora-rank; "
+    "bundle and app: decoder_lora_rank)",
 }
 
 

@@ -44,6 +44,14 @@ WEIGHT_SETS: dict[str, WeightSet] = {
         sha256="606650f13959ac30ca4ae7f9517b483df595dad05d00f6f4e68abd55e28f4e84",
         options={"modality_prompt": False, "content_prompt": False},
     ),
+    # all_modalities trained on for 180 more steps (360 items), three quarters of the batches prompted by 1-3
+    # clicks, with LoRA in SAM's two-way transformer: it answers clicks as well as boxes (docs/results.md,
+    # "Clicks through the prompt encoder"); model card in bundle/docs/README.md ("all_modalities_clicks")
+    "all_modalities_clicks": WeightSet(
+        file="all_modalities_clicks.pt",
+        sha256="5f50680f55078d0c11135a06ca71ab20a36e4efc23e890af9a9163e50db5f0d4",
+        options={"modality_prompt": False, "content_prompt": False, "decoder_lora_rank": 4},
+    ),
 }
 
 

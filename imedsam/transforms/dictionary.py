@@ -112,14 +112,19 @@ class KeepForegroundd(Randomizable, Transform):
     """Apply a random (spatial) transform, drawing again when it pushes the whole label out of the image (any
     channel's label: each slice of a slab needs its foreground for its box).
 
+    Foreground is what ``AsDiscreted(threshold=threshold)`` keeps later: a label above ``threshold``. A bilinear
+    rotation or zoom spreads a nucleus of a few pixels into values below 0.5, which a test for anything above 0
+    let through to an empty mask and a failed training run.
+
     After ``tries`` draws that all lose the foreground, the sample is returned untransformed and a warning is
     logged: the official code resampled in a loop; an unbounded loop is not acceptable in a data loader.
     """
 
-    def __init__(self, transform: Transform, label_key: str = "label", tries: int = 5) -> None:
+    def __init__(self, transform: Transform, label_key: str = "label", tries: int = 5, threshold: float = 0.5) -> None:
         self.transform = transform
         self.label_key = label_key
         self.tries = tries
+        self.threshold = threshold
 
     def set_random_state(self, seed=None, state=None):
         super().set_random_state(seed, state)
@@ -134,7 +139,7 @@ class KeepForegroundd(Randomizable, Transform):
         for _ in range(self.tries):
             out = self.transform(dict(data))
             label = torch.as_tensor(out[self.label_key])
-            if (label.reshape(label.shape[0], -1).sum(dim=1) > 0).all():  # every channel: each slice of a slab
+            if (label.reshape(label.shape[0], -1) > self.threshold).any(dim=1).all():  # every channel: each slice of a slab
                 return out
         logger.warning("augmentation lost the foreground of %s %d times; using the sample unaugmented",
                        _source(data, self.label_key), self.tries)

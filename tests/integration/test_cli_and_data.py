@@ -80,8 +80,11 @@ def test_cli_predict_from_clicks(tmp_path, caplog):
     assert main(args + ["--click", "30", "25", "--click", "35", "28", "--background-click", "2", "2"] + output) == 0
     assert np.asarray(Image.open(tmp_path / "mask.png")).shape == (60, 90)
     assert np.asarray(Image.open(tmp_path / "ov.png")).shape == (60, 180, 3)  # the image and the uncertainty
+    assert main(args + ["--click", "30", "25", "--click-rounds", "2"] + output) == 0  # grown in the image, if it can be
     assert main(args + ["--click", "30", "25", "3"] + output) == 2
     assert "a click on a picture is X Y" in caplog.text
+    assert main(args + ["--click", "30", "25", "--click-rounds", "-1"] + output) == 2
+    assert "--click-rounds must be 0 or more" in caplog.text
     assert main(args + ["--click", "95", "25"] + output) == 2
     assert "lies outside the 90x60" in caplog.text
     assert main(args + ["--box", "1", "1", "20", "20", "--background-click", "2", "2"] + output) == 2

@@ -325,3 +325,31 @@ def test_training_set_export_checks_labels_and_slices_volumes(server, tmp_path):
     np.testing.assert_array_equal(mask > 127, expected)
     picture = np.asarray(Image.open(out / "images" / "vol_0_slice0004.png"))
     assert picture.shape == (32, 40, 3)
+
+
+def test_a_served_slab_model_with_click_lora_answers_3d_boxes_and_one_click(tmp_path):
+    """The model of the 3DSAM-adapter study as a user serves it: volumetric adapters (slabs of 3) and LoRA in the
+    two-way transformer, from a checkpoint given with --conf; a 3D box and a single click each give a 3D mask."""
+    import torch
+
+    from imedsam.networks import build_imedsam
+
+    app_dir, studies = tmp_path / "app", tmp_path / "studies"
+    shutil.copytree(ROOT / "apps" / "imedsam_label", app_dir, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
+    studies.mkdir()
+    volume = np.random.default_rng(1).normal(0, 100, (40, 32, 6)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 2.5, 1.0])), studies / "vol_0.nii.gz")
+    options = {"volumetric_adapter": True, "slab_depth": 3, "decoder_lora_rank": 2}
+    checkpoint = tmp_path / "slab_clicks.pt"
+    torch.save(build_imedsam("vit_tiny", image_size=IMAGE_SIZE, **options).state_dict(), checkpoint)
+    conf = ["--conf", "bundle", str(ROOT / "bundle"), "--conf", "encoder", "vit_tiny", "--conf", "image_size", str(IMAGE_SIZE),
+            "--conf", "model_checkpoint", str(checkpoint), "--conf", "volumetric_adapter", "true", "--conf", "slab_depth", "3",
+            "--conf", "decoder_lora_rank", "2"]  # fmt: skip
+    with label_server(app_dir, studies, tmp_path, conf) as client:
+        boxed = infer_3d(client, "vol_0", {"box3d": [5, 4, 1, 31, 26, 5], "window": [-200, 200]})
+        assert boxed.status_code == 200, boxed.text
+        # slices 1..4 lie in the slabs [0, 3) and [3, 6): the encoder ran on all six, a slab at a time
+        assert boxed.json()["encoder_slices"] == 6 and boxed.json()["objects"][0]["slices"] == [1, 4]
+        clicked = infer_3d(client, "vol_0", {"foreground": [[16, 14, 2]], "window": [-200, 200]})
+        assert clicked.status_code == 200, clicked.text
+        assert clicked.json()["objects"][0]["source"] == "points" and clicked.json()["objects"][0]["seed_slice"] == 2

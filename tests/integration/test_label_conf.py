@@ -43,6 +43,17 @@ def test_the_volumetric_adapter_keys_build_the_slab_model_the_3d_task_serves(app
         app_config.network_overrides({"slab_depth": "0"})
 
 
+def test_the_decoder_lora_key_builds_the_click_model(app_config):
+    overrides = app_config.network_overrides({"encoder": "vit_tiny", "image_size": "64", "decoder_lora_rank": "2"})
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundle" / "configs" / "train.yaml"))
+    parser.update(overrides)
+    assert parser.get_parsed_content("network_def").prompt_path.decoder_lora is not None
+    assert app_config.network_overrides({})["decoder_lora_rank"] == 0
+    with pytest.raises(ValueError, match="--conf decoder_lora_rank must be a whole number of at least 0, got '-1'"):
+        app_config.network_overrides({"decoder_lora_rank": "-1"})
+
+
 @pytest.mark.parametrize("key, value", [("adaptive_points", "0"), ("adaptive_points", "many"), ("image_size", "-64")])
 def test_a_bad_number_is_refused_with_its_key(app_config, key, value):
     with pytest.raises(ValueError, match=f"--conf {key} must be a positive whole number, got '{value}'"):

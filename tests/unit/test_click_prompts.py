@@ -222,3 +222,75 @@ def test_the_click_protocol_of_the_volume_evaluation(tmp_path, monkeypatch):
     rows = evaluation._case_rows({"image": "ct.nii.gz", "label": "label.nii.gz", "case": "cone"})
     assert [(r["protocol"], r["method"]) for r in rows] == [("click", "imedsam")]
     assert rows[0]["dsc"] == pytest.approx(1.0)
+
+
+# -- LoRA in the two-way transformer ------------------------------------------------------------------------
+def _pair(**options):
+    torch.manual_seed(0)
+    plain = build_imedsam("vit_tiny", image_size=64, **options).eval()
+    torch.manual_seed(0)
+    adapted = build_imedsam("vit_tiny", image_size=64, decoder_lora_rank=4, **options).eval()
+    adapted.load_state_dict(plain.state_dict(), strict=False)  # the same SAM weights; the updates stay at zero
+    return plain, adapted
+
+
+def test_decoder_lora_starts_as_the_model_without_it_and_keeps_sams_keys():
+    plain, adapted = _pair()
+    image = torch.rand(1, 3, 64, 64)
+    clicks = Prompts(boxes=[[[8.0, 8, 40, 50]]], points=[[[[20.0, 30]]]], point_labels=[[[1]]])
+    with torch.no_grad():
+        assert torch.equal(adapted(image, clicks), plain(image, clicks))
+    extra = set(adapted.state_dict()) - set(plain.state_dict())
+    assert extra and all(key.startswith("prompt_path.decoder_lora.updates.") for key in extra)
+    assert set(plain.state_dict()) <= set(adapted.state_dict())  # SAM's q_proj/v_proj keys are where they were
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad} - {n for n, p in plain.named_parameters() if p.requires_grad}
+    assert trainable == extra
+    assert sum(adapted.state_dict()[key].numel() for key in extra) == 23552  # rank 4 on q and v of 7 attentions
+
+
+def test_decoder_lora_trains_and_its_checkpoints_are_checked(tmp_path):
+    from imedsam.networks.checkpoint import CheckpointError
+
+    plain, adapted = _pair()
+    adapted.train()
+    out = adapted(torch.rand(1, 3, 64, 64), Prompts(points=[[[[20.0, 30]]]], point_labels=[[[1]]]), return_all=True)
+    CoarseFineLoss()(out, torch.zeros(1, 1, 64, 64)).backward()
+    update = adapted.prompt_path.decoder_lora.updates["layers_0_cross_attn_token_to_image_q_proj"]
+    assert update.down.weight.grad is not None and update.up.weight.grad.abs().sum() > 0
+    # a copy keeps its own updates wired into its own transformer
+    import copy
+
+    twin = copy.deepcopy(adapted).eval()
+    attention = twin.prompt_path.mask_decoder.transformer.layers[0].cross_attn_token_to_image
+    assert attention.q_proj.update is twin.prompt_path.decoder_lora.updates["layers_0_cross_attn_token_to_image_q_proj"]
+    torch.save(adapted.state_dict(), tmp_path / "lora.pt")
+    torch.save(plain.state_dict(), tmp_path / "plain.pt")
+    build_imedsam("vit_tiny", image_size=64, decoder_lora_rank=4).load_checkpoint(tmp_path / "plain.pt")  # updates at zero
+    with pytest.raises(CheckpointError, match="decoder_lora_rank"):
+        build_imedsam("vit_tiny", image_size=64).load_checkpoint(tmp_path / "lora.pt")
+    with pytest.raises(ValueError, match="rank must be positive"):
+        build_imedsam("vit_tiny", image_size=64, decoder_lora_rank=-1)
+
+
+def test_a_clicks_mask_grows_to_the_object_but_not_over_a_background_click():
+    from imedsam.inference import PropagationRule, grow_click_mask
+
+    truth = disc_mask(60, 70, (30, 35), 14)
+
+    def decode_box(box):  # a box-following oracle: the object inside the box
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        inside = np.zeros_like(truth)
+        inside[y0:y1, x0:x1] = True
+        probability = np.where(truth & inside, 0.95, 0.02).astype(np.float32)
+        return probability, np.zeros_like(probability)
+
+    blob = disc_mask(60, 70, (30, 35), 4)
+    start = np.where(blob, 0.9, 0.1).astype(np.float32), np.zeros(blob.shape, np.float32)
+    clicks, labels = np.array([[35, 30]]), np.array([1])
+    probability, _, box = grow_click_mask(decode_box, *start, clicks, labels, PropagationRule(click_rounds=6))
+    assert box is not None and np.array_equal(probability > 0.5, truth)
+    _, _, unchanged = grow_click_mask(decode_box, *start, clicks, labels, PropagationRule(click_rounds=0))
+    assert unchanged is None
+    # a background click near the object's rim: growing stops at the last mask that leaves it out
+    kept, _, kept_box = grow_click_mask(decode_box, *start, np.array([[35, 30], [35, 18]]), np.array([1, 0]))
+    assert kept_box is not None and not kept[18, 35] > 0.5 and blob.sum() < (kept > 0.5).sum() < truth.sum()

@@ -68,6 +68,9 @@ def test_keep_foreground_redraws_and_gives_up_with_a_warning(caplog):
     assert "lost the foreground" in caplog.text
     identity = KeepForegroundd(lambda d: d)
     assert identity(data)["label"].sum() == 9
+    # a tiny object blurred below the threshold AsDiscreted applies later is lost too: redraw, then give up
+    blurred = KeepForegroundd(lambda d: {**d, "label": d["label"] * 0.4}, tries=2)
+    assert torch.equal(blurred(data)["label"], data["label"])
 
 
 def test_threshold_logits_keeps_uncertainty_channels():

@@ -145,7 +145,7 @@ def test_prompts_are_checked_and_named():
     with pytest.raises(PromptError, match="slice 24 is outside"):
         slice_box_prompt([0, 0, 10, 10], 24, SHAPE)
     with pytest.raises(PromptError, match="one foreground click"):
-        click_prompt([[5, 5, 3]], None, SHAPE)
+        click_prompt([[5, 5, 3]], None, SHAPE, mode="corners")
     with pytest.raises(PromptError, match="outside the volume"):
         click_prompt([[5, 5, 3], [70, 5, 3]], None, SHAPE)
     with pytest.raises(PromptError, match="needs 'slice'"):

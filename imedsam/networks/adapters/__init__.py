@@ -1,6 +1,7 @@
-"""What adapts a frozen encoder: LoRA on its attention's q and v, and the Frequency Adapter."""
+"""What adapts frozen SAM parts: LoRA on the encoder's (and the two-way transformer's) q and v, and the Frequency Adapter."""
 
+from .decoder_lora import DecoderLoRA
 from .frequency import FA_MODES, FrequencyAdapter, frequency_adapters, frequency_image
 from .lora import LoRAQKV, add_lora_to_attention, qkv_rows
 
-__all__ = ["FA_MODES", "FrequencyAdapter", "LoRAQKV", "add_lora_to_attention", "frequency_adapters", "frequency_image", "qkv_rows"]
+__all__ = ["DecoderLoRA", "FA_MODES", "FrequencyAdapter", "LoRAQKV", "add_lora_to_attention", "frequency_adapters", "frequency_image", "qkv_rows"]

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from segment_anything.modeling import MaskDecoder, PromptEncoder
 
+from ..adapters.decoder_lora import DecoderLoRA
 from .content import ContentPrompt
 from .gated_tokens import ExtraTokenGates, run_two_way_transformer
 from .modality import ModalityPrompt
@@ -24,14 +25,19 @@ class BoxPromptPath(nn.Module):
     ``sam_mask=True`` the weights of SAM's single-mask head are also returned: their dot product with the map
     is SAM's own mask logit (the ``use_inr=False`` ablation, and the implicit decoder's mask prior).
 
+    ``decoder_lora`` (a :class:`~imedsam.networks.adapters.decoder_lora.DecoderLoRA` already applied to
+    ``mask_decoder.transformer``) makes the transformer itself trainable through low-rank updates, which clicks
+    need (LiteMedSAM's transformer learned boxes only).
+
     MCP-MedSAM's two extra prompts are optional: a ``modality_prompt`` (a learned token per imaging modality) and
     a ``content_prompt`` (a token made from the embedding inside the box). Both enter the two-way transformer
     through zero-initialised gates (:mod:`~imedsam.networks.prompts.gated_tokens`), so until they are trained
     the path gives exactly SAM's map.
 
     Trainable: ``output_upscaling``, the two box-corner and the two click embeddings, ``not_a_point_embed`` and
-    ``no_mask_embed`` (plus the first hypernetwork MLP for the SAM-mask ablation), and the extra prompts with
-    their gates; the rest of SAM stays frozen. A click embedding only learns from a batch that has clicks.
+    ``no_mask_embed`` (plus the first hypernetwork MLP for the SAM-mask ablation), the extra prompts with their
+    gates, and the decoder LoRA's updates; the rest of SAM stays frozen. A click embedding learns only from
+    batches that have clicks.
 
     Shapes: ``image_embeddings [P, 256, g, g]`` (one row per prompt), ``boxes [P, 4]`` as x0, y0, x1, y1 in
     pixels of the encoder's ``S x S`` input (or None: clicks alone), ``points = (coords [P, K, 2], labels [P, K])``
@@ -54,6 +60,7 @@ class BoxPromptPath(nn.Module):
         sam_mask: bool = False,
         modality_prompt: ModalityPrompt | None = None,
         content_prompt: ContentPrompt | None = None,
+        decoder_lora: DecoderLoRA | None = None,
     ) -> None:
         super().__init__()
         self.prompt_encoder = prompt_encoder
@@ -62,6 +69,7 @@ class BoxPromptPath(nn.Module):
         self.requires_grad_(False)
         self.modality_prompt = modality_prompt
         self.content_prompt = content_prompt
+        self.decoder_lora = decoder_lora
         extra = (modality_prompt is not None) + (content_prompt is not None)
         transformer = mask_decoder.transformer
         self.token_gates = ExtraTokenGates(len(transformer.layers), extra, transformer.layers[0].self_attn.num_heads) if extra else None

@@ -36,16 +36,17 @@ def _window(value: str | None):
     return [low, high]
 
 
-def _positive_int(conf: dict[str, str], key: str, default: int) -> int:
+def _positive_int(conf: dict[str, str], key: str, default: int, minimum: int = 1) -> int:
     value = conf.get(key)
     if value is None or value == "":
         return default
     try:
         number = int(value)
     except ValueError:
-        number = 0
-    if number < 1:
-        raise ValueError(f"--conf {key} must be a positive whole number, got {value!r}")
+        number = minimum - 1
+    if number < minimum:
+        rule = "a positive whole number" if minimum == 1 else f"a whole number of at least {minimum}"
+        raise ValueError(f"--conf {key} must be {rule}, got {value!r}")
     return number
 
 
@@ -96,7 +97,11 @@ def network_overrides(conf: dict[str, str]) -> dict[str, Any]:
     """The bundle's network keys that ``--conf`` sets (see ``bundle/configs/train.yaml``), with the app's defaults."""
     encoder = conf.get("encoder", "lite_medsam")
     weights = conf.get("weights") or None
-    prompts = {"modality_prompt": _flag(conf, "modality_prompt"), "content_prompt": _flag(conf, "content_prompt")}
+    prompts = {
+        "modality_prompt": _flag(conf, "modality_prompt"), "content_prompt": _flag(conf, "content_prompt"),
+        # LoRA in SAM's two-way transformer (a click-trained model's): must match the checkpoint
+        "decoder_lora_rank": _positive_int(conf, "decoder_lora_rank", 0, minimum=0),
+    }  # fmt: skip
     if weights is not None:
         if weights not in WEIGHT_SETS:
             raise ValueError(f"--conf weights {weights!r}: not a weight set of this package ({', '.join(sorted(WEIGHT_SETS)) or 'none'})")
@@ -162,6 +167,8 @@ class IMedSAMConfig(TaskConfig):
       datastore info); ``modality_prompt`` / ``content_prompt`` (false): the network has MCP-MedSAM's modality /
       content token (must match the checkpoint); ``modality_temperature`` (0.0): training's modality-balanced
       sampling, when the labelled images fall in more than one modality;
+    - ``decoder_lora_rank`` (0): LoRA in SAM's two-way transformer, as a model trained with clicks has it
+      (``click_prob`` in the bundle; must match the checkpoint; a weight set states its own);
     - ``volumetric_adapter`` (false), ``slab_depth`` (5), ``volumetric_blocks`` (``all``): the network has
       3DSAM-adapter's volumetric adapters, trained with ``bundle/configs/train_volume.yaml`` (must match the
       checkpoint); the 3D task then encodes each volume in slabs of ``slab_depth`` neighbouring slices. The app's
