@@ -5,13 +5,15 @@
     python scripts/evaluate_modalities.py --row warm_start --output runs/modalities/warm_start.csv
     python scripts/evaluate_modalities.py --row all_three --checkpoint runs/all_three/models/model.pt \
         --modality-prompt --content-prompt --output runs/modalities/all_three.csv
+    # a carried weight set, prompted by one click at each object's centre (grown in its plane: --click-rounds 3)
+    python scripts/evaluate_modalities.py --row clicks --weights all_modalities_clicks --prompt click --output clicks.csv
     # the baselines: LiteMedSAM's reference forward and the ellipse inscribed in the box
     python scripts/evaluate_modalities.py --row reference --reference --output runs/modalities/reference.csv
     # the table of every row (mean and standard error per modality; the gain over a baseline row, paired)
     python scripts/evaluate_modalities.py --table runs/modalities/*.csv --baseline reference
 
-Every item (one object in one 2D plane) is prompted with the tight box of its mask (``x1 = max + 1``) at the
-plane's own size through :class:`imedsam.inference.Predictor` (its defaults: adaptive decoding), with the item's
+Every item (one object in one 2D plane) is prompted with the tight box of its mask (``x1 = max + 1``), or with
+``--prompt click`` one foreground click at its centre (:func:`imedsam.data.click_from_mask`), at the plane's own size through :class:`imedsam.inference.Predictor` (its defaults: adaptive decoding), with the item's
 modality given to ``set_image``. Writes one CSV row per item and prints the per-modality means.
 """
 
@@ -69,9 +71,12 @@ def model_segmenter(args):
     from imedsam.inference import Predictor, PropagationRule, grow_click_mask
     from imedsam.networks import Prompts, build_imedsam
 
-    model = build_imedsam(
-        modality_prompt=args.modality_prompt, content_prompt=args.content_prompt, decoder_lora_rank=args.decoder_lora_rank
-    )
+    if args.weights:
+        model = build_imedsam(weights=args.weights)
+    else:
+        model = build_imedsam(
+            modality_prompt=args.modality_prompt, content_prompt=args.content_prompt, decoder_lora_rank=args.decoder_lora_rank
+        )
     if args.checkpoint:
         model.load_checkpoint(args.checkpoint)
     predictor = Predictor(model)
@@ -164,6 +169,7 @@ def main(argv=None) -> int:
     parser.add_argument("--row", help="the row's name in the table")
     parser.add_argument("--output", help="the per-item CSV to write")
     parser.add_argument("--checkpoint", help="a trained I-MedSAM state dict; none: the untrained warm start")
+    parser.add_argument("--weights", help="a weight set the package carries (e.g. all_modalities), instead of --checkpoint")
     parser.add_argument("--modality-prompt", action="store_true", help="the model has the modality prompt")
     parser.add_argument("--content-prompt", action="store_true", help="the model has the content prompt")
     parser.add_argument("--decoder-lora-rank", type=int, default=0, help="the model's LoRA rank in SAM's two-way transformer")
@@ -182,6 +188,8 @@ def main(argv=None) -> int:
         return 0
     if not args.output or not (args.row or args.reference):
         parser.error("give --output and --row (or --reference), or --table")
+    if args.weights and args.checkpoint:
+        parser.error("give --weights or --checkpoint, not both")
     if args.reference and args.prompt != "box":
         parser.error("the reference rows (LiteMedSAM's forward, the ellipse) take the box only")
     items = _items(args.split, args.split_file, args.data_root, args.slice_step)

@@ -344,6 +344,7 @@ def test_simultaneous_infers_all_answer_and_match_sequential_ones(server, unchan
         ({"seed": "nan"}, "seed must be a whole number of at least 0"),
         ({"val_split": 5}, "val_split must be between 0 and 1"),
         ({"learning_rate": "fast"}, "learning_rate must be a number"),
+        ({"click_prob": 1.5}, "click_prob must be between 0 and 1 (inclusive)"),
         ({"batch_size": True}, "batch_size must be a whole number"),
     ],
 )

@@ -374,7 +374,7 @@ def test_trainer_gives_a_modality_prompt_network_each_samples_modality(tmp_path)
         data = parser.get_parsed_content(key)
         assert {item["name"]: item["modality"] for item in data} == {name: split["modalities"][name] or "any" for name in names}
     prepare_batch = parser.get_parsed_content("train#prepare_batch")
-    assert prepare_batch.extra_keys == {"boxes": "box", "modality": "modality"}
+    assert prepare_batch.extra_keys == {"boxes": "box", "points": "points", "point_labels": "point_labels", "modality": "modality"}
 
 
 
@@ -415,7 +415,7 @@ def test_trainer_without_a_modality_prompt_keeps_the_bundles_items_and_boxes(tmp
     assert trainers.modality_prompt_overrides(split, {"modality_prompt": False}, TRAIN) == {}
     trainer = _trainer(trainers, tmp_path, modality_prompt=False)
     parser = trainer.bundle_workflow(trainer.settings({}), str(run_dir), split, None).parser
-    assert parser.get_parsed_content("train#prepare_batch").extra_keys == {"boxes": "box"}
+    assert parser.get_parsed_content("train#prepare_batch").extra_keys == {"boxes": "box", "points": "points", "point_labels": "point_labels"}
     assert all("modality" not in item for item in parser.get_parsed_content("train#dataset#data"))
 
 
@@ -443,3 +443,19 @@ def test_training_export_names_samples_by_the_whole_file_name(tmp_path):
     with pytest.raises(trainers.TrainingDataError, match=r"one/studies/scan.png and .*two/studies/scan.jpg would both be exported as 'scan'"):
         trainers.export_training_set(clash, str(tmp_path / "clash"), 0.34, 0)
     assert not list((tmp_path / "clash" / "images").iterdir())
+
+
+def test_the_apps_training_keeps_training_clicks_for_a_click_model(tmp_path):
+    trainers = import_app_module("lib.trainers.imedsam")
+    assert _trainer(trainers, tmp_path, modality_prompt=False).settings({})["click_prob"] == 0.0
+    network = {"encoder": "vit_tiny", "image_size": 64, "modality_prompt": False, "content_prompt": False,
+               "sam_checkpoint": None, "decoder_lora_rank": 2}  # fmt: skip
+    trainer = trainers.IMedSAMTrainer(str(ROOT / "bundle"), str(tmp_path / "model"), str(tmp_path / "model" / "imedsam.pt"), network, lambda: None)
+    settings = trainer.settings({})
+    assert settings["click_prob"] == 0.75 and trainer.settings({"click_prob": 0})["click_prob"] == 0.0
+    items = _labelled_pictures(tmp_path, ["a.png", "b.png", "c.png"])
+    run_dir = tmp_path / "model" / "imedsam" / "run"
+    split = trainers.export_training_set(items, str(run_dir / "data"), 0.34, 0)
+    parser = trainer.bundle_workflow(settings, str(run_dir), split, None).parser
+    assert parser.get_parsed_content("train#inferer").click_prob == 0.75
+    assert parser.get_parsed_content("network_def").prompt_path.decoder_lora is not None

@@ -25,11 +25,13 @@ def test_vit_b_trainable_parameter_count_is_about_1_6m():
     assert 1_500_000 <= trainable <= 1_700_000, trainable
     assert 85_000_000 < total < 100_000_000, total
     names = {name for name, p in model.named_parameters() if p.requires_grad}
-    # trainable: LoRA, frequency adapters, SAM's upscaling, box embeddings, the implicit decoder, the box-proposal head; nothing else of SAM
+    # trainable: LoRA, frequency adapters, SAM's upscaling, the prompt embeddings, the implicit decoder, the
+    # box-proposal head; nothing else of SAM
+    embeddings = {f"prompt_path.prompt_encoder.point_embeddings.{i}.weight" for i in range(4)}
+    embeddings |= {"prompt_path.prompt_encoder.not_a_point_embed.weight", "prompt_path.prompt_encoder.no_mask_embed.weight"}
     assert all(
         ".q_" in n or ".v_" in n or n.startswith(("image_encoder.frequency_adapters", "decoder.", "box_proposal.", "prompt_path.mask_decoder.output_upscaling"))
-        or n in {"prompt_path.prompt_encoder.point_embeddings.2.weight", "prompt_path.prompt_encoder.point_embeddings.3.weight",
-                 "prompt_path.prompt_encoder.no_mask_embed.weight"}
+        or n in embeddings
         for n in names
     ), sorted(names)
 

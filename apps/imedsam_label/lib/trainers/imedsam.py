@@ -51,13 +51,14 @@ def _whole(value, key: str, least: int) -> int:
     return int(number)
 
 
-def _fraction(value, key: str, low: float, high: float) -> float:
+def _fraction(value, key: str, low: float, high: float, inclusive: bool = False) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise TrainingDataError(f"{key} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not low < number < high:
-        raise TrainingDataError(f"{key} must be between {low:g} and {high:g} (exclusive), got {value!r}")
+    inside = low <= number <= high if inclusive else low < number < high
+    if isinstance(value, bool) or not inside:
+        raise TrainingDataError(f"{key} must be between {low:g} and {high:g} ({'inclusive' if inclusive else 'exclusive'}), got {value!r}")
     return number
 
 
@@ -76,6 +77,7 @@ def check_train_settings(settings: dict[str, Any]) -> dict[str, Any]:
     checked["seed"] = _whole(settings["seed"], "seed", 0)
     checked["val_split"] = _fraction(settings["val_split"], "val_split", 0.0, 1.0)
     checked["learning_rate"] = _fraction(settings["learning_rate"], "learning_rate", 0.0, 1.0)
+    checked["click_prob"] = _fraction(settings["click_prob"], "click_prob", 0.0, 1.0, inclusive=True)
     return checked
 
 
@@ -299,6 +301,8 @@ class IMedSAMTrainer(TrainTask):
             "train_query_size": 64,  # label-grid rows and columns per step (docs/speed.md); = train_label_size: every pixel
             "label_size": 128,
             "seed": 0,
+            # a model with LoRA in its two-way transformer was trained on clicks: keep training them, as its set was
+            "click_prob": 0.75 if self.network_overrides.get("decoder_lora_rank") else 0.0,
         }
 
     def stats(self) -> dict[str, Any]:
@@ -342,6 +346,7 @@ class IMedSAMTrainer(TrainTask):
             train_query_size=int(settings["train_query_size"]),
             label_size=int(settings["label_size"]),
             seed=int(settings["seed"]),
+            click_prob=float(settings["click_prob"]),
             val_interval=1,
             **self.network_overrides,
             **sampler_overrides(split, self.modality_temperature, int(settings["seed"])),
