@@ -3,6 +3,7 @@
     python scripts/hostile_cases.py     # starts apps/imedsam_label/serve.py (vit_tiny) on 127.0.0.1, then stops it
     python scripts/hostile_cases.py --url http://127.0.0.1:8000 [--pid PID] [--max-request-mb 1088] \
         [--header-timeout 10]
+    python scripts/hostile_cases.py --largest   # the largest picture and volume the default limits accept
 
 Each case sends one hostile request (path traversal in tags and ids, boxes outside the image, a wrong-channel
 picture, corrupt uploads and checkpoints, a declared 2 GiB body, a chunked body over the limit, a slow request
@@ -54,9 +55,16 @@ HEADER_TIMEOUT = 2.0  # serve.py's, when the script starts it
 MAX_REQUEST_MB = 8
 
 
-def conf() -> list[str]:
+LARGEST_PICTURE = (7071, 7071)  # 49,999,041 pixels: the default max_image_pixels is 50,000,000
+LARGEST_VOLUME = (512, 512, 1024)  # the default max_image_voxels, 268,435,456
+
+
+def conf(max_request_mb: float | None = MAX_REQUEST_MB) -> list[str]:
+    """The server's --conf: the test network; ``max_request_mb`` None keeps the app's default body limit (the
+    largest volume it accepts)."""
+    limit = [] if max_request_mb is None else ["--conf", "max_request_mb", str(max_request_mb)]
     return ["--conf", "bundle", str(ROOT / "bundle"), "--conf", "encoder", "vit_tiny", "--conf", "image_size", "64",
-            "--conf", "label", "polyp", "--conf", "max_request_mb", str(MAX_REQUEST_MB)]  # fmt: skip
+            "--conf", "label", "polyp", *limit]  # fmt: skip
 
 
 # -- the server's memory --------------------------------------------------------------------------------------
@@ -121,6 +129,40 @@ def nan_volume() -> bytes:
     volume[NAN_VOXEL] = np.nan
     image = nib.Nifti1Image(volume, np.eye(4))
     return gzip.compress(image.to_bytes(), mtime=0)
+
+
+def largest_picture() -> bytes:
+    """A 7071 x 7071 RGB PNG: a smooth gradient with a bright disc, so that the file is small and the decode is not."""
+    height, width = LARGEST_PICTURE
+    rows, columns = np.ogrid[:height, :width]
+    grey = ((rows + columns) * (200 / (height + width))).astype(np.uint8)
+    grey[(rows - 3500) ** 2 + (columns - 3500) ** 2 < 400**2] = 250
+    buffer = io.BytesIO()
+    Image.fromarray(np.repeat(grey[..., None], 3, axis=-1)).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def largest_volume() -> bytes:
+    """A 512 x 512 x 1024 float32 NIfTI (1 GiB of voxels, gzipped to a few MB) with a bright block."""
+    volume = np.zeros(LARGEST_VOLUME, np.float32)
+    volume[200:300, 200:300, 500:520] = 100
+    return gzip.compress(nib.Nifti1Image(volume, np.eye(4)).to_bytes(), compresslevel=1, mtime=0)
+
+
+def largest_cases() -> list[tuple[str, str, object]]:
+    """The largest inputs the default limits accept, each answered: what a request can cost the server."""
+    return [
+        ("largest picture the limits accept (7071 x 7071 RGB, 50.0 MP; infer upload, a box)", "200",
+         lambda c, **_: infer(c, "output=json", {"box": [3000, 3000, 4000, 4000]}, file=("largest.png", largest_picture()))),
+        ("largest volume the limits accept (512 x 512 x 1024 float32; datastore upload)", "200",
+         lambda c, **_: answer(c.put("/datastore/image?image=largest_volume", files={"file": ("largest.nii.gz", largest_volume())}))),
+        ("a box on its slice 510 (2D task)", "200",
+         lambda c, **_: infer(c, "image=largest_volume&output=json", {"box": [200, 200, 300, 300], "slice": 510})),
+        ("its object's 3D box, 20 slices (3D task)", "200",
+         lambda c, **_: answer(c.post("/infer/imedsam_3d?image=largest_volume&output=json",
+                                      data={"params": json.dumps({"box3d": [200, 200, 500, 300, 300, 520]})}))),
+        ("`/info/` afterwards", "200", lambda c, **_: answer(c.get("/info/"))),
+    ]  # fmt: skip
 
 
 def label(shape=SHAPE, value=1) -> bytes:
@@ -234,12 +276,12 @@ def first_words(text: str, words: int = 9, characters: int = 80) -> str:
     return (short[:characters] + " …") if len(short) > characters or len(parts) > words else short
 
 
-def run(client: httpx.Client, pid: int | None, limit_mb: float, header_timeout: float) -> bool:
+def run(client: httpx.Client, pid: int | None, limit_mb: float, header_timeout: float, chosen=cases) -> bool:
     context = {"port": client.base_url.port, "limit_mb": limit_mb, "header_timeout": header_timeout}
     print("| case | expected | observed | pass | peak RSS above idle (MiB) |")
     print("| --- | --- | --- | --- | --- |")
     failed = 0
-    for name, expected, case in cases():
+    for name, expected, case in chosen():
         with PeakRSS(pid) as memory:
             try:
                 status, detail = case(client, **context)
@@ -251,18 +293,18 @@ def run(client: httpx.Client, pid: int | None, limit_mb: float, header_timeout: 
         observed = f"{status}: {first_words(detail)}".replace("|", "\\|")
         memory_mib = "n/a" if memory.above_idle is None else f"{memory.above_idle / (1 << 20):.1f}"
         print(f"| {name} | {expected} | {observed} | {'pass' if ok else '**FAIL**'} | {memory_mib} |", flush=True)
-    print(f"\n{len(cases()) - failed} of {len(cases())} cases passed.")
+    print(f"\n{len(chosen()) - failed} of {len(chosen())} cases passed.")
     return failed == 0
 
 
 @contextmanager
-def own_server(workdir: Path):
+def own_server(workdir: Path, max_request_mb: float | None = MAX_REQUEST_MB):
     """serve.py on a copy of the app, with an empty studies folder, on 127.0.0.1; stopped on exit."""
     app_dir, studies = workdir / "app", workdir / "studies"
     shutil.copytree(ROOT / "apps" / "imedsam_label", app_dir, ignore=shutil.ignore_patterns("model", "logs", "bin", "uploads", "__pycache__"))
     studies.mkdir()
     launcher = [sys.executable, str(app_dir / "serve.py"), "--header_timeout", str(HEADER_TIMEOUT)]
-    with label_server(app_dir, studies, workdir, conf(), launcher=launcher) as client:
+    with label_server(app_dir, studies, workdir, conf(max_request_mb), launcher=launcher, request_timeout=900) as client:
         yield client
 
 
@@ -272,8 +314,20 @@ def main() -> int:
     parser.add_argument("--pid", type=int, help="the server's process, for its memory (found from the port if psutil is installed)")
     parser.add_argument("--max-request-mb", type=float, default=MAX_REQUEST_MB, help="the server's --conf max_request_mb")
     parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT, help="the server's serve.py --header_timeout")
+    parser.add_argument("--largest", action="store_true", help="the largest inputs the default limits accept, instead")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="imedsam-hostile-"))
+    if args.largest:
+        try:
+            serving = nullcontext(httpx.Client(base_url=args.url, timeout=900)) if args.url else own_server(workdir, None)
+            with serving as client:
+                pid = args.pid or (listening_pid(client.base_url.port) if args.url else client.server.pid)
+                try:
+                    return 0 if run(client, pid, args.max_request_mb, args.header_timeout, largest_cases) else 1
+                finally:
+                    client.delete("/datastore/image?id=largest_volume")
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
     try:
         serving = nullcontext(httpx.Client(base_url=args.url, timeout=120)) if args.url else own_server(workdir)
         with serving as client:
