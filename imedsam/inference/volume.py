@@ -308,7 +308,8 @@ class VolumePredictor:
                 box = prompt.xy_limit
             else:
                 break
-            if k in tried and prompt.points is None and np.array_equal(box, prompt.box):  # a seed candidate, decoded with this box already
+            # a seed candidate, decoded with this box already
+            if k in tried and prompt.points is None and np.array_equal(box, prompt.box):
                 probability, uncertainty = tried[k]
             else:
                 probability, uncertainty = self.decode_slice(k, box)
@@ -329,13 +330,13 @@ class VolumePredictor:
         box's middle slice and the slices at ``rule.seed_candidates`` of its z-range are decoded with its x/y
         extent; the one whose mask fills the extent best (the IoU of the mask's box with it, times the mask's
         mean probability) seeds."""
+        if prompt.points is not None:
+            return self._grow_click_seed(prompt, progress)
         candidates = {prompt.seed_slice}
         if prompt.z_range is not None:
             z0, z1 = prompt.z_range
             candidates |= {int(z0 + fraction * (z1 - 1 - z0) + 0.5) for fraction in self.rule.seed_candidates}
         best, tried = None, {}
-        if prompt.points is not None:
-            return self._grow_click_seed(prompt, progress)
         for k in [prompt.seed_slice, *sorted(candidates - {prompt.seed_slice})]:  # a tie keeps the middle
             probability, uncertainty = tried[k] = self.decode_slice(k, prompt.box)
             if progress is not None:
