@@ -20,8 +20,8 @@ class ClicksFromMaskd(Randomizable, MapTransform):
     Each channel of the label (``[C, h, w]``: one, or the slices of a slab) gets between 1 and ``max_clicks``
     clicks (the count drawn per channel), from :func:`~imedsam.data.sample_clicks` (inside the object more often
     than on its rim). They are stored as ``points [C, max_clicks, 2]`` (x, y; float32) and ``point_labels
-    [C, max_clicks]`` (int64: 1 a click, -1 padding, which SAM's prompt encoder ignores), so that a batch
-    collates. :class:`~imedsam.engine.PromptInferer` (``click_prob``) decides per batch whether the network is
+    [C, max_clicks]`` (int64: 1 a click, -1 padding, whose position SAM's prompt encoder ignores), so that a
+    batch collates. :class:`~imedsam.engine.PromptInferer` (``click_prob``) decides per batch whether the network is
     prompted by these clicks or by the box.
 
     MONAI's deepgrow ``AddInitialSeedPointd`` draws a similar seed, but writes it as a JSON string of
