@@ -99,11 +99,11 @@ def _predict(args: argparse.Namespace) -> None:
     from .cli_volume import CLICKS_GAVE_NOTHING, is_volume_path, predict_volume
     from .data import box_from_mask, read_mask
     from .inference import Predictor
-    from .networks import Prompts
     from .visualize import heat_map, overlay
 
     if args.click_rounds is not None and args.click_rounds < 0:
         raise ValueError(f"--click-rounds must be 0 or more, got {args.click_rounds}")
+    _check_clicks(args, is_volume_path(args.image))
 
     if is_volume_path(args.image):
         args.encoder_engine = args.encoder_engine or "auto"
@@ -131,8 +131,6 @@ def _predict(args: argparse.Namespace) -> None:
     prompts = args.box
     if args.click:
         prompts = _grown_click_prompt(predictor, _click_prompts(args.click, args.background_click), args.click_rounds or 0)
-    elif args.background_click:
-        raise ValueError("--background-click goes with --click")
     if args.auto_box:
         box, confidence = predictor.propose_box()
         args.box = [round(float(v), 1) for v in box]
@@ -141,9 +139,7 @@ def _predict(args: argparse.Namespace) -> None:
             logger.warning("the proposal is unsure (peak foreground probability %.2f < 0.5): check the box, or draw one with --box", confidence)
         prompts = args.box
     prediction = predictor.predict(prompts, output_size=args.output_size, class_id=args.class_id)
-    probability, uncertainty = prediction
-    if isinstance(prompts, Prompts):  # the maps of the one click prompt
-        probability, uncertainty = probability[0], uncertainty[0]
+    probability, uncertainty = _prompt_maps(prediction, prompts)
     if prediction.upsampled:
         logger.info("decoded at %dx%d (--max-decode-side %d), upsampled to %dx%d", prediction.decode_size[1],
                     prediction.decode_size[0], args.max_decode_side, probability.shape[1], probability.shape[0])  # fmt: skip
@@ -158,9 +154,7 @@ def _predict(args: argparse.Namespace) -> None:
     if args.overlay:
         if mask.shape != image.shape[:2]:
             # The overlay is drawn on the image: query the decoder again at the image's own size.
-            probability, uncertainty = predictor.predict(prompts, class_id=args.class_id)
-            if isinstance(prompts, Prompts):
-                probability, uncertainty = probability[0], uncertainty[0]
+            probability, uncertainty = _prompt_maps(predictor.predict(prompts, class_id=args.class_id), prompts)
         _save_png(overlay(image, probability > args.threshold, args.box, uncertainty=uncertainty), args.overlay)
         logger.info("overlay -> %s", args.overlay)
 
@@ -182,13 +176,30 @@ def _grown_click_prompt(predictor, prompts, rounds: int):
     return box.tolist()
 
 
+def _prompt_maps(prediction, prompts) -> tuple[np.ndarray, np.ndarray]:
+    """The ``H x W`` probability and uncertainty of the one prompt: a box's maps as they are, a click
+    :class:`~imedsam.networks.Prompts`' without its axis of one prompt."""
+    from .networks import Prompts
+
+    probability, uncertainty = prediction
+    return (probability[0], uncertainty[0]) if isinstance(prompts, Prompts) else (probability, uncertainty)
+
+
+def _check_clicks(args: argparse.Namespace, volume: bool) -> None:
+    """``--click`` and ``--background-click``: X Y on a picture, I J K on a volume; background clicks with a click."""
+    if args.background_click and not args.click:
+        raise ValueError("--background-click goes with --click")
+    for values in [*(args.click or []), *(args.background_click or [])]:
+        if volume and len(values) != 3:
+            raise ValueError(f"a click on a volume is I J K (three voxel indices), got {values}")
+        if not volume and len(values) != 2:
+            raise ValueError(f"a click on a picture is X Y (two numbers), got {values}; I J K is for volumes")
+
+
 def _click_prompts(foreground: list[list[float]], background: list[list[float]] | None):
     """``--click X Y`` (and ``--background-click X Y``) as the one prompt of one picture."""
     from .networks import Prompts
 
-    for values in [*foreground, *(background or [])]:
-        if len(values) != 2:
-            raise ValueError(f"a click on a picture is X Y (two numbers), got {values}; I J K is for volumes")
     clicks = [*foreground, *(background or [])]
     labels = [1] * len(foreground) + [0] * len(background or [])
     return Prompts(points=[[clicks]], point_labels=[[labels]])

@@ -73,15 +73,10 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
 def _prompts(args: argparse.Namespace, shape):
     from .inference.volume_prompts import box3d_prompt, click_prompt, slice_box_prompt
 
-    if args.click:
+    if args.click:  # each of three values and with a foreground click: checked by the command line
         if args.slice is not None:
             raise ValueError("--slice goes with --box; a click on a volume is I J K, its slice the third value")
-        for values in [*args.click, *(args.background_click or [])]:
-            if len(values) != 3:
-                raise ValueError(f"a click on a volume is I J K (three voxel indices), got {values}")
         return [click_prompt(args.click, args.background_click, shape, mode="points")]
-    if args.background_click:
-        raise ValueError("--background-click goes with --click")
     if args.box3d:
         if args.slice is not None:
             raise ValueError("--slice goes with --box, not --box3d (a 3D box has its own z-range)")

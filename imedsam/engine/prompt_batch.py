@@ -32,8 +32,7 @@ class PreparePromptBatch(PrepareBatchExtraInput):
         if not isinstance(extra_keys, Mapping):
             raise TypeError(f"extra_keys must map network arguments to batch keys, got {type(extra_keys).__name__}")
         super().__init__(dict(extra_keys))
-        self.wanted = dict(extra_keys)
 
     def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
-        present = {argument: key for argument, key in self.wanted.items() if key in batchdata}
+        present = {argument: key for argument, key in self.extra_keys.items() if key in batchdata}
         return PrepareBatchExtraInput(present)(batchdata, device, non_blocking, **kwargs)

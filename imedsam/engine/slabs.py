@@ -7,14 +7,13 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from monai.data import MetaTensor
-from monai.engines.utils import PrepareBatch
 
 from .prompt_batch import PreparePromptBatch
 
 __all__ = ["PrepareSlabBatch"]
 
 
-class PrepareSlabBatch(PrepareBatch):
+class PrepareSlabBatch(PreparePromptBatch):
     """``prepare_batch`` for a trainer or evaluator over slabs of ``D`` slices.
 
     The batch holds ``image [B, 3 * D, H, W]``, ``label [B, D, h, w]``, ``box [B, D, 4]`` (one box per slice,
@@ -27,15 +26,13 @@ class PrepareSlabBatch(PrepareBatch):
         slab_depth: ``D``; a batch whose channels do not match it is an error.
         encoder_slab_depth: the slab depth the network's encoder is given, a divisor of ``D`` (default ``D``): 1
             lets volumetric adapters see no neighbours on the same data (an ablation).
-        extra_keys: as :class:`monai.engines.PrepareBatchExtraInput`'s dictionary (default: ``boxes`` from ``box``
-            ``modality`` from ``modality``, and the clicks ``points`` and ``point_labels``); a key the batch lacks is
-            left out.
+        extra_keys: as :class:`~imedsam.engine.PreparePromptBatch`'s, whose keys a batch lacks are left out
+            (default: ``boxes`` from ``box``, ``modality`` from ``modality``, and the clicks ``points`` and
+            ``point_labels``).
     """
 
     def __init__(self, slab_depth: int, encoder_slab_depth: int | None = None, extra_keys: Mapping[str, str] | None = None) -> None:
-        self.extra_keys = dict(
-            extra_keys or {"boxes": "box", "modality": "modality", "points": "points", "point_labels": "point_labels"}
-        )
+        super().__init__(extra_keys or {"boxes": "box", "modality": "modality", "points": "points", "point_labels": "point_labels"})
         self.slab_depth = int(slab_depth)
         self.encoder_slab_depth = self.slab_depth if encoder_slab_depth is None else int(encoder_slab_depth)
         if self.slab_depth < 1 or self.encoder_slab_depth < 1 or self.slab_depth % self.encoder_slab_depth:
@@ -45,7 +42,7 @@ class PrepareSlabBatch(PrepareBatch):
 
     def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
         depth = self.slab_depth
-        image, label, args, extra = PreparePromptBatch(self.extra_keys)(batchdata, device, non_blocking, **kwargs)
+        image, label, args, extra = super().__call__(batchdata, device, non_blocking, **kwargs)
         slabs, channels = image.shape[:2]
         if channels != 3 * depth or label.shape[1] != depth:
             raise ValueError(

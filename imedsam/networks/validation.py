@@ -67,11 +67,10 @@ def check_points(
     bad_labels = ~((labels == 1) | (labels == 0) | (labels == -1))
     if bad_labels.any():
         raise ValueError(f"point_labels must be 1 (foreground), 0 (background) or -1 (padding), got {labels[bad_labels].unique().tolist()}")
-    real = (labels != -1).unsqueeze(-1)
-    x, y = points[..., 0:1], points[..., 1:2]
-    outside = real & ((x < 0) | (y < 0) | (x >= width) | (y >= height))
+    x, y = points.unbind(-1)
+    outside = (labels != -1) & ((x < 0) | (y < 0) | (x >= width) | (y >= height))
     if outside.any():
-        image, prompt, click = (int(v) for v in outside.squeeze(-1).nonzero()[0])
+        image, prompt, click = (int(v) for v in outside.nonzero()[0])
         cx, cy = points[image, prompt, click].tolist()
         raise ValueError(f"click {image}/{prompt}/{click} ({cx:g}, {cy:g}) lies outside the {width}x{height} (WxH) image")
     if not with_boxes and not (labels == 1).any(-1).all():

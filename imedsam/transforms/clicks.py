@@ -9,6 +9,7 @@ import torch
 from monai.transforms import MapTransform, Randomizable
 
 from ..data.clicks import sample_clicks
+from .dictionary import label_foreground
 
 __all__ = ["ClicksFromMaskd"]
 
@@ -48,17 +49,11 @@ class ClicksFromMaskd(Randomizable, MapTransform):
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
-        label = d[self.label_key]
-        foreground = np.asarray(torch.as_tensor(label).cpu() > 0)
-        height, width = foreground.shape[-2:]
-        image_h, image_w = d[self.image_key].shape[-2:]
         # a click names a label pixel; its centre lands on the image pixel under that centre
-        scale = np.array([image_w / width, image_h / height])
+        foreground, scale = label_foreground(d, self.label_key, self.image_key, "click")
         points = np.zeros((len(foreground), self.max_clicks, 2), np.float32)
         labels = np.full((len(foreground), self.max_clicks), -1, np.int64)
         for channel, plane in enumerate(foreground):
-            if not plane.any():
-                raise ValueError(f"empty mask (channel {channel}): a click prompt needs foreground")
             count = int(self.R.randint(1, self.max_clicks + 1))
             clicks = sample_clicks(plane, count, self.R)
             points[channel, :count] = np.floor((clicks + 0.5) * scale)

@@ -22,6 +22,21 @@ def _source(data: Mapping, key: Hashable) -> str:
     return str(meta.get("filename_or_obj", data.get("name", key)))
 
 
+def label_foreground(data: Mapping, label_key: Hashable, image_key: Hashable, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+    """The foreground of each channel of ``data[label_key]`` (``[C, h, w]`` bool; an empty channel is an error
+    naming the file, since a ``prompt`` needs foreground) and the ``(x, y)`` scale from the label's pixels to
+    the image's (``data[image_key]``), which may differ in size."""
+    label = data[label_key]
+    foreground = np.asarray(torch.as_tensor(label).cpu() > 0)
+    for channel, plane in enumerate(foreground):
+        if not plane.any():
+            where = "" if len(foreground) == 1 else f" (channel {channel})"
+            raise ValueError(f"empty mask for {_source(data, label_key)}{where}: a {prompt} prompt needs foreground")
+    height, width = label.shape[-2:]
+    image_h, image_w = data[image_key].shape[-2:]
+    return foreground, np.array([image_w / width, image_h / height])
+
+
 class EnsureRGBd(MapTransform):
     """Channel-first images as 3 channels: grey is repeated; anything but 1 or 3 channels is an error."""
 
@@ -90,16 +105,10 @@ class BoxFromMaskd(Randomizable, MapTransform):
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
-        label = d[self.label_key]
-        foreground = np.asarray(torch.as_tensor(label).cpu() > 0)
-        for channel, plane in enumerate(foreground):
-            if not plane.any():
-                where = "" if len(foreground) == 1 else f" (channel {channel})"
-                raise ValueError(f"empty mask for {_source(d, self.label_key)}{where}: a box prompt needs foreground")
+        foreground, scale = label_foreground(d, self.label_key, self.image_key, "box")
         self.randomize(len(foreground))
-        height, width = label.shape[-2:]
-        image_h, image_w = d[self.image_key].shape[-2:]
-        scale = np.array([image_w / width, image_h / height] * 2)
+        height, width = foreground.shape[-2:]
+        scale = np.tile(scale, 2)
         boxes = []
         for plane, offsets in zip(foreground, self._offsets):
             grown = box_from_mask(plane) + offsets * np.array([-1, -1, 1, 1])

@@ -36,7 +36,7 @@ def _window(value: str | None):
     return [low, high]
 
 
-def _positive_int(conf: dict[str, str], key: str, default: int, minimum: int = 1) -> int:
+def _whole_number(conf: dict[str, str], key: str, default: int, minimum: int = 1) -> int:
     value = conf.get(key)
     if value is None or value == "":
         return default
@@ -89,7 +89,7 @@ def conf_request_limit(conf: dict[str, str], network=None) -> int:
     (:func:`lib.server.body_limit.default_request_limit`). Read after ``max_image_voxels`` / ``max_image_pixels``
     are applied, so the default follows them."""
     if conf.get("max_request_mb"):
-        return _positive_int(conf, "max_request_mb", 1) * MIB
+        return _whole_number(conf, "max_request_mb", 1) * MIB
     return default_request_limit(network)
 
 
@@ -100,7 +100,7 @@ def network_overrides(conf: dict[str, str]) -> dict[str, Any]:
     prompts = {
         "modality_prompt": _flag(conf, "modality_prompt"), "content_prompt": _flag(conf, "content_prompt"),
         # LoRA in SAM's two-way transformer (a click-trained model's): must match the checkpoint
-        "decoder_lora_rank": _positive_int(conf, "decoder_lora_rank", 0, minimum=0),
+        "decoder_lora_rank": _whole_number(conf, "decoder_lora_rank", 0, minimum=0),
     }  # fmt: skip
     if weights is not None:
         if weights not in WEIGHT_SETS:
@@ -111,17 +111,17 @@ def network_overrides(conf: dict[str, str]) -> dict[str, Any]:
     return {
         "encoder": encoder,
         "weights": weights,
-        "image_size": _positive_int(conf, "image_size", 256 if encoder == "lite_medsam" else 384),
+        "image_size": _whole_number(conf, "image_size", 256 if encoder == "lite_medsam" else 384),
         # how prompts are decoded
         "decode_mode": conf.get("decode_mode", "adaptive"),
-        "adaptive_points": _positive_int(conf, "adaptive_points", 4096),
+        "adaptive_points": _whole_number(conf, "adaptive_points", 4096),
         "decoder_precision": conf.get("decoder_precision", "auto"),
         "encoder_precision": conf.get("encoder_precision", "auto"),
         # MCP-MedSAM's prompt tokens: must match the checkpoint
         **prompts,
         # 3DSAM-adapter's volumetric adapters (bundle/configs/train_volume.yaml): must match the checkpoint
         "volumetric_adapter": _flag(conf, "volumetric_adapter"),
-        "slab_depth": _positive_int(conf, "slab_depth", 5),
+        "slab_depth": _whole_number(conf, "slab_depth", 5),
         "volumetric_blocks": conf.get("volumetric_blocks", "all"),
     }
 
@@ -187,9 +187,9 @@ class IMedSAMConfig(TaskConfig):
         self.modality = conf_modality(conf)
         self.modality_temperature = conf_modality_temperature(conf)
         if conf.get("max_image_pixels"):
-            pictures.MAX_IMAGE_PIXELS = _positive_int(conf, "max_image_pixels", pictures.MAX_IMAGE_PIXELS)
+            pictures.MAX_IMAGE_PIXELS = _whole_number(conf, "max_image_pixels", pictures.MAX_IMAGE_PIXELS)
         if conf.get("max_image_voxels"):
-            headers.MAX_IMAGE_VOXELS = _positive_int(conf, "max_image_voxels", headers.MAX_IMAGE_VOXELS)
+            headers.MAX_IMAGE_VOXELS = _whole_number(conf, "max_image_voxels", headers.MAX_IMAGE_VOXELS)
         self.max_decode_side = int(conf.get("max_decode_side", 1024))
         self.encoder_engine = conf.get("encoder_engine", "auto")
         if self.encoder_engine not in ENCODER_ENGINES:
@@ -222,7 +222,7 @@ class IMedSAMConfig(TaskConfig):
         self._infer = IMedSAMInfer(self.network, self.path, self.labels, self.model_version, dimension=2, **served)
         self._infer_3d = IMedSAMInfer(
             self.network, self.path, self.labels, self.model_version, dimension=3,
-            cache_size=_positive_int(conf, "cache_slices", 384), **served,
+            cache_size=_whole_number(conf, "cache_slices", 384), **served,
         )  # fmt: skip
 
     def _build_network(self, seed: int):
